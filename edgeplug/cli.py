@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("schema", help="print the JSON Schema of recipes, reports or a pass's options")
     sub.add_argument("name", nargs="?", help="recipe, report, profile or a pass name; omit to list")
     sub.set_defaults(run=_schema)
+
+    from edgeplug.plugins import default_host
+
+    default_host().add_commands(commands)
     return parser
 
 
@@ -220,7 +224,13 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except EdgeplugError as error:  # a broken plugin: say which, even for --help
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
+        return error.exit_code
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

@@ -6,6 +6,7 @@ without breaking plugins that do not use them.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,6 +79,22 @@ def edgeplug_load_state(directory: Path) -> None:
     """Restore state written by :func:`edgeplug_save_state` when training resumes.
 
     :param directory: the folder given to ``edgeplug_save_state`` for the checkpoint being resumed.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def edgeplug_register_commands(commands: argparse._SubParsersAction) -> None:
+    """Add subcommands to the ``edgeplug`` command line.
+
+    Call ``commands.add_parser(name, help=...)`` and give the parser a
+    ``run`` default: ``parser.set_defaults(run=function)``, where ``function(args)``
+    returns the exit status. Raise :class:`edgeplug.EdgeplugError` subclasses for
+    user errors: the CLI prints them as one line and exits 2. A name that a core
+    command or another plugin already uses is refused.
+
+    :param commands: the ``edgeplug`` parser's subcommand collection.
 
     .. versionadded:: 0.1
     """

@@ -7,6 +7,7 @@ group. ``EDGEPLUG_PLUGINS=name,name`` loads only the named entry points;
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.metadata
 import os
@@ -135,6 +136,23 @@ class PluginHost:
         return collected
 
     # -- training-loop hooks -------------------------------------------------------------
+
+    def add_commands(self, commands: Any) -> None:
+        """Let plugins add CLI subcommands; a name already taken is a PluginError naming the plugin."""
+        for impl in self._manager.hook.edgeplug_register_commands.get_hookimpls():
+            before = set(commands.choices)
+            try:
+                impl.function(commands=commands)
+            except argparse.ArgumentError as error:
+                raise PluginError(f"plugin '{impl.plugin_name}' adds a command whose name is taken: {error}") from error
+            except Exception as error:
+                raise PluginError(
+                    f"plugin '{impl.plugin_name}' failed while adding commands: {type(error).__name__}: {error}"
+                ) from error
+            for name in set(commands.choices) - before:
+                if commands.choices[name].get_default("run") is None:
+                    raise PluginError(f"plugin '{impl.plugin_name}' added command '{name}' without a run function "
+                                      "(call parser.set_defaults(run=function))")
 
     def before_step(self, step: Any) -> None:
         self._manager.hook.edgeplug_before_step(step=step)

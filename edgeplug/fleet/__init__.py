@@ -1,0 +1,1 @@
+"""Fleet training on Flower (under construction)."""

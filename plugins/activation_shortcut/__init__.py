@@ -1,0 +1,1 @@
+"""Built-in plugin activation_shortcut (under construction)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin personalize (under construction)."""
