@@ -1,0 +1,317 @@
+"""QCore bench: forward-only continual calibration of a quantized CNN on a drifting digits stream.
+
+Subject 0 is scikit-learn's digits as they are; subject k (1..10) applies its own
+rotation, zoom, shift, contrast, brightness, blur and noise, growing with k. The
+float model trains on subject 0 and is quantized by `edgeplug quantize`; then 10
+chunks (one per subject) arrive. Per chunk we record accuracy on the new subject's
+held-out images and on subject 0's, for: no recalibration, QCore (forward only),
+QCore without flips (norm statistics + coreset only), backprop calibration on coreset
++ chunk, and experience replay (backprop on a random reservoir buffer of the same size
++ chunk). Time per calibration is measured in-process; peak memory of one calibration
+in a fresh subprocess per method.
+
+    nice python bench/qcore.py            # bits 8, 4, 2; a few minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from edgeplug_plugins.qcore.backprop import backprop_calibrate
+from edgeplug_plugins.qcore.build import build, read_options
+from edgeplug_plugins.qcore.calibrate import Calibrator
+from edgeplug_plugins.qcore.coreset import Coreset, draw, recount
+from edgeplug_plugins.qcore.qmodel import QuantizedRunner, QuantState
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeplug
+
+SUBJECTS = 10
+CHUNK = 40
+METHODS = ["none", "qcore", "qcore_noflip", "backprop", "replay"]
+
+
+def cnn(seed: int = 0) -> onnx.ModelProto:
+    """x[N,1,8,8] -> Conv8+BN+ReLU -> Conv16/2+BN+ReLU -> Flatten -> Gemm10."""
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, value: Any) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+    inits = [init("conv0.weight", rng.standard_normal((8, 1, 3, 3)) * np.sqrt(2 / 9)), init("conv0.bias", np.zeros(8)),
+             init("bn0.scale", np.ones(8)), init("bn0.bias", np.zeros(8)), init("bn0.mean", np.zeros(8)), init("bn0.var", np.ones(8)),
+             init("conv1.weight", rng.standard_normal((16, 8, 3, 3)) * np.sqrt(2 / 72)), init("conv1.bias", np.zeros(16)),
+             init("bn1.scale", np.ones(16)), init("bn1.bias", np.zeros(16)), init("bn1.mean", np.zeros(16)), init("bn1.var", np.ones(16)),
+             init("fc.weight", rng.standard_normal((256, 10)) / 16), init("fc.bias", np.zeros(10))]
+    nodes = [helper.make_node("Conv", ["x", "conv0.weight", "conv0.bias"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c0", "bn0.scale", "bn0.bias", "bn0.mean", "bn0.var"], ["n0"], name="bn0"),
+             helper.make_node("Relu", ["n0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c1", "bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"], ["n1"], name="bn1"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+             helper.make_node("Flatten", ["r1"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "digits_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench-qcore")
+    model.ir_version = 8
+    return model
+
+
+def subject_params(k: int, rng: np.random.Generator) -> dict[str, float]:
+    s = 0.3 + 0.7 * k / SUBJECTS
+    return {"angle": float(rng.choice([-1, 1]) * s * rng.uniform(10, 25)), "zoom": float(1 + s * rng.uniform(-0.15, 0.15)),
+            "dx": float(s * rng.uniform(-1, 1)), "dy": float(s * rng.uniform(-1, 1)),
+            "contrast": float(1 - s * rng.uniform(0.2, 0.5)), "brightness": float(s * rng.uniform(0.0, 0.3)),
+            "blur": float(s * rng.uniform(0.0, 0.7)), "noise": float(s * rng.uniform(0.03, 0.12))}
+
+
+def distort(images: np.ndarray, p: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    from scipy import ndimage
+
+    out = []
+    theta = np.deg2rad(p["angle"])
+    matrix = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) / p["zoom"]
+    centre = np.array([3.5, 3.5])
+    offset = centre - matrix @ centre - np.array([p["dy"], p["dx"]])
+    for image in images:
+        warped = ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="constant")
+        if p["blur"] > 0:
+            warped = ndimage.gaussian_filter(warped, p["blur"])
+        out.append(warped)
+    result = np.stack(out) * p["contrast"] + p["brightness"] + p["noise"] * rng.standard_normal(images.shape)
+    return result.astype(np.float32)
+
+
+def make_data(seed: int) -> dict[str, Any]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits.target))
+    images, labels = (digits.images / 16.0)[order], digits.target[order].astype(np.int64)
+    train, test, pool = slice(0, 1000), slice(1000, 1397), slice(1397, None)
+    data: dict[str, Any] = {"train": (images[train][:, None].astype(np.float32), labels[train]),
+                            "test0": (images[test][:, None].astype(np.float32), labels[test]), "chunks": [], "tests": [], "params": []}
+    for k in range(1, SUBJECTS + 1):
+        params = subject_params(k, rng)
+        picked = rng.choice(np.arange(len(labels))[pool], CHUNK, replace=False)
+        data["chunks"].append((distort(images[picked], params, rng)[:, None], labels[picked]))
+        data["tests"].append((distort(images[test], params, rng)[:, None], labels[test]))
+        data["params"].append(params)
+    return data
+
+
+def prepare(bits: int, data: dict[str, Any], work: Path, epochs: int) -> Path:
+    folder = work / f"bits{bits}"
+    shutil.rmtree(folder, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = {"version": 1, "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01},
+              "passes": [{"name": "qcore", "options": {"bits": bits, "coreset_size": 0.02, **({"backprop_lr": 0.05} if bits == 2 else {})}}]}
+    (work / f"recipe{bits}.yaml").write_text(json.dumps(recipe), encoding="utf-8")
+    edgeplug.rewrite(cnn(), work / f"recipe{bits}.yaml", folder)
+    x, y = data["train"]
+    summary = build(folder, {"x": x, "y": y}, epochs=epochs, batch_size=32, echo=lambda t: print(f"  [{bits} bits] {t}", flush=True))
+    (work / f"build{bits}.json").write_text(json.dumps(summary), encoding="utf-8")
+    return folder
+
+
+class Method:
+    """One recalibration method run over the stream from the same starting point."""
+
+    def __init__(self, name: str, folder: Path, train: tuple[np.ndarray, np.ndarray], seed: int) -> None:
+        self.name = name
+        qdir = folder / "qcore"
+        self.options = read_options(folder)
+        self.state = QuantState.load(qdir / "state.initial.npz")
+        self.model = onnx.load(str(qdir / "float.onnx"))
+        self.runner = QuantizedRunner(self.model, self.state)
+        self.rng = np.random.default_rng(seed)
+        core = Coreset.load(qdir / "coreset.npz")
+        self.size = len(core)
+        if name == "replay":  # random buffer of the same size from the training data, then a reservoir over the stream
+            picked = self.rng.choice(len(train[1]), self.size, replace=False)
+            core = Coreset(train[0][picked], train[1][picked], np.zeros(self.size, np.int64), np.ones(self.size, bool), np.zeros(self.size, np.int64))
+            self.seen = len(train[1])
+        self.coreset = core
+        self.never = int(json.loads((qdir / "build.json").read_text())["never_learned_count"])
+        if name in ("qcore", "qcore_noflip"):
+            options = dict(self.options, **({"flip_rounds": 0} if name == "qcore_noflip" else {}))
+            self.calibrator = Calibrator(qdir, options, state=self.state, coreset=core)
+            self.calibrator.runner = self.runner
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(self.runner.correct(x, y).mean())
+
+    def step(self, x: np.ndarray, y: np.ndarray, chunk: int) -> None:
+        if self.name == "none":
+            return
+        if self.name in ("qcore", "qcore_noflip"):
+            self.calibrator.step(x, y, chunk)
+            return
+        pool = self.coreset.pooled(x, y, chunk)
+        self.runner.refresh_norm_stats(pool.x, float(self.options["norm_momentum"]))
+        tuned = backprop_calibrate(self.model, self.state, pool.x, pool.y, epochs=int(self.options["backprop_epochs"]),
+                                   lr=float(self.options["backprop_lr"]), seed=chunk)
+        self.state.codes.update(tuned.codes)
+        if self.name == "backprop":  # the coreset is kept by forgetting, as QCore keeps it
+            pool = recount(pool, self.runner.correct(pool.x, pool.y), pool.origin == chunk, self.never)
+            self.coreset = pool.subset(draw(pool.counts, self.size, self.rng))
+        else:  # reservoir sampling: every example seen so far equally likely to be in the buffer
+            keep = self.coreset
+            for i in range(len(y)):
+                self.seen += 1
+                j = int(self.rng.integers(self.seen))
+                if j < self.size:
+                    keep.x[j], keep.y[j] = x[i], y[i]
+            self.coreset = keep
+
+
+def run_stream(bits: int, folder: Path, data: dict[str, Any], seed: int, methods: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in methods:
+        method = Method(name, folder, data["train"], seed)
+        rows = []
+        for k, (x, y) in enumerate(data["chunks"], start=1):
+            tick = time.perf_counter()
+            method.step(x, y, k)
+            seconds = time.perf_counter() - tick
+            rows.append({"chunk": k, "new": method.accuracy(*data["tests"][k - 1]), "original": method.accuracy(*data["test0"]),
+                         "seconds": seconds})
+        results[name] = {"chunks": rows, "mean_new": float(np.mean([r["new"] for r in rows])),
+                         "mean_original": float(np.mean([r["original"] for r in rows])),
+                         "median_seconds": float(statistics.median(r["seconds"] for r in rows))}
+        print(f"  [{bits} bits] {name:<13} new {results[name]['mean_new']:.3f}  original {results[name]['mean_original']:.3f}  "
+              f"median {results[name]['median_seconds']:.3f} s/calibration", flush=True)
+    return results
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(method: str, folder: str, data_path: str) -> None:
+    """One calibration of chunk 1 in this fresh process; prints its peak RSS as JSON.
+
+    The high-water mark is reset (/proc/self/clear_refs) once the model and data are
+    loaded and the sessions are warm, so `peak_rss` is the peak during the calibration
+    and `loaded_rss` the resident size it started from.
+    """
+    arrays = np.load(data_path)
+    train = (arrays["train_x"], arrays["train_y"])
+    m = Method(method, Path(folder), train, 0)
+    m.accuracy(arrays["x"], arrays["y"])  # sessions built and warm before the measured part
+    loaded = _status_kib("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    tick = time.perf_counter()
+    m.step(arrays["x"], arrays["y"], 1)
+    seconds = time.perf_counter() - tick
+    peak = _status_kib("VmHWM") * 1024
+    print(json.dumps({"peak_rss": peak, "loaded_rss": loaded, "seconds": seconds}))
+
+
+def measure_memory(folder: Path, data: dict[str, Any], work: Path) -> dict[str, Any]:
+    path = work / "chunk1.npz"
+    np.savez(path, x=data["chunks"][0][0], y=data["chunks"][0][1], train_x=data["train"][0], train_y=data["train"][1])
+    out = {}
+    for method in ["none", "qcore", "backprop", "replay"]:
+        proc = subprocess.run([sys.executable, __file__, "--worker", method, str(folder), str(path)],
+                              capture_output=True, text=True, check=True)
+        out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# QCore: continual calibration on a drifting digits stream", "",
+             f"Command: `{result['command']}`. {SUBJECTS} chunks of {CHUNK} labelled images, one per new subject; "
+             f"training data {result['train_examples']} images of subject 0; coreset/buffer {result['buffer']} examples "
+             f"({result['buffer'] / result['train_examples']:.1%} of the training data). Accuracy = mean over the 10 chunks, "
+             "measured after each chunk's calibration on the new subject's 397 held-out images and on subject 0's. "
+             "Times: median per calibration in one process, side by side (2 shared cores, noisy); backprop and replay include "
+             "building their training artifacts (rewrite) and exporting, as a device would have to. Peak RSS: one calibration "
+             "of chunk 1 in a fresh subprocess per method, high-water mark reset after loading the model and data "
+             "(the 'none' row is that loaded process). 2 bits: backprop_lr 0.05 (0.005 moves no 2-bit weight).", ""]
+    for bits, block in result["bits"].items():
+        lines += [f"## {bits} bits", "", f"Quantized model {block['build']['quantized_bytes']} bytes vs float {block['build']['float_bytes']} bytes "
+                  f"({block['build']['quantized_bytes'] / block['build']['float_bytes']:.1%}); float-model records at "
+                  f"{block['build']['record_bits']} bits: final accuracy {[r[-1] for r in block['build']['record_accuracy']]}.", "",
+                  "| method | new subject | original | median s / calibration | peak RSS MiB | peak RSS added by 1 calibration, MiB |", "|---|---|---|---|---|---|"]
+        for name in [m for m in METHODS if m in block["stream"]]:
+            r = block["stream"][name]
+            mem = block["memory"].get(name)
+            lines.append(f"| {name} | {r['mean_new']:.3f} | {r['mean_original']:.3f} | {r['median_seconds']:.3f} | "
+                         + (f"{mem['peak_rss'] / 2**20:.0f} | {(mem['peak_rss'] - mem['loaded_rss']) / 2**20:.1f}" if mem else "- | -") + " |")
+        ran = [m for m in METHODS if m in block["stream"]]
+        lines += ["", "Per chunk, accuracy on the new subject:", "", "| chunk | " + " | ".join(ran) + " |", "|---" * (len(ran) + 1) + "|"]
+        for k in range(SUBJECTS):
+            lines.append(f"| {k + 1} | " + " | ".join(f"{block['stream'][m]['chunks'][k]['new']:.3f}" for m in ran) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = result["bits"]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4), squeeze=False)
+    for axis, (bits, block) in zip(axes[0], blocks.items()):
+        for name in [m for m in METHODS if m in block["stream"]]:
+            rows = block["stream"][name]["chunks"]
+            line, = axis.plot([r["chunk"] for r in rows], [r["new"] for r in rows], marker="o", label=f"{name} (new)")
+            axis.plot([r["chunk"] for r in rows], [r["original"] for r in rows], linestyle="--", color=line.get_color(), alpha=0.5)
+        axis.set_title(f"{bits} bits: new subject (solid), original (dashed)")
+        axis.set_xlabel("chunk / subject")
+        axis.set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--reuse", action="store_true", help="reuse the quantized folders in --work (skip rewrite + quantize)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-qcore"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "FOLDER", "DATA"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    data = make_data(args.seed)
+    result: dict[str, Any] = {"command": "python bench/qcore.py " + " ".join(sys.argv[1:]), "train_examples": len(data["train"][1]),
+                              "subjects": data["params"], "bits": {}}
+    for bits in args.bits:
+        folder = args.work / f"bits{bits}" if args.reuse else prepare(bits, data, args.work, args.epochs)
+        build_summary = json.loads((args.work / f"build{bits}.json").read_text())
+        result["buffer"] = build_summary["coreset_size"]
+        stream = run_stream(bits, folder, data, args.seed, args.methods)
+        memory = measure_memory(folder, data, args.work)
+        result["bits"][str(bits)] = {"build": build_summary, "stream": stream, "memory": memory}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "qcore.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.results / "qcore.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, args.results / "qcore.png")
+    print((args.results / "qcore.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""CLI commands: `edgeplug quantize` (offline) and `edgeplug calibrate` (the device loop)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from edgeplug.data import Dataset, TensorSpec, load_dataset
+from edgeplug.errors import DataError
+
+QCORE_DIR = "qcore"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    quantize = commands.add_parser("quantize", help="qcore: train the float model with forgetting records, quantize, draw the coreset, train the bit-flip networks")
+    quantize.add_argument("artifacts", type=Path, help="artifact folder rewritten with the 'qcore' pass")
+    quantize.add_argument("--data", type=Path, required=True, help="training .npz (x, y)")
+    quantize.add_argument("--epochs", type=int, default=10, help="float training epochs (total target; records every record_every epochs)")
+    quantize.add_argument("--batch-size", type=int, default=32)
+    quantize.add_argument("--no-progress", action="store_true", help="no progress lines")
+    quantize.set_defaults(run=run_quantize)
+    calibrate = commands.add_parser("calibrate", help="qcore: recalibrate the quantized model on a stream of chunks, forward passes only")
+    calibrate.add_argument("artifacts", type=Path, help="artifact folder after 'edgeplug quantize'")
+    calibrate.add_argument("--stream", type=Path, nargs="+", required=True, help="chunk .npz files (x, y), in stream order")
+    calibrate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    calibrate.add_argument("--json", action="store_true", help="print the per-chunk table as JSON")
+    calibrate.set_defaults(run=run_calibrate)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .build import build
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise DataError("--epochs and --batch-size must be at least 1")
+    echo = (lambda text: None) if args.no_progress else (lambda text: print(text, file=sys.stderr))
+    summary = build(args.artifacts, args.data, epochs=args.epochs, batch_size=args.batch_size, echo=echo)
+    folder = args.artifacts / QCORE_DIR
+    ratio = summary["quantized_bytes"] / summary["float_bytes"]
+    print(f"wrote {folder}/: model.int{summary['bits']}.onnx {summary['quantized_bytes']} bytes "
+          f"({ratio:.1%} of the float model's {summary['float_bytes']}), coreset {summary['coreset_size']} of "
+          f"{summary['examples']} examples ({summary['coreset_share']:.2%}), {len(summary['flipnets'])} flip networks")
+    return 0
+
+
+def _chunks(artifacts: Path, paths: list[Path]) -> list[Dataset]:
+    """Every chunk loaded and checked against the model's input before any calibration runs."""
+    report_path, recipe_path = artifacts / "report.json", artifacts / "recipe.json"
+    if not report_path.is_file():
+        raise DataError(f"{artifacts} is not an edgeplug artifact folder (no report.json); run 'edgeplug rewrite' first")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+    specs = [TensorSpec(i["name"], i["dtype"], i["shape"]) for i in report["training"]["inputs"]]
+    data = recipe.get("data", {})
+    shape = report["training"].get("output_shape") or []
+    classes = shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
+    return [load_dataset(path, specs, loss="cross-entropy", num_classes=classes,
+                         input_keys=data.get("inputs"), labels_key=data.get("labels")) for path in paths]
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .build import read_options
+    from .calibrate import Calibrator
+
+    options = read_options(args.artifacts)
+    calibrator = Calibrator(args.artifacts / QCORE_DIR, options)
+    chunks = _chunks(args.artifacts, args.stream)
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(chunks), desc="calibrate", unit="chunk", file=sys.stderr, disable=True if args.no_progress else None) as bar:
+        for number, (path, chunk) in enumerate(zip(args.stream, chunks), start=1):
+            x = next(iter(chunk.inputs.values()))
+            result = calibrator.step(x, chunk.labels, number, path.name)
+            calibrator.save()
+            rows.append(dataclasses.asdict(result))
+            bar.update(1)
+            bar.set_postfix(acc=f"{result.accuracy_after:.3f}", refresh=False)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'chunk':>5}  {'file':<24} {'n':>5}  {'acc before':>10}  {'acc after':>9}  {'flips':>6}  {'kept':>5}  {'coreset new':>11}  {'s':>6}")
+    for row in rows:
+        print(f"{row['chunk']:>5}  {row['source'][:24]:<24} {row['examples']:>5}  {row['accuracy_before']:>10.3f}  "
+              f"{row['accuracy_after']:>9.3f}  {row['flips_proposed']:>6}  {row['flips_kept']:>5}  {row['coreset_from_stream']:>11}  {row['seconds']:>6.2f}")
+    return 0

@@ -1,0 +1,96 @@
+"""Forgetting events and the fixed-size coreset drawn by them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from edgeplug.atomic import atomic_file
+from edgeplug.errors import DataError
+
+
+def forgetting_counts(records: np.ndarray, never_learned: int) -> np.ndarray:
+    """Forgetting counts per example from correctness records [bit-widths, times, examples].
+
+    A forgetting event is correct -> incorrect between consecutive records; an example
+    never correct at a bit-width gets `never_learned` for it. Counts add over bit-widths.
+    """
+    records = np.asarray(records, dtype=bool)
+    if records.ndim != 3:
+        raise ValueError("records must be [bit-widths, times, examples]")
+    events = (records[:, :-1] & ~records[:, 1:]).sum(axis=1)
+    never = ~records.any(axis=1)
+    return (events + never * never_learned).sum(axis=0).astype(np.int64)
+
+
+def sampling_weights(counts: np.ndarray) -> np.ndarray:
+    """Probabilities proportional to forgetting counts (uniform when every count is zero)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if np.any(counts < 0):
+        raise ValueError("forgetting counts cannot be negative")
+    total = counts.sum()
+    return counts / total if total > 0 else np.full(len(counts), 1.0 / len(counts))
+
+
+def draw(counts: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` distinct indices by weighted sampling on forgetting counts; never-forgotten examples
+    (weight 0) fill the remaining places uniformly only when too few examples were ever forgotten."""
+    counts = np.asarray(counts)
+    size = min(size, len(counts))
+    forgotten = np.flatnonzero(counts > 0)
+    if len(forgotten) >= size:
+        return np.sort(rng.choice(len(counts), size=size, replace=False, p=sampling_weights(counts)))
+    rest = rng.choice(np.flatnonzero(counts == 0), size=size - len(forgotten), replace=False)
+    return np.sort(np.concatenate([forgotten, rest]))
+
+
+def coreset_size(option: float | int, total: int) -> int:
+    """A count (integer >= 1) or a fraction of the training data (0 < f < 1)."""
+    if isinstance(option, float) and option < 1:
+        return max(1, int(round(option * total)))
+    return int(option)
+
+
+@dataclasses.dataclass
+class Coreset:
+    """The examples kept for calibration, with their forgetting counts and last correctness."""
+
+    x: np.ndarray
+    y: np.ndarray
+    counts: np.ndarray
+    correct: np.ndarray
+    origin: np.ndarray  # chunk the example came from: 0 = training data, k = k-th stream chunk
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def save(self, path: Path) -> None:
+        with atomic_file(path) as staged, open(staged, "wb") as handle:
+            np.savez(handle, x=self.x, y=self.y, counts=self.counts, correct=self.correct, origin=self.origin)
+
+    @classmethod
+    def load(cls, path: Path) -> Coreset:
+        if not path.is_file():
+            raise DataError(f"coreset not found: {path}; run 'edgeplug quantize OUT --data train.npz' first")
+        with np.load(path, allow_pickle=False) as archive:
+            return cls(archive["x"], archive["y"], archive["counts"], archive["correct"].astype(bool), archive["origin"])
+
+    def pooled(self, x: np.ndarray, y: np.ndarray, origin: int) -> Coreset:
+        """This coreset followed by new examples that have no record yet."""
+        n = len(y)
+        return Coreset(np.concatenate([self.x, x]), np.concatenate([self.y, y]),
+                       np.concatenate([self.counts, np.zeros(n, np.int64)]), np.concatenate([self.correct, np.zeros(n, bool)]),
+                       np.concatenate([self.origin, np.full(n, origin, np.int64)]))
+
+    def subset(self, indices: np.ndarray) -> Coreset:
+        return Coreset(self.x[indices], self.y[indices], self.counts[indices], self.correct[indices], self.origin[indices])
+
+
+def recount(pool: Coreset, correct_now: np.ndarray, new: np.ndarray, never_learned: int) -> Coreset:
+    """Add this record: a forgetting event for every old example that went correct -> incorrect;
+    new examples start at `never_learned` when misclassified, 0 otherwise."""
+    counts = pool.counts + (pool.correct & ~correct_now & ~new)
+    counts = np.where(new, np.where(correct_now, 0, never_learned), counts)
+    return dataclasses.replace(pool, counts=counts.astype(np.int64), correct=correct_now.astype(bool))

@@ -1,0 +1,173 @@
+"""qcore: integer grids, flips, forgetting counts and coreset draws (fast, no artifacts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import onnx
+import pytest
+from builders import cnn, mlp
+from edgeplug_plugins.qcore.coreset import (
+    Coreset,
+    coreset_size,
+    draw,
+    forgetting_counts,
+    recount,
+    sampling_weights,
+)
+from edgeplug_plugins.qcore.flipnet import apply_flips, mlp_graph, predict_steps
+from edgeplug_plugins.qcore.layers import find_layers
+from edgeplug_plugins.qcore.qmodel import QuantizedRunner, export_model, initial_state
+from edgeplug_plugins.qcore.quantize import (
+    activation_grid,
+    dequantize_weights,
+    quantize_weights,
+    weight_grid,
+    weight_limits,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeplug import _ort
+from edgeplug.errors import ModelError
+
+bits_st = st.integers(min_value=2, max_value=8)
+matrices = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+                      elements=st.floats(-4, 4, width=32, allow_subnormal=False))
+
+
+def _ort_dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)
+    graph = helper.make_graph([node], "dq", [helper.make_tensor_value_info("q", TensorProto.INT8, list(codes.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = _ort.inference_runtime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"q": codes})[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrix=matrices, bits=bits_st)
+def test_quantize_dequantize_round_trip_is_exact_on_the_grid(matrix: np.ndarray, bits: int) -> None:
+    grid = weight_grid(matrix, bits)
+    codes = quantize_weights(matrix, grid)
+    low, high = weight_limits(bits)
+    assert codes.dtype == np.int8 and codes.min() >= low and codes.max() <= high
+    values = dequantize_weights(codes, grid)
+    assert np.array_equal(quantize_weights(values, grid), codes)  # grid points come back to the same codes
+    assert np.array_equal(_ort_dequantize(codes, grid.scale, grid.zero_point), values)  # onnxruntime agrees bit for bit
+    assert np.all(np.abs(values - matrix) <= grid.scale[:, None] / 2 + 1e-5 * (1 + np.abs(matrix)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=hnp.arrays(np.float32, st.integers(2, 50), elements=st.floats(-10, 10, width=32)), bits=bits_st)
+def test_activation_grid_holds_zero_and_spans_its_codes(values: np.ndarray, bits: int) -> None:
+    grid = activation_grid(values, bits, 100.0)
+    assert 0 <= grid.zero_point <= 2**bits - 1
+    assert grid.low <= 0.0 <= grid.high
+    # the integer zero point moves the range by at most one step at either end
+    tolerance = grid.scale * (1 + 1e-4)
+    assert grid.low <= min(values.min(), 0) + tolerance and grid.high >= max(values.max(), 0) - tolerance
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), bits=bits_st)
+def test_flips_stay_in_minus_one_zero_one_and_weights_on_the_grid(data: st.DataObject, bits: int) -> None:
+    model = mlp(features=5, hidden=(4,), classes=3)
+    state = initial_state(model, bits)
+    low, high = weight_limits(bits)
+    for layer in find_layers(model):
+        shape = state.codes[layer.node].shape
+        state.codes[layer.node] = data.draw(hnp.arrays(np.int8, shape, elements=st.integers(low, high)))
+        flips = data.draw(hnp.arrays(np.int8, shape, elements=st.integers(-1, 1)))
+        after = apply_flips(layer, state, flips)
+        assert after.dtype == np.int8 and after.min() >= low and after.max() <= high
+        assert np.abs(after.astype(int) - state.codes[layer.node]).max(initial=0) <= 1
+
+
+def test_a_flip_network_only_outputs_minus_one_zero_or_one(tmp_path: Path) -> None:
+    path = tmp_path / "flipnet.onnx"
+    onnx.save(mlp_graph(8, seed=3), str(path))
+    features = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32) * 10
+    steps = predict_steps(path, features, None, None)
+    assert steps.shape == (500,) and set(np.unique(steps)) <= {-1, 0, 1}
+
+
+def test_forgetting_counts_events_and_never_learned() -> None:
+    records = np.array([[[1, 1, 0, 0], [0, 1, 0, 1], [1, 1, 0, 0]],   # 8 bits over 3 records
+                        [[1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 0, 0]]], bool)  # 2 bits
+    # example 0: 8 bits forgets once (1->0); 2 bits never. example 2: never learned at either width.
+    # example 3: 8 bits 0->1->0 once; 2 bits 1->1->0 once.
+    assert forgetting_counts(records, never_learned=5).tolist() == [1, 0, 10, 2]
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 20), min_size=2, max_size=30))
+def test_sampling_weights_follow_forgetting_counts(counts: list[int]) -> None:
+    array = np.array(counts)
+    weights = sampling_weights(array)
+    assert weights.sum() == pytest.approx(1.0)
+    if array.sum() > 0:
+        assert np.allclose(weights * array.sum(), array)  # proportional, zero for never-forgotten examples
+        rng = np.random.default_rng(0)
+        drawn = np.bincount([draw(array, 1, rng)[0] for _ in range(1000)], minlength=len(array)) / 1000
+        assert np.all(drawn[array == 0] == 0)
+        assert np.abs(drawn - weights).max() < 0.07  # > 4 standard deviations of a frequency over 1000 draws
+    else:
+        assert np.allclose(weights, 1 / len(array))
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=40), size=st.integers(1, 40), seed=st.integers(0, 99))
+def test_a_draw_has_the_fixed_size_and_prefers_forgotten_examples(counts: list[int], size: int, seed: int) -> None:
+    array = np.array(counts)
+    chosen = draw(array, size, np.random.default_rng(seed))
+    assert len(chosen) == min(size, len(array)) == len(set(chosen.tolist()))
+    forgotten = int((array > 0).sum())
+    assert int((array[chosen] > 0).sum()) == min(forgotten, len(chosen))
+
+
+def test_recount_adds_events_for_old_examples_and_starts_new_ones() -> None:
+    pool = Coreset(np.zeros((4, 2), np.float32), np.zeros(4, np.int64), np.array([2, 0, 1, 0]),
+                   np.array([True, True, False, False]), np.array([0, 0, 1, 1]))
+    now = np.array([False, True, True, False])
+    new = np.array([False, False, True, True])
+    assert recount(pool, now, new, never_learned=7).counts.tolist() == [3, 0, 0, 7]
+
+
+def test_coreset_size_is_a_count_or_a_fraction() -> None:
+    assert coreset_size(20, 1000) == 20 and coreset_size(0.02, 1000) == 20 and coreset_size(0.0001, 100) == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_exported_model_runs_in_plain_onnxruntime_like_the_runner(bits: int) -> None:
+    model = cnn((4, 8), 10)
+    x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    state = initial_state(model, bits)
+    runner = QuantizedRunner(model, state)
+    runner.refresh_norm_stats(x)
+    inputs = runner.layer_inputs(x)
+    for layer in runner.layers:
+        if not layer.first:
+            state.activation_grids[layer.node] = activation_grid(inputs[layer.node], 8 if layer.last else bits, 99.9)
+    runner = QuantizedRunner(model, state)
+    exported = export_model(model, state)
+    weights = {t.name: t for t in exported.graph.initializer if t.name.endswith("__qcodes")}
+    assert len(weights) == 3 and all(t.data_type == TensorProto.INT8 for t in weights.values())
+    assert {n.op_type for n in exported.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    session = _ort.inference_runtime().InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], runner.logits(x), rtol=1e-5, atol=1e-5)
+    limits = weight_limits(bits)
+    assert all(limits[0] <= c.min() and c.max() <= limits[1] for c in state.codes.values())
+
+
+def test_a_model_without_quantizable_layers_is_a_model_error() -> None:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    with pytest.raises(ModelError, match="no Conv, Gemm or MatMul"):
+        find_layers(helper.make_model(graph))

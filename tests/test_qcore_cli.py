@@ -1,0 +1,140 @@
+"""qcore end to end: rewrite -> quantize (train with records, coreset, flip networks) -> calibrate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import edgeplug_plugins.qcore as qcore_plugin
+import numpy as np
+import pytest
+import yaml
+from builders import cnn
+from edgeplug_plugins.qcore.build import build, read_options
+from edgeplug_plugins.qcore.calibrate import Calibrator
+from edgeplug_plugins.qcore.quantize import weight_limits
+
+import edgeplug
+from edgeplug import _ort, cli
+from edgeplug.errors import RecipeError
+from edgeplug.plugins import default_host, reset_default_host
+
+OPTIONS = {"bits": 4, "coreset_size": 12, "record_bits": [8, 2], "drifts": 1, "drift_chunk": 16, "backprop_epochs": 1,
+           "flip_epochs": 1, "calibration_samples": 64}
+
+
+def _digits(n: int, seed: int, shift: float = 0.0) -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(digits.target), n, replace=False)
+    x = (digits.images[picked] / 16.0)[:, None].astype(np.float32) * (1 - shift) + shift
+    return {"x": x.astype(np.float32), "y": digits.target[picked].astype(np.int64)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def qcore_registered() -> Iterator[None]:
+    """The default host with qcore, even where stale metadata (an old egg-info) hides its entry point."""
+    reset_default_host()
+    host = default_host()
+    if "qcore" not in host.passes():
+        host.register(qcore_plugin, name="qcore", version="test")
+    yield
+    reset_default_host()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("qcore")
+    (root / "recipe.yaml").write_text(yaml.safe_dump({
+        "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01}, "passes": [{"name": "qcore", "options": OPTIONS}],
+    }), encoding="utf-8")
+    edgeplug.rewrite(cnn((4, 8), 10), root / "recipe.yaml", root / "out")
+    np.savez(root / "train.npz", **_digits(300, 0))
+    summary = build(root / "out", root / "train.npz", epochs=2, batch_size=32, echo=lambda text: None)
+    assert summary["coreset_size"] == 12 and summary["record_epochs"] == [1, 2]
+    for k in (1, 2, 3):
+        np.savez(root / f"chunk_{k}.npz", **_digits(10 + 5 * k, k, shift=0.1 * k))
+    return root
+
+
+def test_quantize_writes_the_quantized_model_coreset_and_flip_networks(built: Path) -> None:
+    folder = built / "out" / "qcore"
+    summary = json.loads((folder / "build.json").read_text())
+    assert sorted(summary["flipnets"]) == ["conv0", "conv1", "fc"]
+    assert {p.name for p in folder.iterdir()} >= {"float.onnx", "model.int4.onnx", "state.npz", "coreset.npz", "reference.npz"}
+    assert summary["quantized_bytes"] > 0 and summary["float_bytes"] > 0
+    data = _digits(200, 9)
+    runtime = _ort.inference_runtime()
+    accuracy = {}
+    for name in ("float.onnx", "model.int4.onnx"):
+        session = runtime.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+        accuracy[name] = (session.run(None, {"x": data["x"]})[0].argmax(1) == data["y"]).mean()
+    calibrator = Calibrator(folder, read_options(built / "out"))
+    assert calibrator.accuracy(data["x"], data["y"]) == accuracy["model.int4.onnx"]  # the runner is the exported model
+    assert accuracy["float.onnx"] > 0.3 and accuracy["model.int4.onnx"] > accuracy["float.onnx"] - 0.15, accuracy
+
+
+def test_coreset_size_stays_fixed_and_weights_stay_on_the_grid(built: Path) -> None:
+    calibrator = Calibrator(built / "out" / "qcore", read_options(built / "out"))
+    low, high = weight_limits(4)
+    for k, n in enumerate((5, 40, 13), start=1):
+        data = _digits(n, 20 + k, shift=0.2)
+        result = calibrator.step(data["x"], data["y"], k)
+        assert len(calibrator.coreset) == 12
+        assert result.coreset_from_stream == int((calibrator.coreset.origin > 0).sum())
+        for codes in calibrator.state.codes.values():
+            assert codes.dtype == np.int8 and codes.min() >= low and codes.max() <= high
+
+
+def test_the_device_loop_builds_and_runs_no_training_graph(built: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the device loop touched onnxruntime-training")
+
+    for name in ("training_api", "training_artifacts", "onnxblock"):
+        monkeypatch.setattr(_ort, name, unavailable)
+    monkeypatch.setattr(edgeplug.pipeline, "rewrite", unavailable)
+    monkeypatch.setattr(edgeplug.Trainer, "__init__", unavailable)
+    for module in ("onnxruntime.training.api", "onnxruntime.training.artifacts", "onnxruntime.training.onnxblock"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing them now raises ImportError
+    chunks = [str(built / f"chunk_{k}.npz") for k in (1, 2, 3)]
+    assert cli.main(["calibrate", str(built / "out"), "--stream", *chunks, "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["chunk", "file", "n"] and len(lines) == 4
+    assert [line.split()[1] for line in lines[1:]] == ["chunk_1.npz", "chunk_2.npz", "chunk_3.npz"]
+
+
+def test_calibrate_with_mismatched_chunk_shapes_is_one_line_exit_2(built: Path, capsys) -> None:
+    bad = built / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 1, 7, 7), np.float32), y=np.zeros(4, np.int64))
+    assert cli.main(["calibrate", str(built / "out"), "--stream", str(built / "chunk_1.npz"), str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.npz" in err and "(N, 1, 8, 8)" in err
+
+
+def test_calibrate_without_a_coreset_is_one_line_exit_2(built: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(built / "out", copy)
+    (copy / "qcore" / "coreset.npz").unlink()
+    assert cli.main(["calibrate", str(copy), "--stream", str(built / "chunk_1.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "coreset not found" in err and "edgeplug quantize" in err
+
+
+def test_quantize_needs_the_qcore_pass(tmp_path: Path, capsys) -> None:
+    (tmp_path / "recipe.yaml").write_text("loss: cross-entropy\n", encoding="utf-8")
+    edgeplug.rewrite(cnn((4,), 10), tmp_path / "recipe.yaml", tmp_path / "out")
+    np.savez(tmp_path / "train.npz", **_digits(20, 0))
+    assert cli.main(["quantize", str(tmp_path / "out"), "--data", str(tmp_path / "train.npz")]) == 2
+    assert "not rewritten with the 'qcore' pass" in capsys.readouterr().err
+
+
+def test_the_pass_refuses_a_loss_other_than_cross_entropy(tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text("loss: mse\npasses:\n  - name: qcore\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="cross-entropy"):
+        edgeplug.rewrite(cnn((4,), 10), tmp_path / "recipe.yaml", tmp_path / "out")
