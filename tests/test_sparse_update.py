@@ -92,8 +92,7 @@ def test_fisher_potentials_match_a_numpy_reference() -> None:
     data = classification_data((1, 4, 4), 3, n=5, seed=1)
     facts = model_facts(model, "logits", 5)
     candidates = find_candidates(facts, frozenset(facts.index.parameters()))
-    ranks = {name: len(shape) for name, shape in facts.shapes.items()}
-    got = fisher_potentials(model, candidates, "logits", "cross-entropy", data, chunk=2, ranks=ranks)  # 3 chunks, last padded
+    got = fisher_potentials(facts, candidates, "cross-entropy", data, chunk=2)  # 3 chunks, last padded
 
     def reference(key: str, channels: int, rank: int) -> np.ndarray:
         # per-sample sum_d a*g = d loss_n / d (channel scale), by central differences in float64
@@ -121,6 +120,32 @@ def test_fisher_potentials_match_a_numpy_reference() -> None:
     g = p - np.eye(3)[data["y"]]
     np.testing.assert_allclose(got.output[by_node["fc"]], 0.5 * np.square(logits * g).mean(axis=0), rtol=1e-4)
     assert w  # the model kept its weights
+
+
+@pytest.mark.parametrize("kind", ["cnn", "depthwise"])
+def test_probing_only_later_layers_runs_the_prefix_as_inference_and_changes_nothing(kind: str) -> None:
+    """Probing the later layers cuts the model: the prefix runs as plain inference (with the depthwise
+    layer, probed at its output only, inside it), only the tail is differentiated, and the potentials
+    are those of the whole-model probe (with other chunk sizes, too)."""
+    if kind == "cnn":
+        model, shape = cnn(channels=(3, 4, 4), classes=3, image=4, batch_norm=False, activation="Tanh", seed=5), (1, 4, 4)
+    else:
+        model, shape = depthwise_cnn(seed=2), (3, IMAGE, IMAGE)
+    data = classification_data(shape, 3, n=7, seed=2)
+    facts = model_facts(model, "logits", 7)
+    candidates = find_candidates(facts, frozenset(facts.index.parameters()))
+    later = candidates[2:] if kind == "cnn" else candidates[1:]
+    whole = fisher_potentials(facts, candidates, "cross-entropy", data, chunk=7)
+    part = fisher_potentials(facts, later, "cross-entropy", data, chunk=3)  # 3 chunks of 3, two rows padded
+    assert whole.prefix_nodes == 0 < part.prefix_nodes and part.tail_nodes < whole.tail_nodes
+    if kind == "depthwise":
+        assert part.prefix_nodes == 3  # pw, its Relu and dw itself run as inference
+    assert set(part.output) == {c.position for c in later}
+    assert set(part.input) == {c.position for c in later if c.kind == "conv"}
+    for position in part.output:
+        np.testing.assert_allclose(part.output[position], whole.output[position], rtol=1e-4, atol=1e-12)
+    for position in part.input:
+        np.testing.assert_allclose(part.input[position], whole.input[position], rtol=1e-4, atol=1e-12)
 
 
 def test_tinytrain_needs_calibration_data(tmp_path: Path) -> None:

@@ -54,10 +54,13 @@ class ModelFacts:
     index: GraphIndex
     shapes: dict[str, tuple[int, ...]]
     itemsize: dict[str, int]
+    dtypes: dict[str, np.dtype]
     constants: set[str]  # initializers and what is computed from them alone
     on_path: set[str]  # node names the output depends on
     output: str
     batch_size: int
+    path: list[onnx.NodeProto] = dataclasses.field(default_factory=list)  # nodes on the output's path, in graph order
+    first_use: dict[str, int] = dataclasses.field(default_factory=dict)  # tensor -> index in `path` of its first consumer
 
     def bytes_of(self, name: str) -> int:
         shape = self.shapes.get(name)
@@ -72,8 +75,14 @@ def model_facts(model: onnx.ModelProto, output: str, batch_size: int) -> ModelFa
     for node in model.graph.node:
         if all(not name or name in constants for name in node.input):
             constants.update(name for name in node.output if name)
-    return ModelFacts(index, shapes, {k: int(v.itemsize) for k, v in dtypes.items()}, constants,
-                      index.ancestors([output]), output, batch_size)
+    on_path = index.ancestors([output])
+    path = [node for node in model.graph.node if node.name in on_path]
+    first_use: dict[str, int] = {}
+    for position, node in enumerate(path):
+        for name in node.input:
+            first_use.setdefault(name, position)
+    return ModelFacts(index, shapes, {k: int(v.itemsize) for k, v in dtypes.items()}, dict(dtypes), constants,
+                      on_path, output, batch_size, path, first_use)
 
 
 def find_candidates(facts: ModelFacts, trainable: frozenset[str]) -> list[Candidate]:

@@ -75,7 +75,7 @@ def trained_biases(facts: ModelFacts, candidates: list[Candidate], updates: Mapp
     with_bias = {p for p in updates if candidates[p].bias}
     if mode == "chosen":
         return with_bias
-    needs = _requires_grad(facts, candidates, updates, set())
+    needs, _ = _requires_grad(facts, candidates, updates, set())
     return with_bias | {c.position for c in candidates if c.bias and c.input in needs}
 
 
@@ -86,13 +86,11 @@ def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[i
     gradient_bytes = values * FLOAT_BYTES
     if not updates and not biases:
         return Cost(0, 0, 0, 0)
-    needs = _requires_grad(facts, candidates, updates, biases)
+    needs, start = _requires_grad(facts, candidates, updates, biases)
     by_node = {c.node: c for c in candidates}
     retained: dict[str, int] = {}
     macs = 0
-    for node in facts.index.model.graph.node:
-        if node.name not in facts.on_path:
-            continue
+    for node in facts.path[start:]:  # nothing before the first trained parameter's consumer needs a gradient
         inputs_needing = [name for name in node.input if name in needs]
         candidate = by_node.get(node.name)
         update = updates.get(candidate.position) if candidate else None
@@ -148,11 +146,15 @@ def _keep(facts: ModelFacts, name: str, retained: dict[str, int]) -> None:
         retained[name] = facts.bytes_of(name)
 
 
-def _requires_grad(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[int, Update], biases: set[int]) -> set[str]:
-    """Tensors that get a gradient: outputs of nodes with a trained parameter or a gradient-carrying input."""
+def _requires_grad(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[int, Update],
+                   biases: set[int]) -> tuple[set[str], int]:
+    """Tensors that get a gradient (outputs of nodes with a trained parameter or a gradient-carrying
+    input), and the index in `facts.path` of the first node that reads a trained parameter."""
     trained = {candidates[p].weight for p in updates} | {candidates[p].bias for p in biases if candidates[p].bias}
     needs: set[str] = set(trained)  # type: ignore[arg-type]
-    for node in facts.index.model.graph.node:
-        if node.name in facts.on_path and any(name in needs for name in node.input):
-            needs.update(name for name in node.output if name and facts.index.is_float(name))
-    return needs
+    start = min((facts.first_use[name] for name in needs if name in facts.first_use), default=len(facts.path))
+    is_float = facts.index.is_float
+    for node in facts.path[start:]:
+        if any(name in needs for name in node.input):
+            needs.update(name for name in node.output if name and is_float(name))
+    return needs, start

@@ -10,16 +10,20 @@ graph down to the earliest probe and nothing else, and
     dLoss/dprobe[n, c] = sum_d a[n, c, d] * g[n, c, d] / B
 
 (g = dLoss_n/da, the loss being the mean over the batch). The Fisher potential of
-channel c is 1/(2N) sum_n (B * dLoss/dprobe[n, c])^2.
+channel c is 1/(2N) sum_n (B * dLoss/dprobe[n, c])^2. Only the part of the model
+after the probes is differentiated; the frozen prefix runs as plain inference
+(`probe_cut`), which changes no value and most of the time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,11 +33,13 @@ from edgeplug import _ort
 from edgeplug.data import TensorSpec, load_dataset
 from edgeplug.errors import ModelError
 from edgeplug.graph import GraphIndex
+from edgeplug.layout import CHECKPOINT, TRAINING_MODEL
 from edgeplug.modelio import clamp_ir_version
 from edgeplug.onnx_edit import GraphEditor
 from edgeplug.pipeline import LOSS_TYPES
 
-from .candidates import Candidate
+from .candidates import Candidate, ModelFacts
+from .probe_cut import Cut, cut_at, tail_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +49,11 @@ class Potentials:
     output: Mapping[int, np.ndarray]  # candidate position -> [channels]
     input: Mapping[int, np.ndarray]  # candidate position -> [input channels], group-1 convs only
     samples: int
-    build_seconds: float  # probe rewrite + generate_artifacts
-    run_seconds: float  # forward + backward over the support set
+    build_seconds: float  # cut + prefix session + probe rewrite of the tail + generate_artifacts
+    run_seconds: float  # prefix inference + tail forward/backward over the support set
+    prefix_seconds: float  # of run_seconds: the prefix's inference
+    tail_nodes: int  # nodes differentiated by the probe graph
+    prefix_nodes: int  # nodes run as plain inference (or not at all: not on the output's path)
 
 
 def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str, batch: int,
@@ -62,6 +71,18 @@ def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str
     by_node = {c.node: c for c in candidates}
     probes: dict[str, tuple[int, str]] = {}
     nodes: list[onnx.NodeProto] = []
+    inputs = {value.name for value in probed.graph.input}
+    present = {node.name for node in probed.graph.node}
+    for layer in candidates:
+        if layer.node in present or layer.output not in inputs:
+            continue
+        # the layer ran in the prefix: probe its output where the tail reads it
+        probe = _probe(editor, probed, f"{layer.node}.probe_out", batch, layer.channels, ranks[layer.output])
+        probes[probe] = (layer.position, "output")
+        scaled = editor.node("Mul", [layer.output, probe], f"{layer.output}.probed")
+        for node in probed.graph.node:
+            node.input[:] = [scaled if name == layer.output else name for name in node.input]
+        nodes.extend(editor.take_nodes())
     for node in probed.graph.node:
         candidate = by_node.get(node.name)
         if candidate is None:
@@ -91,17 +112,38 @@ def _probe(editor: GraphEditor, model: onnx.ModelProto, base: str, batch: int, c
     return name
 
 
-def fisher_potentials(model: onnx.ModelProto, candidates: list[Candidate], output: str, loss: str,
-                      calibration: Mapping[str, np.ndarray], chunk: int, ranks: Mapping[str, int]) -> Potentials:
-    """Run every support sample through the probe artifacts once; return the Fisher potentials."""
-    inputs = [v for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}]
+def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
+                      calibration: Mapping[str, np.ndarray], chunk: int) -> Potentials:
+    """Run every support sample through the probe graph once; return the Fisher potentials.
+
+    The prefix before the earliest probed layer runs as plain inference (`probe_cut`);
+    only the tail is differentiated, in chunks of `chunk` samples.
+    """
+    model, output = facts.index.model, facts.output
+    ranks = {name: len(shape) for name, shape in facts.shapes.items()}
+    inputs = [v for v in model.graph.input if v.name not in facts.index.initializers]
     specs = [TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                         [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]) for v in inputs]
     data = load_dataset(calibration, specs, loss=loss)
     total = len(data)
-    batch = min(chunk, total)
+    batch = math.ceil(total / math.ceil(total / chunk))  # equal chunks of at most `chunk`: the least padding
     started = time.perf_counter()
-    probed, probes = probe_model(model, candidates, output, batch, ranks)
+    cut = cut_at(facts.index, candidates, output, facts.constants, facts.dtypes)
+    prefix = _prefix_session(cut)
+    timer = _Timer()
+
+    def chunk_at(begin: int) -> dict[str, np.ndarray]:
+        rows = np.arange(begin, begin + batch) % total  # the last chunk repeats samples; their rows are ignored
+        feed = data.batch(rows)
+        if prefix is not None:
+            with timer:
+                computed = prefix.run(None, {name: feed[name] for name in cut.prefix_inputs})
+            feed.update(zip((o.name for o in prefix.get_outputs()), computed, strict=True))
+        return feed
+
+    first = chunk_at(0)
+    prefix_first = timer.seconds
+    probed, probes = probe_model(tail_model(model, cut, output, first), candidates, output, batch, ranks)
     artifacts = _ort.training_artifacts()
     frozen = [t.name for t in probed.graph.initializer if t.name not in probes]
     with tempfile.TemporaryDirectory(prefix="edgeplug-sparse-probe-") as folder:
@@ -109,30 +151,56 @@ def fisher_potentials(model: onnx.ModelProto, candidates: list[Candidate], outpu
             try:
                 artifacts.generate_artifacts(
                     clamp_ir_version(probed), requires_grad=sorted(probes), frozen_params=frozen,
-                    loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=artifacts.OptimType.SGD,
+                    loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=None,
                     artifact_directory=folder, loss_input_names=[output],
                 )
-                state, module, _ = _ort.open_artifacts(Path(folder), optimizer=False)
+                api = _ort.training_api()
+                state = api.CheckpointState.load_checkpoint(str(Path(folder) / CHECKPOINT))
+                module = api.Module(str(Path(folder) / TRAINING_MODEL), state)  # no eval model: never evaluated
             except Exception as error:  # noqa: BLE001 - onnxruntime raises RuntimeError/Fail/InvalidArgument
                 tail = " ".join(native_log)[-400:]
                 raise ModelError(f"sparse-update: could not build the probe graph for the Fisher criterion: {error} {tail}") from None
-        build_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        names = module.input_names()
-        sums = {name: np.zeros(state.parameters[name].data.shape[1], dtype=np.float64) for name in probes}
-        module.train()
-        for begin in range(0, total, batch):
-            rows = np.arange(begin, begin + batch) % total  # the last chunk repeats samples; their rows are ignored
-            real = min(batch, total - begin)
-            feed = data.batch(rows)
-            module.lazy_reset_grad()
-            module(*[feed[name] if name in feed else feed["labels"] for name in names])
-            for name in probes:
-                grad = state.parameters[name].grad.reshape(batch, -1)[:real].astype(np.float64) * batch
-                sums[name] += np.square(grad).sum(axis=0)
-        run_seconds = time.perf_counter() - started
+    build_seconds = time.perf_counter() - started - prefix_first
+    started = time.perf_counter()
+    names = module.input_names()
+    sums = {name: np.zeros(state.parameters[name].data.shape[1], dtype=np.float64) for name in probes}
+    module.train()
+    for begin in range(0, total, batch):
+        real = min(batch, total - begin)
+        feed = first if begin == 0 else chunk_at(begin)
+        module.lazy_reset_grad()
+        module(*[feed[name] if name in feed else feed["labels"] for name in names])
+        for name in probes:
+            grad = state.parameters[name].grad.reshape(batch, -1)[:real].astype(np.float64) * batch
+            sums[name] += np.square(grad).sum(axis=0)
+    run_seconds = time.perf_counter() - started + prefix_first
     fisher_out: dict[int, np.ndarray] = {}
     fisher_in: dict[int, np.ndarray] = {}
     for name, (position, where) in probes.items():
         (fisher_out if where == "output" else fisher_in)[position] = sums[name] / (2.0 * total)
-    return Potentials(fisher_out, fisher_in, total, build_seconds, run_seconds)
+    return Potentials(fisher_out, fisher_in, total, build_seconds, run_seconds, timer.seconds,
+                      len(cut.tail_nodes), len(model.graph.node) - len(cut.tail_nodes))
+
+
+def _prefix_session(cut: Cut) -> Any:
+    """An inference session over the frozen prefix (None when the tail reads graph inputs only)."""
+    if cut.prefix is None:
+        return None
+    onnxruntime = _ort.inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(cut.prefix.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class _Timer:
+    """Adds up the time spent inside `with timer:` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._began = 0.0
+
+    def __enter__(self) -> None:
+        self._began = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        self.seconds += time.perf_counter() - self._began

@@ -46,8 +46,7 @@ class SparseUpdatePass(Pass):
             if context.calibration is None:
                 raise RecipeError("sparse-update: the Fisher criterion needs the support set: "
                                   "edgeplug rewrite ... --calibration-data support.npz (or rewrite(..., calibration=arrays))")
-            potentials = fisher_potentials(state.model, pool, context.output_name, context.loss, context.calibration,
-                                           options["calibration_batch"], ranks)
+            potentials = fisher_potentials(facts, pool, context.loss, context.calibration, options["calibration_batch"])
         chosen_at = time.perf_counter()
         selection = select(options, facts, candidates, potentials, context.loss, pool)
         model, trainable = split.rewrite(state.model, candidates, selection.updates, selection.biases, ranks)
@@ -86,10 +85,12 @@ class SparseUpdatePass(Pass):
             "predicted_all_layers": full.to_dict(),
             "score_ranking": [{"node": candidates[p].node, "score": selection.scores[p]} for p in ranking[:10]],
             "calibration_samples": potentials.samples if potentials else 0,
+            "probe_graph": {"tail_nodes": potentials.tail_nodes, "prefix_nodes": potentials.prefix_nodes} if potentials else None,
             "seconds": {
                 "selection_total": round(selection_seconds, 4),
                 "probe_build": round(potentials.build_seconds, 4) if potentials else 0.0,
                 "probe_run": round(potentials.run_seconds, 4) if potentials else 0.0,
+                "probe_prefix": round(potentials.prefix_seconds, 4) if potentials else 0.0,
                 "select_and_split": round(time.perf_counter() - chosen_at, 4),
             },
         }
