@@ -10,15 +10,20 @@ from onnx import numpy_helper, version_converter
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
 from edgeplug.errors import ModelError
-from edgeplug.graph import ensure_node_names
+from edgeplug.graph import GraphIndex, ensure_node_names
 from edgeplug.modelio import MAX_IR_VERSION, MAX_OPSET, default_opset
 from edgeplug.validation import load_schema
 
 from .decompose import decompose
 from .exporter_fixes import (
+    cast_like_to_cast,
     drop_unused_batchnorm_outputs,
     explicit_transpose_perms,
+    fold_initializer_shapes,
+    layernorm_statistics_outputs,
     materialize_initializer_identities,
+    relabel_unknown_opset,
+    restore_exporter_dims,
 )
 
 MIN_OPSET = 13  # older models are converted up: decompositions use opset-13 op signatures
@@ -40,23 +45,35 @@ class NormalizePass(Pass):
         details = self._details
         details["ir_version"] = [model.ir_version, min(model.ir_version, MAX_IR_VERSION)]
         details["initializers_removed_from_inputs"] = _drop_initializer_inputs(model)
+        relabelled = relabel_unknown_opset(model)
         model = _convert_opset(model, self.options.get("opset"), details)
+        if relabelled:
+            details["opset"][0] = relabelled[0]
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         details["nodes_renamed"] = ensure_node_names(model)
-        details["identities_materialized"] = materialize_initializer_identities(model)
+        copies = materialize_initializer_identities(model)
+        details["identities_materialized"] = len(copies)
         details["batchnorm_outputs_dropped"] = drop_unused_batchnorm_outputs(model)
+        details["layernorm_outputs_added"] = layernorm_statistics_outputs(model)
+        details["cast_like_rewritten"] = cast_like_to_cast(model)
+        details["initializer_shapes_folded"] = fold_initializer_shapes(model)
         details["decomposed"] = decompose(model) if self.options["decompose"] else {}
         details["batch_axes_made_dynamic"], details["reshapes_rewritten"] = (
             _make_batch_dynamic(model) if self.options["dynamic_batch"] else (0, 0)
         )
         if self.options["infer_shapes"]:
+            hints = list(model.graph.value_info)
             del model.graph.value_info[:]
             try:
                 model = onnx.shape_inference.infer_shapes(model, data_prop=True)
             except (onnx.shape_inference.InferenceError, RuntimeError) as error:
                 raise ModelError(f"shape inference failed after normalisation: {error}") from None
+            # the exporter's shapes are stale where the batch axis was just made dynamic
+            details["exporter_shapes_kept"] = 0 if details["batch_axes_made_dynamic"] else restore_exporter_dims(model, hints)
         details["transpose_perms_written"] = explicit_transpose_perms(model) if self.options["infer_shapes"] else 0
-        return ForwardState(model, state.trainable)
+        # an untied copy trains when the tensor it was merged into did; names the rewrite removed drop out
+        trainable = set(state.trainable) | {copy for copy, source in copies.items() if source in state.trainable}
+        return ForwardState(model, frozenset(trainable & set(GraphIndex(model).parameters())))
 
     def report(self) -> PassReport:
         d = self._details
