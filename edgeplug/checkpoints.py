@@ -3,7 +3,8 @@
 Layout: ``out/checkpoints/step-00000042/`` holds ``state`` (onnxruntime-training
 checkpoint with optimizer state), ``trainer.json`` (where in the data the run
 was) and ``hooks/`` (state of pass runtime hooks). ``out/checkpoints/LATEST``
-names the newest complete one.
+names the newest complete one. In a staged folder ``state`` is a folder with one
+onnxruntime-training checkpoint per stage (``state/0``, ``state/1``, ...).
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def latest_checkpoint(artifact_dir: Path) -> Path | None:
             return newer[-1] if newer else candidate
     complete = [p for p in sorted(folder.glob("step-*")) if _complete(p)]
     return complete[-1] if complete else None
+
+
+def state_file(checkpoint: Path, stage: int | None = None) -> Path:
+    """The onnxruntime-training checkpoint inside a checkpoint folder; `stage` for staged folders."""
+    return checkpoint / STATE if stage is None else checkpoint / STATE / str(stage)
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgeplug import _ort
-from edgeplug.checkpoints import STATE, latest_checkpoint
+from edgeplug.checkpoints import STATE, latest_checkpoint, state_file
 from edgeplug.errors import EdgeplugError, ModelError
 from edgeplug.modelio import save_model
-from edgeplug.pipeline import CHECKPOINT, read_report
+from edgeplug.pipeline import CHECKPOINT, FORWARD_MODEL, read_report, stage_folders
 
 
 def export(artifact_dir: str | Path, output: str | Path, *, checkpoint: str | Path | None = None) -> Path:
@@ -22,6 +23,8 @@ def export(artifact_dir: str | Path, output: str | Path, *, checkpoint: str | Pa
     """
     artifact_dir = Path(artifact_dir)
     report = read_report(artifact_dir)
+    if report.get("stages"):
+        return _export_staged(artifact_dir, report, output, checkpoint)
     state_path = _state_path(artifact_dir, checkpoint)
     with tempfile.TemporaryDirectory(prefix="edgeplug-export-") as scratch, _ort.captured_native_stderr():
         try:
@@ -34,6 +37,44 @@ def export(artifact_dir: str | Path, output: str | Path, *, checkpoint: str | Pa
     model.producer_name, model.producer_version = "edgeplug", report["edgeplug_version"]
     save_model(model, output)
     return Path(output)
+
+
+def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | Path, checkpoint: str | Path | None) -> Path:
+    """The inference model on top of a staged folder, with each stage's trained parameters copied in by name.
+
+    Parameters only a stage has (loss heads) are left out: the result is the plain model.
+    """
+    model = onnx.load(str(artifact_dir / FORWARD_MODEL))
+    trained: dict[str, np.ndarray] = {}
+    folders = stage_folders(artifact_dir, report)
+    chosen = _checkpoint_folder(artifact_dir, checkpoint)
+    api = _ort.training_api()
+    with _ort.captured_native_stderr():
+        for number, folder in enumerate(folders):
+            path = state_file(chosen, number) if chosen else folder / CHECKPOINT
+            try:
+                state = api.CheckpointState.load_checkpoint(str(path))
+                trained.update({name: np.array(parameter.data) for name, parameter in state.parameters})
+            except Exception as error:
+                raise ModelError(f"export failed reading {path}: {' '.join(str(error).split())[:400]}") from None
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name in trained:
+            model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(
+                trained[tensor.name].astype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims)), tensor.name))
+    model.producer_name, model.producer_version = "edgeplug", str(report["edgeplug_version"])
+    save_model(model, output)
+    return Path(output)
+
+
+def _checkpoint_folder(artifact_dir: Path, checkpoint: str | Path | None) -> Path | None:
+    """A staged checkpoint folder (holding state/<i>): the one given, else the newest, else None (untrained)."""
+    if checkpoint is None:
+        return latest_checkpoint(artifact_dir)
+    path = Path(checkpoint)
+    path = path.parent if path.name == STATE else path
+    if not (path / STATE).is_dir():
+        raise EdgeplugError(f"checkpoint not found: {checkpoint} (a staged folder's checkpoint is a checkpoints/step-N folder)")
+    return path
 
 
 def _state_path(artifact_dir: Path, checkpoint: str | Path | None) -> Path:

@@ -17,3 +17,10 @@ RECIPE_FILE = "recipe.json"
 REPORT_FILE = "report.json"
 LABELS_INPUT = "labels"
 """Name of the labels input that onnxruntime-training's loss blocks add to the training model."""
+STAGES_DIR = "stages"
+"""Staged folders (a pass returned ForwardState.stages): one regular artifact set per stage."""
+
+
+def stage_dir(index: int) -> str:
+    """Folder of stage `index`, relative to the artifact folder: the usual file names inside."""
+    return f"{STAGES_DIR}/{index}"

@@ -12,6 +12,11 @@ A pass is a small class. The framework runs passes in recipe order in two stages
 A pass may also contribute runtime hooks (`runtime_hooks`) that take part in the
 training loop, and it must always return a report entry (`report`). The
 framework, not the pass, checks that every returned model is valid ONNX.
+
+A pass may also split training into **stages** (`ForwardState.stages`): models
+that train one after another on each batch, each with its own loss, gradients and
+optimizer, stage i reading what earlier stages pass on. No gradient crosses a
+stage boundary, because each stage is its own training graph.
 """
 
 from __future__ import annotations
@@ -31,12 +36,36 @@ EMPTY_OPTIONS_SCHEMA: Mapping[str, Any] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One separately trained piece of a staged model.
+
+    `model` is a self-contained forward model. Its inputs are data inputs of the
+    whole model or tensors that earlier stages pass on (matched by name); `output`
+    is the output the recipe's loss is computed on; `passes_on` are outputs fed to
+    later stages (the runtime cuts the gradient there). Parameter names that also
+    occur in `ForwardState.model` are copied into it by `edgeplug export`; the rest
+    (loss heads) train but are not exported.
+    """
+
+    name: str
+    model: onnx.ModelProto
+    trainable: frozenset[str]
+    output: str
+    passes_on: tuple[str, ...] = ()
+
+
 @dataclasses.dataclass
 class ForwardState:
-    """The forward model and the names of the initializers that will get gradients."""
+    """The forward model and the names of the initializers that will get gradients.
+
+    With `stages`, training runs the stages in order instead of `model`, and `model`
+    is the inference model that `edgeplug export` fills with the stages' weights.
+    """
 
     model: onnx.ModelProto
     trainable: frozenset[str]
+    stages: tuple[Stage, ...] = ()
 
 
 @dataclasses.dataclass

@@ -49,7 +49,9 @@ from edgeplug.layout import (  # noqa: E402  (re-exported: callers name the layo
     ORT_MODELS,
     RECIPE_FILE,
     REPORT_FILE,
+    STAGES_DIR,
     TRAINING_MODEL,
+    stage_dir,
 )
 from edgeplug.locking import output_lock
 from edgeplug.modelio import (
@@ -65,6 +67,7 @@ from edgeplug.passes import (
     PassContext,
     PassInfo,
     PassReport,
+    Stage,
     TrainingModels,
 )
 from edgeplug.plugins import PluginHost, default_host
@@ -131,11 +134,22 @@ def rewrite(
         state = ForwardState(loaded, frozenset(index.parameters()))
         entries: list[dict[str, Any]] = []
         timings: dict[str, float] = {}
+        staged_by: str | None = None
         for info, instance in passes:
+            if staged_by is not None:
+                raise RecipeError(f"pass '{info.name}' comes after '{staged_by}', which split the model into training "
+                                  f"stages; list '{staged_by}' last")
             started = time.perf_counter()
             state = _run_phase(info, "rewrite_forward", instance.rewrite_forward, state, _pass_context(context, info), timeout=timeout)
             _check_forward(info, state)
+            if state.stages:
+                _check_stages(info, state, loaded, output_name)
+                staged_by = info.name
             timings[info.name] = time.perf_counter() - started
+        if state.stages:
+            report = _write_stages(state, passes, context, timings, recipe, source, loaded, output_name, stage,
+                                   timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint)
+            return RewriteResult(output_dir, report)
         forward = _prune_to_output(state.model, output_name)
         trainable = sorted(state.trainable)
         if not trainable:
@@ -161,6 +175,7 @@ def rewrite(
         for info, instance in passes:
             entries.append(_report_entry(info, instance, timings[info.name], timeout))
         report = _report(source, loaded, forward, recipe, output_name, trainable, entries, stage)
+        _check_report(report)
         (stage / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
         (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         check_artifacts_budget(stage, 1, budget, baseline=RUNTIME_FOOTPRINT,
@@ -219,6 +234,9 @@ def _check_forward(info: PassInfo, state: object) -> None:
         raise PassError(info.name, "rewrite_forward", f"marked non-parameters as trainable: {', '.join(unknown[:5])}")
 
 
+_RUNTIME_GRADIENT_OP = re.compile(r"No Op registered for \w+Grad with domain_version")
+
+
 def _check_training(info: PassInfo, models: object) -> None:
     if not isinstance(models, TrainingModels):
         raise PassError(info.name, "rewrite_training", f"returned {type(models).__name__}, expected TrainingModels")
@@ -226,6 +244,8 @@ def _check_training(info: PassInfo, models: object) -> None:
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as error:
+            if label == "training" and _RUNTIME_GRADIENT_OP.search(str(error)):
+                continue  # onnxruntime puts some gradient ops (MaxPoolGrad) in the ONNX domain; onnx does not know them
             raise PassError(info.name, "rewrite_training", f"returned an invalid {label} model: {str(error).splitlines()[0]}") from None
 
 
@@ -240,18 +260,19 @@ def _output_name(model: onnx.ModelProto, recipe: Recipe) -> str:
     return recipe.output
 
 
-def _prune_to_output(model: onnx.ModelProto, output_name: str) -> onnx.ModelProto:
-    """Keep only the trained output and the nodes it needs."""
+def _prune_to_output(model: onnx.ModelProto, output_name: str, also: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """Keep only the trained output (and `also`, outputs a stage passes on) and the nodes they need."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
-    needed = GraphIndex(pruned).ancestors([output_name])
+    wanted = [output_name, *also]
+    needed = GraphIndex(pruned).ancestors(wanted)
     kept_nodes = [node for node in pruned.graph.node if node.name in needed]
-    kept_outputs = [value for value in pruned.graph.output if value.name == output_name]
+    kept_outputs = sorted((value for value in pruned.graph.output if value.name in wanted), key=lambda v: wanted.index(v.name))
     del pruned.graph.node[:]
     pruned.graph.node.extend(kept_nodes)
     del pruned.graph.output[:]
     pruned.graph.output.extend(kept_outputs)
-    used = {name for node in kept_nodes for name in node.input} | {output_name}
+    used = {name for node in kept_nodes for name in node.input} | set(wanted)
     kept_inits = [t for t in pruned.graph.initializer if t.name in used]
     del pruned.graph.initializer[:]
     pruned.graph.initializer.extend(kept_inits)
@@ -262,7 +283,7 @@ _NO_GRADIENT = re.compile(r"gradient builder has not been registered:\s*(\w+)(?:
 
 
 def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, output_name: str, stage: Path,
-              *, nominal_checkpoint: bool = False) -> None:
+              *, nominal_checkpoint: bool = False, passes_on: tuple[str, ...] = ()) -> None:
     artifacts = _ort.training_artifacts()
     trainable_set = set(trainable)
     frozen = [t.name for t in forward.graph.initializer if t.name not in trainable_set]
@@ -275,7 +296,7 @@ def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, ou
                 loss=getattr(artifacts.LossType, LOSS_TYPES[recipe.loss]),
                 optimizer=getattr(artifacts.OptimType, _OPTIMIZERS[recipe.optimizer]),
                 artifact_directory=str(stage),
-                additional_output_names=[output_name],
+                additional_output_names=[output_name, *passes_on],
                 loss_input_names=[output_name],
                 nominal_checkpoint=nominal_checkpoint,  # passes keep parameter names, so it stays valid
             )
@@ -359,9 +380,10 @@ def _report_entry(info: PassInfo, instance: Pass, seconds: float, timeout: float
 
 
 def _report(source: str, original: onnx.ModelProto, forward: onnx.ModelProto, recipe: Recipe, output_name: str,
-            trainable: list[str], entries: list[dict[str, Any]], stage: Path) -> dict[str, Any]:
+            trainable: list[str], entries: list[dict[str, Any]], stage: Path,
+            data_inputs: set[str] | None = None) -> dict[str, Any]:
     sizes = {tensor.name: tensor_values(tensor) for tensor in forward.graph.initializer}
-    source_inputs = {value.name for value in original.graph.input}
+    source_inputs = {value.name for value in original.graph.input} | (data_inputs or set())
     parameters = GraphIndex(forward).parameters()
     trainable_values = sum(sizes[name] for name in trainable)
     report = {
@@ -392,17 +414,145 @@ def _report(source: str, original: onnx.ModelProto, forward: onnx.ModelProto, re
             "total_values": sum(sizes[name] for name in parameters),
         },
         "passes": entries,
-        "artifacts": {
-            name: (stage / name).stat().st_size
-            for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT, NOMINAL_CHECKPOINT,
-                         *ORT_MODELS.values(), *OPERATOR_CONFIGS.values())
-            if (stage / name).is_file()
-        },
+        "artifacts": _artifact_sizes(stage),
     }
-    problem = first_error(report, load_schema("report"))
+    return report
+
+
+def _artifact_sizes(folder: Path, prefix: str = "") -> dict[str, int]:
+    names = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT, NOMINAL_CHECKPOINT,
+             *ORT_MODELS.values(), *OPERATOR_CONFIGS.values())
+    return {prefix + name: (folder / name).stat().st_size for name in names if (folder / name).is_file()}
+
+
+def _check_report(report: Mapping[str, Any]) -> None:
+    problem = first_error(dict(report), load_schema("report"))
     if problem:
         raise EdgeplugError(f"internal error: report.json does not match its schema: {problem}")
+
+
+# -- staged models (a pass returned ForwardState.stages) ----------------------------------
+
+
+def _check_stages(info: PassInfo, state: ForwardState, original: onnx.ModelProto, output_name: str) -> None:
+    """Stages form a chain: each input is data or passed on by an earlier stage; the last trains the output."""
+    available = {value.name for value in state.model.graph.input}
+    names: set[str] = set()
+    for number, stage in enumerate(state.stages):
+        where = f"stage {number} ({stage.name!r})"
+        if not isinstance(stage, Stage) or not isinstance(stage.model, onnx.ModelProto):
+            raise PassError(info.name, "rewrite_forward", f"{where} is {type(stage).__name__}, expected Stage")
+        if not stage.name or stage.name in names:
+            raise PassError(info.name, "rewrite_forward", f"{where}: stage names must be unique and not empty")
+        names.add(stage.name)
+        try:
+            check_model(stage.model)
+        except ModelError as error:
+            raise PassError(info.name, "rewrite_forward", f"{where} is an invalid model: {error}") from None
+        parameters = set(GraphIndex(stage.model).parameters())
+        if not stage.trainable or not set(stage.trainable) <= parameters:
+            bad = sorted(set(stage.trainable) - parameters)[:5]
+            raise PassError(info.name, "rewrite_forward", f"{where}: trainable must be parameters of the stage, at least one"
+                            + (f" (not parameters: {', '.join(bad)})" if bad else ""))
+        outputs = {value.name for value in stage.model.graph.output}
+        lacking = [name for name in (stage.output, *stage.passes_on) if name not in outputs]
+        if lacking:
+            raise PassError(info.name, "rewrite_forward", f"{where} has no output named {', '.join(lacking)}")
+        unfed = [value.name for value in stage.model.graph.input if value.name not in available]
+        if unfed:
+            raise PassError(info.name, "rewrite_forward", f"{where} reads {', '.join(unfed)}, which neither the data "
+                            "nor an earlier stage provides")
+        available |= set(stage.passes_on)
+    if state.stages[-1].output != output_name:
+        raise PassError(info.name, "rewrite_forward", f"the last stage trains {state.stages[-1].output!r}, "
+                        f"not the model's output {output_name!r}")
+
+
+def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], context: PassContext,
+                  timings: dict[str, float], recipe: Recipe, source: str, original: onnx.ModelProto, output_name: str,
+                  out: Path, *, timeout: float | None, budget: int | None, ort_format: bool,
+                  nominal_checkpoint: bool) -> dict[str, Any]:
+    """One regular artifact set per stage under stages/<i>/, the inference model and report.json on top."""
+    passed: set[str] = set()
+    stage_reports: list[dict[str, Any]] = []
+    for number, stage in enumerate(state.stages):
+        folder = out / stage_dir(number)
+        folder.mkdir(parents=True)
+        forward = _prune_to_output(stage.model, stage.output, stage.passes_on)
+        trainable = sorted(stage.trainable)
+        missing = missing_gradients(forward, stage.trainable, stage.output)
+        if missing:
+            raise NoGradientError(f"stage {stage.name!r}: " + missing[0].message())
+        check_forward_budget(forward, trainable, recipe.optimizer, budget)
+        _generate(forward, trainable, recipe, stage.output, folder, nominal_checkpoint=nominal_checkpoint,
+                  passes_on=stage.passes_on)
+        models = TrainingModels(*(onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
+        for info, instance in passes:
+            started = time.perf_counter()
+            models = _run_phase(info, "rewrite_training", instance.rewrite_training, models, _pass_context(context, info), timeout=timeout)
+            _check_training(info, models)
+            timings[info.name] += time.perf_counter() - started
+        for name, proto in zip((TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL), (models.training, models.eval, models.optimizer), strict=True):
+            save_model(proto, folder / name)
+        save_model(forward, folder / FORWARD_MODEL)
+        _smoke_load(folder)
+        if ort_format:
+            _convert_to_ort(folder)
+            _smoke_load(folder, ort_format=True)
+        stage_report = _report(source, original, forward, recipe, stage.output, trainable, [], folder, data_inputs=passed)
+        _check_report(stage_report)
+        (folder / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (folder / REPORT_FILE).write_text(json.dumps(stage_report, indent=2) + "\n", encoding="utf-8")
+        stage_reports.append(stage_report)
+        passed |= set(stage.passes_on)
+
+    inference = _prune_to_output(state.model, output_name)
+    save_model(inference, out / FORWARD_MODEL)
+    entries = [_report_entry(info, instance, timings[info.name], timeout) for info, instance in passes]
+    trainable_all = sorted({name for stage in state.stages for name in stage.trainable})
+    exported = {tensor.name for tensor in inference.graph.initializer}
+    report = _report(source, original, inference, recipe, output_name, [n for n in trainable_all if n in exported], entries, out)
+    report["parameters"] = {
+        "trainable": trainable_all,
+        "trainable_count": len(trainable_all),
+        "frozen_count": sum(r["parameters"]["frozen_count"] for r in stage_reports),
+        "trainable_values": sum(r["parameters"]["trainable_values"] for r in stage_reports),
+        "total_values": sum(r["parameters"]["total_values"] for r in stage_reports),
+    }
+    report["stages"] = [
+        {
+            "name": stage.name,
+            "dir": stage_dir(number),
+            "inputs": [value.name for value in onnx.load(str(out / stage_dir(number) / FORWARD_MODEL)).graph.input],
+            "output": stage.output,
+            "passes_on": list(stage.passes_on),
+            "trainable_count": stage_report["parameters"]["trainable_count"],
+            "trainable_values": stage_report["parameters"]["trainable_values"],
+        }
+        for number, (stage, stage_report) in enumerate(zip(state.stages, stage_reports, strict=True))
+    ]
+    for number in range(len(state.stages)):
+        report["artifacts"].update(_artifact_sizes(out / stage_dir(number), prefix=f"{stage_dir(number)}/"))
+    _check_report(report)
+    (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    check_artifacts_budget(out, 1, budget, baseline=RUNTIME_FOOTPRINT,
+                           when="split the model into fewer stages, train fewer parameters or use sgd")
     return report
+
+
+def stage_folders(artifact_dir: Path, report: Mapping[str, Any]) -> list[Path]:
+    """The folders that train, in order: the stages of a staged folder, else the folder itself."""
+    stages = report.get("stages")
+    if not stages:
+        return [Path(artifact_dir)]
+    folders = []
+    for entry in stages:
+        folder = Path(artifact_dir) / entry["dir"]
+        if not folder.resolve().is_relative_to(Path(artifact_dir).resolve()) or not entry["dir"].startswith(STAGES_DIR + "/"):
+            raise EdgeplugError(f"{artifact_dir}/{REPORT_FILE} names a stage folder outside {STAGES_DIR}/: {entry['dir']}")
+        folders.append(folder)
+    return folders
 
 
 def _describe(value: onnx.ValueInfoProto) -> dict[str, Any]:

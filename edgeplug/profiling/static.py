@@ -25,6 +25,7 @@ from edgeplug.pipeline import (
     FORWARD_MODEL,
     TRAINING_MODEL,
     read_report,
+    stage_folders,
 )
 from edgeplug.profiling.macs import forward_macs
 from edgeplug.recipe import OPTIMIZER_STATES
@@ -83,11 +84,47 @@ class StaticProfile:
 
 
 def static_profile(artifact_dir: str | Path, batch_size: int = 16) -> StaticProfile:
-    """Count parameter, gradient, optimizer-state and retained-activation bytes, and MACs."""
+    """Count parameter, gradient, optimizer-state and retained-activation bytes, and MACs.
+
+    A staged folder is the sum of its stages, except retained activations: the stages
+    train one after another, so the largest stage's retained bytes are the peak.
+    Node and tensor names then carry their stage's folder (`stages/0/conv1`).
+    """
     if batch_size < 1:
         raise EdgeplugError("batch size must be at least 1")
     artifact_dir = Path(artifact_dir)
     report = read_report(artifact_dir)
+    if report.get("stages"):
+        return _staged_profile(artifact_dir, report, batch_size)
+    return _folder_profile(artifact_dir, report, batch_size)
+
+
+def _staged_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int) -> StaticProfile:
+    parts = [(stage["dir"], _folder_profile(folder, read_report(folder), batch_size))
+             for stage, folder in zip(report["stages"], stage_folders(artifact_dir, report), strict=True)]
+    profiles = [profile for _, profile in parts]
+
+    def total(field: str) -> int:
+        return sum(int(getattr(profile, field)) for profile in profiles)
+
+    return StaticProfile(
+        batch_size=batch_size,
+        optimizer=report["training"]["optimizer"],
+        parameter_bytes=total("parameter_bytes"),
+        trainable_parameter_bytes=total("trainable_parameter_bytes"),
+        gradient_bytes=total("gradient_bytes"),
+        optimizer_state_bytes=total("optimizer_state_bytes"),
+        retained_activation_bytes=max(profile.retained_activation_bytes for profile in profiles),
+        forward_macs=total("forward_macs"),
+        backward_macs=total("backward_macs"),
+        nodes=tuple(dataclasses.replace(node, name=f"{where}/{node.name}") for where, profile in parts for node in profile.nodes),
+        retained=tuple(sorted((dataclasses.replace(tensor, name=f"{where}/{tensor.name}") for where, profile in parts
+                               for tensor in profile.retained), key=lambda t: -t.bytes)),
+        unknown_shapes=tuple(f"{where}/{name}" for where, profile in parts for name in profile.unknown_shapes),
+    )
+
+
+def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int) -> StaticProfile:
     training = onnx.load(str(artifact_dir / TRAINING_MODEL))
     evaluation = onnx.load(str(artifact_dir / EVAL_MODEL))
     forward = onnx.load(str(artifact_dir / FORWARD_MODEL))

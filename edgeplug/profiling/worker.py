@@ -19,8 +19,9 @@ from edgeplug import _ort
 from edgeplug.pipeline import (
     FORWARD_MODEL,
     read_report,
+    stage_folders,
 )
-from edgeplug.trainer import peak_rss_bytes
+from edgeplug.trainer import open_stage, peak_rss_bytes
 
 
 def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | None, output_shape: list[int] | None) -> dict[str, np.ndarray]:
@@ -41,15 +42,27 @@ def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | Non
 
 
 def _train(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: int) -> list[float]:
-    _, module, optimizer = _ort.open_artifacts(artifacts)
-    module.train()
-    feeds = [batch[name] for name in module.input_names()]
+    """Timed training steps; a staged folder runs its stages in one sweep, each stepping its optimizer."""
+    report = read_report(artifacts)
+    passes_on = [tuple(stage["passes_on"]) for stage in report.get("stages", [])] or [()]
+    opened = []
+    staged = bool(report.get("stages"))
+    for folder in stage_folders(artifacts, report):
+        _, module, optimizer = open_stage(folder) if staged else _ort.open_artifacts(folder)
+        module.train()
+        opened.append((module, optimizer, list(module.input_names()), list(module.output_names())))
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
-        module(*feeds)
-        optimizer.step()
-        module.lazy_reset_grad()
+        feeds = dict(batch)
+        for (module, optimizer, inputs, outputs), handed_on in zip(opened, passes_on, strict=True):
+            values = module(*[feeds[name] for name in inputs])
+            optimizer.step()
+            module.lazy_reset_grad()
+            if handed_on:  # the trainer's sweep: what a stage read from earlier stages is dropped once passed
+                for name in [name for name in inputs if name not in batch]:
+                    del feeds[name]
+                feeds.update({name: np.asarray(value) for name, value in zip(outputs, values, strict=True) if name in handed_on})
         if step >= warmup:
             times.append(time.perf_counter() - started)
     return times
