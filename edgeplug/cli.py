@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", nargs="?", help="recipe, report, profile or a pass name; omit to list")
     sub.set_defaults(run=_schema)
 
+    from edgeplug.fleet.cli import add_fleet_command
+
+    add_fleet_command(commands)
+
     from edgeplug.plugins import default_host
 
     default_host().add_commands(commands)
