@@ -304,6 +304,7 @@ def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, ou
         except Exception as caught:  # onnxruntime raises RuntimeError/Fail/InvalidArgument
             error = caught
     if error is None:
+        _name_targets_labels(stage)
         return
     text = str(error)
     match = _NO_GRADIENT.search(text + "\n" + "\n".join(native_log))
@@ -313,6 +314,26 @@ def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, ou
         dragging = tuple(p for p in trainable if node_name in index.descendants([p]))
         raise NoGradientError(MissingGradient(op_type, node_name, dragging or tuple(trainable)).message()) from None
     raise ModelError(f"onnxruntime-training could not build the training graph: {_runtime_message(error)}") from None
+
+
+_ORT_TARGET_INPUT = "target"
+"""onnxruntime-training names the target of its MSE, BCE and L1 losses 'target' (cross entropy: 'labels')."""
+
+
+def _name_targets_labels(stage: Path) -> None:
+    """One name for the label input whatever the loss, so the same .npz trains every recipe."""
+    for file_name in (TRAINING_MODEL, EVAL_MODEL):
+        path = stage / file_name
+        model = onnx.load(str(path))
+        graph = model.graph
+        if not any(value.name == _ORT_TARGET_INPUT for value in graph.input):
+            continue
+        for value in graph.input:
+            if value.name == _ORT_TARGET_INPUT:
+                value.name = LABELS_INPUT
+        for node in graph.node:
+            node.input[:] = [LABELS_INPUT if name == _ORT_TARGET_INPUT else name for name in node.input]
+        onnx.save(model, str(path))
 
 
 def _runtime_message(error: BaseException) -> str:
