@@ -25,6 +25,7 @@ from edgeplug.passes import (
     PassInfo,
     PassReport,
     RuntimeContext,
+    Stage,
     TrainingModels,
 )
 from edgeplug.plugins import PluginHost, hookimpl
@@ -49,6 +50,7 @@ __all__ = [
     "RecipeError",
     "ResourceError",
     "RuntimeContext",
+    "Stage",
     "SetupError",
     "Trainer",
     "TrainingModels",

@@ -71,13 +71,20 @@ def _size_line(artifacts: dict[str, int]) -> str:
     def size(count: int) -> str:
         return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
+    def total(name: str) -> int:
+        """A file's bytes, summed over stages in a staged folder (stages/<i>/<name>)."""
+        return sum(count for key, count in artifacts.items() if key == name or (key.startswith("stages/") and key.rsplit("/", 1)[-1] == name))
+
+    def present(name: str) -> bool:
+        return any(key == name or key.endswith("/" + name) for key in artifacts)
+
     models = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)
-    parts = ["training/eval/optimizer .onnx " + " / ".join(size(artifacts[name]) for name in models)]
-    if all(ORT_MODELS[name] in artifacts for name in models):
-        parts.append(".ort " + " / ".join(size(artifacts[ORT_MODELS[name]]) for name in models))
-    parts.append(f"checkpoint {size(artifacts[CHECKPOINT])}")
-    if NOMINAL_CHECKPOINT in artifacts:
-        parts.append(f"nominal checkpoint {size(artifacts[NOMINAL_CHECKPOINT])}")
+    parts = ["training/eval/optimizer .onnx " + " / ".join(size(total(name)) for name in models)]
+    if all(present(ORT_MODELS[name]) for name in models):
+        parts.append(".ort " + " / ".join(size(total(ORT_MODELS[name])) for name in models))
+    parts.append(f"checkpoint {size(total(CHECKPOINT))}")
+    if present(NOMINAL_CHECKPOINT):
+        parts.append(f"nominal checkpoint {size(total(NOMINAL_CHECKPOINT))}")
     return "sizes: " + ", ".join(parts)
 
 

@@ -164,3 +164,15 @@ def test_cli_trains_exports_and_profiles_a_staged_folder(tmp_path: Path, capsys:
     profile = json.loads((tmp_path / "p.json").read_text())
     assert first_error(profile, load_schema("profile")) is None
     assert "done: 6 steps" in capsys.readouterr().out
+
+
+def test_cli_rewrite_of_a_staged_folder_prints_sizes_summed_over_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from builders import cnn
+
+    onnx.save(cnn(), tmp_path / "cnn.onnx")
+    (tmp_path / "r.yaml").write_text("loss: cross-entropy\npasses:\n  - name: lls\n", encoding="utf-8")
+    assert cli.main(["rewrite", str(tmp_path / "cnn.onnx"), "--recipe", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    sizes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sizes: ")]
+    total = sum(count for key, count in report["artifacts"].items() if key.endswith("/" + TRAINING_MODEL))
+    assert len(report["stages"]) >= 2 and total > 0 and len(sizes) == 1
