@@ -1,1 +1,23 @@
-"""Built-in plugin personalize (under construction)."""
+"""Built-in plugin: the `personalize` pass (backprop-free personalisation through cloud-device collaboration)
+and the `edgeplug personalize` commands (anchors, train-generator, generate, baseline, apply)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import edgeplug
+
+from .personalize_pass import PersonalizePass
+
+
+@edgeplug.hookimpl
+def edgeplug_register_passes(register: Callable[[type[edgeplug.Pass]], None]) -> None:
+    register(PersonalizePass)
+
+
+@edgeplug.hookimpl
+def edgeplug_register_commands(commands: argparse._SubParsersAction) -> None:
+    from .commands import register
+
+    register(commands)

@@ -1,0 +1,54 @@
+"""Small .npz files with a JSON `__meta__` entry: slot files and anchor uploads.
+
+numpy's own format, read with `allow_pickle=False`, so a file from elsewhere can
+carry arrays and a validated description but never code.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeplug.atomic import atomic_file
+from edgeplug.errors import DataError
+from edgeplug.validation import first_error, load_schema
+
+META = "__meta__"
+
+
+def write_archive(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> int:
+    """Write arrays + meta atomically (compressed); return the file size in bytes."""
+    payload = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+    target = Path(path)
+    with atomic_file(target) as staging, open(staging, "wb") as stream:
+        np.savez_compressed(stream, **payload)  # type: ignore[arg-type]
+    return target.stat().st_size
+
+
+def read_archive(path: str | Path, schema: str, what: str, made_by: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and validated meta of an archive; any defect is one DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        raise DataError(f"{path} is not a {what} (not a readable .npz archive); make it with {made_by}") from None
+    raw = arrays.pop(META, None)
+    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise DataError(f"{path} is not a {what} (no {META} entry); make it with {made_by}")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{path}: {META} is not JSON; make the file with {made_by}") from None
+    error = first_error(meta, load_schema(schema))
+    if error is not None:
+        raise DataError(f"{path}: {META} {error}; make the file with {made_by}")
+    return arrays, meta
