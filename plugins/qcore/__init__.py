@@ -1,4 +1,5 @@
-"""Built-in plugin: the `qcore` pass and the `quantize` / `calibrate` commands (QCore)."""
+"""Built-in plugin: the `qcore` pass, the `quantize` / `calibrate` commands (QCore), and the
+`quantize-frozen` pass (int8 frozen weights in the training graph)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from collections.abc import Callable
 import edgeplug
 
 from .commands import register
+from .frozen_pass import QuantizeFrozenPass
 from .qcore_pass import QCorePass
 
 
 @edgeplug.hookimpl
 def edgeplug_register_passes(register: Callable[[type[edgeplug.Pass]], None]) -> None:
     register(QCorePass)
+    register(QuantizeFrozenPass)
 
 
 @edgeplug.hookimpl

@@ -56,6 +56,14 @@ class QuantLayer:
 
 def find_layers(model: onnx.ModelProto) -> list[QuantLayer]:
     """Quantizable layers in graph order; a ModelError when there are none."""
+    layers = weight_layers(model)
+    if not layers:
+        raise ModelError("qcore: the model has no Conv, Gemm or MatMul with a float initializer weight to quantize")
+    return layers
+
+
+def weight_layers(model: onnx.ModelProto) -> list[QuantLayer]:
+    """Every Conv, Gemm (transA=0) and MatMul (2-D weight) whose weight is a float initializer, in graph order."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     inputs = {i.name for i in graph.input} - set(initializers)
@@ -79,8 +87,6 @@ def find_layers(model: onnx.ModelProto) -> list[QuantLayer]:
                 continue
             axis, group = 1, 1
         found.append((node, node.input[1], shape, axis, group))
-    if not found:
-        raise ModelError("qcore: the model has no Conv, Gemm or MatMul with a float initializer weight to quantize")
     layers = []
     for position, (node, weight, shape, axis, group) in enumerate(found):
         layers.append(QuantLayer(node.name, node.op_type, weight, node.input[0], shape, axis, group,
