@@ -209,6 +209,7 @@ def prepare_rows(rows: list[Row], setup: Any, work: Path, measure: bool, measure
         if profiling is not None:
             try:
                 row.static = profiling.static_profile(first, batch_size=setup.batch_size).to_dict()
+                row.static["backward_macs_by_node"] = {n["name"]: n["backward_macs"] for n in row.static["nodes"] if n["backward_macs"]}
                 row.static.pop("nodes", None)
                 row.static.pop("retained", None)
             except Exception as error:  # the profiler is under development; keep the bench running
@@ -302,6 +303,8 @@ def summarise(rows: list[Row], base: Row) -> None:
             "total_training_bytes": (row.static or {}).get("total_training_bytes"),
             "rewrite_seconds": statistics.median(row.rewrite_seconds) if row.rewrite_seconds else None,
             "fine_tune_seconds": statistics.median(run["steps"] * run["median_step_seconds"] for run in row.runs),
+            "backward_macs": (row.static or {}).get("backward_macs"),
+            **shortcut_summary(row),
         }
     b = base.summary
     for row in rows:
@@ -309,6 +312,61 @@ def summarise(rows: list[Row], base: Row) -> None:
         for key, ratio in (("median_step_seconds", "step_ratio"), ("peak_rss_bytes", "rss_ratio"), ("rss_added_bytes", "rss_added_ratio"),
                            ("retained_activation_bytes", "retained_ratio"), ("total_training_bytes", "total_ratio")):
             s[ratio] = s[key] / b[key] if s.get(key) is not None and b.get(key) else None
+
+
+def shortcut_summary(row: Row) -> dict[str, Any]:
+    """activation-shortcut rows: what the pass kept instead of the compressed layers' inputs (static,
+    counted by the pass at the workload batch size), and the step's static figures corrected for it.
+
+    The profiler reads shapes from the eval model, so it cannot size the compressed tensors (they exist
+    only in the training graph) and counts them as nothing; its backward MACs come from the forward ops and
+    the gradients that exist, so they do not see the cheaper weight gradients either. Both are corrected here
+    from the pass's own counts: retained + kept; backward - what the profiler gave the compressed layers + the
+    pass's count for them."""
+    entry = next((p for p in (row.report or {}).get("passes", []) if p["name"] == "activation-shortcut"), None)
+    if entry is None:
+        return {"shortcut": None}
+    d = entry["details"]
+    retained = (row.static or {}).get("retained_activation_bytes")
+    backward = (row.static or {}).get("backward_macs")
+    by_node = (row.static or {}).get("backward_macs_by_node", {})
+    counted = sum(by_node.get(layer["node"], 0) for layer in d["layers"])  # what the profiler gave those layers
+    return {
+        "shortcut": {"method": d["method"], "layers": len(d["layers"]), "vanilla_bytes": d["vanilla_bytes"],
+                     "compressed_bytes": d["compressed_bytes"], "compression": d["compression"],
+                     "backward_macs": d["backward_macs"], "vanilla_backward_macs": d["vanilla_backward_macs"],
+                     "inputs_freed": d["inputs_freed"],
+                     "ranks": {layer["node"]: layer.get("ranks") for layer in d["layers"]} if d["method"] == "asi" else None},
+        "retained_activation_bytes": None if retained is None else retained + d["compressed_bytes"],
+        "retained_profiler_bytes": retained,
+        "backward_macs": None if backward is None else backward - counted + d["backward_macs"],
+    }
+
+
+def shortcut_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The activation-shortcut table (only when some row uses the pass)."""
+    if not any(row["summary"].get("shortcut") for row in rows):
+        return []
+    lines = ["", "activation-shortcut: inputs of the compressed layers (static, counted by the pass at the workload batch "
+             "size; kept = core + factors or pooled input) and the backward MACs of those layers' gradients "
+             "(onnxruntime's vanilla ConvGrad/Gemm vs the rewritten nodes; dX included in both):", "",
+             "| row | accuracy | layers | their inputs, vanilla (KiB) | kept (KiB) | smaller by | backward MACs of the layers, vanilla / shortcut (M) "
+             "| step backward MACs (M) | retained activations (MiB) | peak RSS (MiB) | RSS added (MiB) | median step (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        s = row["summary"]
+        short = s.get("shortcut")
+        macs = s.get("backward_macs")
+        layers = (f"| {short['layers']} {short['method']} | {short['vanilla_bytes'] / 1024:,.1f} | {short['compressed_bytes'] / 1024:,.2f} "
+                  f"| {short['compression']:.1f}x | {short['vanilla_backward_macs'] / 1e6:,.1f} / {short['backward_macs'] / 1e6:,.1f} ") if short else "| - | - | - | - | - "
+        lines.append(f"| {row['label']} (`{row['name']}`) | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} {layers}"
+                     f"| {'n/a' if macs is None else f'{macs / 1e6:,.0f}'} | {_mib(s['retained_activation_bytes'], 2)} "
+                     f"| {_mib(s['peak_rss_bytes'], 0)} | {_mib(s['rss_added_bytes'], 0)} | {s['median_step_seconds'] * 1000:.1f} |")
+    lines += ["", "Retained activations of shortcut rows = the profiler's count (which cannot size tensors that exist only in "
+              "the training graph) + the kept bytes; step backward MACs = the profiler's count with what it gives the "
+              "compressed layers replaced by the pass's count. Compressed rows keep the ReLU6 (Clip) masks' inputs, "
+              "which are the conv outputs, as vanilla does: only the conv inputs are compressed."]
+    return lines
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -386,6 +444,7 @@ def markdown(result: dict[str, Any]) -> str:
     fbn = [(row["name"], p["summary"]) for row in rows for p in (row.get("report") or {}).get("passes", []) if p["name"] == "freeze-bn"]
     if fbn:
         lines += ["", "freeze-bn summaries from report.json:", ""] + [f"- `{name}`: {summary}" for name, summary in fbn]
+    lines += shortcut_markdown(rows)
     lines += ["", "Per-run numbers: the `.json` file next to this one (`rows[].runs`)."]
     return "\n".join(lines) + "\n"
 

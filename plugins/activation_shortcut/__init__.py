@@ -1,1 +1,14 @@
-"""Built-in plugin activation_shortcut (under construction)."""
+"""Built-in plugin: the `activation-shortcut` pass (ASI / gradient filtering: weight gradients from compressed activations)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import edgeplug
+
+from .shortcut_pass import ActivationShortcutPass
+
+
+@edgeplug.hookimpl
+def edgeplug_register_passes(register: Callable[[type[edgeplug.Pass]], None]) -> None:
+    register(ActivationShortcutPass)

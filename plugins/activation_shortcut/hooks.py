@@ -1,0 +1,81 @@
+"""Runtime hooks of ASI: carry the Tucker factors from step to step and across a resume.
+
+Before a training step the factors U_m are fed as graph inputs; after it, the graph
+has output P_m = X_(m) X_(m)^T U_m (one subspace iteration on this step's input),
+and the next factors are its orthonormal basis (numpy Householder QR: ONNX has no
+QR). The factors are state, saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgeplug
+
+from . import tucker
+
+LAYOUT_FILE = "factors.json"
+FACTORS_FILE = "factors.npz"
+STATE_FILE = "activation-shortcut.npz"
+
+
+class FactorHooks:
+    """Feeds U_m before each training step and refreshes them from P_m after it."""
+
+    def __init__(self, pass_dir: Path) -> None:
+        self.layout: list[dict[str, Any]] = json.loads((pass_dir / LAYOUT_FILE).read_text(encoding="utf-8"))
+        with np.load(pass_dir / FACTORS_FILE) as saved:
+            self.factors = {entry["input"]: saved[entry["input"]].astype(np.float32) for entry in self.layout}
+        self.updates = 0
+
+    def feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """The factors for a batch of `batch` samples: a batch-mode factor of another batch size is
+        replaced by its first rows re-orthonormalised, or an exact identity when the batch is small."""
+        feeds = {}
+        for entry in self.layout:
+            factor = self.factors[entry["input"]]
+            if entry["mode"] == 0 and batch != factor.shape[0]:
+                rank = factor.shape[1]
+                if batch >= rank:
+                    rows = factor[:batch] if batch <= factor.shape[0] else np.vstack([factor, np.zeros((batch - factor.shape[0], rank), np.float32)])
+                    factor = tucker.orth(rows + 1e-12 * np.eye(batch, rank, dtype=np.float32))
+                else:
+                    factor = np.eye(batch, rank, dtype=np.float32)
+            feeds[entry["input"]] = factor
+        return feeds
+
+    @edgeplug.hookimpl
+    def edgeplug_before_step(self, step: Any) -> None:
+        # Evaluation batches get them too: the eval model declares them (unused) so that both
+        # models take the same inputs.
+        step.extra_inputs.update(self.feeds(len(step.batch["labels"])))
+
+    @edgeplug.hookimpl
+    def edgeplug_after_step(self, step: Any) -> None:
+        for entry in self.layout:
+            power = step.outputs.get(entry["output"])
+            current = self.factors[entry["input"]]
+            if power is None or power.shape != current.shape or not np.all(np.isfinite(power)):
+                continue  # a partial batch (batch mode) or a diverged step: keep the factor
+            self.factors[entry["input"]] = tucker.orth(power)
+        self.updates += 1
+
+    @edgeplug.hookimpl
+    def edgeplug_save_state(self, directory: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.factors)
+        (directory / STATE_FILE).write_bytes(buffer.getvalue())
+
+    @edgeplug.hookimpl
+    def edgeplug_load_state(self, directory: Path) -> None:
+        path = directory / STATE_FILE
+        if path.is_file():
+            with np.load(path) as saved:
+                for name in self.factors:
+                    if name in saved.files:
+                        self.factors[name] = saved[name].astype(np.float32)

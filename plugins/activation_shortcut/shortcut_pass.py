@@ -1,0 +1,251 @@
+"""The `activation-shortcut` pass: backward keeps a compressed input, not the input itself.
+
+Vanilla backprop keeps each trained layer's input X until backward only to compute
+dW = f(X, dY). This pass rewrites the generated training graph so that dW comes from
+a compressed form (ASI Tucker core + factors, or gradient filtering's patch means),
+dX stays exact, and no backward node reads X (see build.py). ASI ranks come from
+the recipe or from a memory budget on a calibration batch (ranks.py); its factors
+are carried between steps by runtime hooks (hooks.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeplug import ForwardState, Pass, PassContext, PassReport, TrainingModels
+from edgeplug.errors import ModelError, RecipeError
+from edgeplug.onnx_edit import GraphEditor
+from edgeplug.passes import RuntimeContext
+from edgeplug.profiling.static import forward_shapes
+from edgeplug.validation import load_schema
+
+from . import build, calibrate, ranks, tucker
+from .hooks import FACTORS_FILE, LAYOUT_FILE, FactorHooks
+from .layers import Layer, backward_nodes, backward_readers, find_layers, select
+
+FLOAT_BYTES = 4
+
+
+class ActivationShortcutPass(Pass):
+    name = "activation-shortcut"
+    summary = "Train conv/linear layers from a compressed input (ASI Tucker factors or gradient filtering); exact input gradients."
+    options_schema = load_schema("passes/activation-shortcut")
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        super().__init__(options)
+        self._details: dict[str, Any] = {}
+        self._parameters: dict[str, np.ndarray] = {}
+        self._data_inputs: set[str] = set()
+
+    def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
+        """Nothing changes here; remember the weights and data inputs for the calibration run."""
+        self._check_options(context)
+        graph = state.model.graph
+        self._parameters = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self._data_inputs = {v.name for v in graph.input if v.name not in self._parameters}
+        return state
+
+    def _check_options(self, context: PassContext) -> None:
+        o = self.options
+        if o["method"] == "gradient-filter":
+            given = [k for k in ("memory_budget_bytes", "energy", "ranks") if k in o]
+            if given:
+                raise RecipeError(f"{', '.join(given)} only apply to method 'asi'")
+            return
+        chosen = [k for k in ("memory_budget_bytes", "energy", "ranks") if k in o]
+        if len(chosen) != 1:
+            raise RecipeError("method 'asi' needs exactly one of memory_budget_bytes, energy "
+                              f"(both read --calibration-data) or ranks; got {chosen or 'none'}")
+        if chosen[0] != "ranks" and context.calibration is None:
+            raise RecipeError(f"{chosen[0]} chooses ranks on a calibration batch: "
+                              "edgeplug rewrite ... --calibration-data train.npz (or rewrite(..., calibration=arrays)), "
+                              "or give fixed 'ranks'")
+
+    def rewrite_training(self, models: TrainingModels, context: PassContext) -> TrainingModels:
+        started = time.perf_counter()
+        o = self.options
+        training = onnx.ModelProto()
+        training.CopyFrom(models.training)
+        opset = next((i.version for i in training.opset_import if i.domain in ("", "ai.onnx")), 0)
+        if opset < 13:
+            raise ModelError(f"the training graph has opset {opset}; 13 or later is needed")
+        batch = int(o["batch_size"])
+        shapes, _ = forward_shapes(models.eval, self._data_inputs | {"labels"}, batch)
+        found, skipped = find_layers(training, shapes, o["op_types"])
+        if o["method"] == "gradient-filter":
+            skipped += [{"node": la.node, "reason": "gradient-filter applies to Conv only"} for la in found if not la.is_conv]
+            found = [la for la in found if la.is_conv]
+        chosen = select(found, o)
+        if not chosen:
+            raise RecipeError("no trained layer to compress (candidates: "
+                              f"{', '.join(la.node for la in found) or 'none'}); check include/exclude/op_types and that "
+                              "the layers' weights train")
+        plans, factors, choice = self._plans(chosen, training, context)
+
+        removable = backward_nodes(training)
+        editor = GraphEditor(training)
+        forward: dict[str, list[onnx.NodeProto]] = {}
+        replacements: dict[str, list[onnx.NodeProto]] = {}
+        results: list[tuple[build.Plan, build.Built]] = []
+        for plan in plans:
+            built, nodes, replaced, inputs, outputs = build.rewrite_layer(training, editor, plan)
+            forward[plan.layer.node] = nodes
+            replacements.update(replaced)
+            training.graph.input.extend(inputs)
+            training.graph.output.extend(outputs)
+            results.append((plan, built))
+        aliases = dict(built.anchored for _, built in results if built.anchored)
+        build.apply(training, forward, replacements, removable, aliases)
+
+        after = backward_nodes(training)
+        layout: list[dict[str, Any]] = []
+        arrays: dict[str, np.ndarray] = {}
+        for plan in plans:
+            for mode in plan.active if plan.method == "asi" else []:
+                layout.append({"layer": plan.layer.node, "mode": mode, "input": plan.factor_input(mode), "output": plan.power_output(mode)})
+                arrays[plan.factor_input(mode)] = factors[(plan.layer.node, mode)]
+        if layout:
+            context.work_dir.mkdir(parents=True, exist_ok=True)
+            (context.work_dir / LAYOUT_FILE).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
+            save_arrays: Any = np.savez  # numpy's stub types **kwargs as if they could be allow_pickle
+            save_arrays(context.work_dir / FACTORS_FILE, **arrays)
+        self._details = self._report(results, skipped, choice, after, training, time.perf_counter() - started)
+        return TrainingModels(training, with_factor_inputs(models.eval, training, layout), models.optimizer)
+
+    def _plans(self, layers: list[Layer], training: onnx.ModelProto, context: PassContext
+               ) -> tuple[list[build.Plan], dict[tuple[str, int], np.ndarray], dict[str, Any]]:
+        o = self.options
+        if o["method"] == "gradient-filter":
+            return [build.Plan(la, "gradient-filter", patch=int(o["patch"])) for la in layers], {}, {}
+        factors: dict[tuple[str, int], np.ndarray] = {}
+        if "ranks" in o:
+            rng = np.random.default_rng(o["seed"])
+            plans = []
+            for la in layers:
+                wanted = list(la.x_shape) if o["ranks"] == "full" else list(o["ranks"]) + list(la.x_shape[len(o["ranks"]):])
+                rank = tuple(min(int(k), d) for k, d in zip(wanted, la.x_shape))
+                if not o["compress_batch"]:
+                    rank = (la.x_shape[0], *rank[1:])
+                plan = build.Plan(la, "asi", ranks=rank)
+                for mode in plan.active:
+                    factors[(la.node, mode)] = tucker.orth(rng.standard_normal((la.x_shape[mode], rank[mode])))
+                plans.append(plan)
+            return plans, factors, {"ranks": o["ranks"]}
+        assert context.calibration is not None
+        batch = calibrate.calibration_batch(context.calibration, context_model(training, self._data_inputs), set(self._parameters),
+                                            context.loss, int(o["batch_size"]))
+        missing = [la.weight for la in layers if la.weight not in self._parameters]
+        if missing:
+            raise RecipeError(f"weights {missing[:3]} were created by a pass after this one; put "
+                              "activation-shortcut after the passes that rewrite the forward model")
+        names = [n for la in layers for n in (la.input, f"{la.output}_grad")]
+        values = calibrate.capture(training, self._parameters, batch, names)
+        thresholds = [float(o["energy"])] if "energy" in o else [float(t) for t in o["thresholds"]]
+        options_per_layer, spectra = [], []
+        for la in layers:
+            found, spectrum = ranks.candidates(la, values[la.input], values[f"{la.output}_grad"], thresholds, o["compress_batch"])
+            options_per_layer.append(found)
+            spectra.append(spectrum)
+        if "energy" in o:
+            picks = [0] * len(layers)
+        else:
+            picks = ranks.choose(options_per_layer, int(o["memory_budget_bytes"]))
+        plans = []
+        for la, found, pick, spectrum in zip(layers, options_per_layer, picks, spectra):
+            plan = build.Plan(la, "asi", ranks=found[pick].ranks)
+            for mode, factor in enumerate(ranks.initial_factors(spectrum, plan.ranks)):
+                if factor is not None:
+                    factors[(la.node, mode)] = factor
+            plans.append(plan)
+        choice = {
+            "calibration_samples": int(o["batch_size"]),
+            "thresholds": thresholds,
+            "memory_budget_bytes": o.get("memory_budget_bytes"),
+            "candidates": {la.node: [c.to_dict() for c in found] for la, found in zip(layers, options_per_layer)},
+            "chosen": {la.node: found[pick].to_dict() for la, found, pick in zip(layers, options_per_layer, picks)},
+        }
+        return plans, factors, choice
+
+    def _report(self, results: list[tuple[build.Plan, build.Built]], skipped: list[dict[str, str]], choice: dict[str, Any],
+                backward: set[str], training: onnx.ModelProto, seconds: float) -> dict[str, Any]:
+        layers = []
+        for plan, built in results:
+            la = plan.layer
+            vanilla = math.prod(la.x_shape) * FLOAT_BYTES
+            compressed = sum(math.prod(shape) for shape in built.stored.values()) * FLOAT_BYTES
+            readers = backward_readers(training, la.input, backward)
+            entry = {**la.to_dict(), "vanilla_bytes": vanilla, "compressed_bytes": compressed,
+                     "compression": round(vanilla / compressed, 3) if compressed else None,
+                     "stored": {name: list(shape) for name, shape in built.stored.items()},
+                     "input_freed": not readers, "input_read_in_backward_by": readers,
+                     "backward_macs": built.backward_macs, "vanilla_backward_macs": built.vanilla_backward_macs,
+                     "forward_extra_macs": built.forward_extra_macs}
+            if plan.method == "asi":
+                entry["ranks"] = list(plan.ranks)
+                chosen = choice.get("chosen", {}).get(la.node)
+                if chosen:
+                    entry["gradient_error"], entry["relative_gradient_error"] = chosen["error"], chosen["relative_error"]
+            else:
+                entry["patch"] = plan.patch
+            layers.append(entry)
+        vanilla_total = sum(e["vanilla_bytes"] for e in layers)
+        compressed_total = sum(e["compressed_bytes"] for e in layers)
+        return {
+            "method": self.options["method"], "batch_size": int(self.options["batch_size"]),
+            "layers": layers, "skipped": skipped,
+            "vanilla_bytes": vanilla_total, "compressed_bytes": compressed_total,
+            "compression": round(vanilla_total / compressed_total, 3) if compressed_total else None,
+            "backward_macs": sum(e["backward_macs"] for e in layers),
+            "vanilla_backward_macs": sum(e["vanilla_backward_macs"] for e in layers),
+            "inputs_freed": sum(1 for e in layers if e["input_freed"]),
+            "rank_selection": choice, "seconds": round(seconds, 4),
+        }
+
+    def runtime_hooks(self, context: RuntimeContext) -> object | None:
+        if self.options["method"] != "asi" or not (context.pass_dir / LAYOUT_FILE).is_file():
+            return None
+        return FactorHooks(context.pass_dir)
+
+    def report(self) -> PassReport:
+        d = self._details
+        if not d:
+            return PassReport(False, "did not run")
+        return PassReport(
+            changed=True,
+            summary=f"{d['method']}: {len(d['layers'])} layers keep {d['compressed_bytes'] / 2**10:,.1f} KiB instead of "
+            f"{d['vanilla_bytes'] / 2**10:,.1f} KiB of input ({d['compression']}x less; {d['inputs_freed']} inputs freed "
+            f"after forward); backward MACs {d['backward_macs']:,} vs {d['vanilla_backward_macs']:,}",
+            details=d,
+        )
+
+
+def context_model(training: onnx.ModelProto, data_inputs: set[str]) -> onnx.ModelProto:
+    """A model whose graph inputs are the data inputs only, for the calibration data check."""
+    model = onnx.ModelProto()
+    model.graph.input.extend(v for v in training.graph.input if v.name in data_inputs)
+    return model
+
+
+def with_factor_inputs(evaluation: onnx.ModelProto, training: onnx.ModelProto, layout: list[dict[str, Any]]) -> onnx.ModelProto:
+    """The eval model with the factor inputs and an output per subspace-iteration output (a copy of the
+    factor; unused there). The trainer opens a model's input and output names once, in training mode,
+    and uses them in both modes, so both models must declare the same user inputs and outputs.
+    `edgeplug export` keeps only the model's own output."""
+    if not layout:
+        return evaluation
+    model = onnx.ModelProto()
+    model.CopyFrom(evaluation)
+    inputs = {v.name: v for v in training.graph.input}
+    outputs = {v.name: v for v in training.graph.output}
+    for entry in layout:
+        model.graph.input.append(inputs[entry["input"]])
+        model.graph.node.append(onnx.helper.make_node("Identity", [entry["input"]], [entry["output"]], name=f"{entry['output']}.eval"))
+        model.graph.output.append(outputs[entry["output"]])
+    return model
