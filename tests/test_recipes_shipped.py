@@ -1,0 +1,73 @@
+"""Every recipe shipped in recipes/: it validates, and rewrite -> train (loss falls) -> export works on a small CNN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from builders import classification_data, cnn
+
+import edgeplug
+from edgeplug import _ort
+from edgeplug.cli import main
+from edgeplug.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+IMAGE = 8
+CLASSES = 10
+
+
+def test_recipes_are_shipped() -> None:
+    assert len(RECIPES) >= 2, RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_has_a_header_saying_what_it_is_for_and_needs(path: Path) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = [line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]]
+    text = "\n".join(header)
+    assert len(header) >= 3 and "For:" in text and "Needs:" in text
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if any(p.get("name") in ("sparse-update", "activation-shortcut") for p in document["passes"]):
+        assert "--calibration-data" in text  # the passes read the support set
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_rewrite_train_export(tmp_path: Path, path: Path) -> None:
+    recipe = load_recipe(path)  # validated against the recipe schema and every pass's options schema
+    model = cnn(channels=(8, 16, 16), classes=CLASSES, image=IMAGE, batch_norm=False)
+    data = classification_data((1, IMAGE, IMAGE), CLASSES, n=60, seed=1)
+    out = tmp_path / "out"
+    report = edgeplug.rewrite(model, recipe, out, calibration=data).report
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["normalize", *(p.name for p in recipe.passes if p.name != "normalize")]
+    result = edgeplug.Trainer(out, progress=False).fit(data, epochs=8, batch_size=10)
+    assert result.epochs[-1].train.loss < result.epochs[0].train.loss
+    edgeplug.export(out, tmp_path / "trained.onnx")
+    exported = onnx.load(str(tmp_path / "trained.onnx"))
+    session = _ort.inference_runtime().InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"x": data["x"]})[0]
+    eval_accuracy = edgeplug.Trainer(out, progress=False).evaluate(data).accuracy
+    assert float(np.mean(logits.argmax(axis=1) == data["y"])) == pytest.approx(eval_accuracy, abs=1 / 60)
+    if "quantize-frozen" in names:
+        details = next(p for p in report["passes"] if p["name"] == "quantize-frozen")["details"]
+        assert details["quantized"]
+        int8 = {t.name for t in exported.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+        assert {f"{q['weight']}_quantized" for q in details["quantized"]} <= int8
+
+
+def test_a_recipe_runs_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    path = next(p for p in RECIPES if "int8" in p.stem)
+    onnx.save(cnn(channels=(8, 16), classes=CLASSES, image=IMAGE, batch_norm=False), tmp_path / "model.onnx")
+    np.savez(tmp_path / "support.npz", **classification_data((1, IMAGE, IMAGE), CLASSES, n=30, seed=2))
+    monkeypatch.chdir(tmp_path)
+    assert main(["rewrite", "model.onnx", "--recipe", str(path), "--calibration-data", "support.npz", "-o", "out"]) == 0
+    assert "quantize-frozen" in capsys.readouterr().out
+    assert main(["train", "out", "--data", "support.npz", "--epochs", "2", "--batch-size", "10", "--no-progress"]) == 0
+    assert main(["export", "out", "-o", "trained.onnx"]) == 0
+    assert (tmp_path / "trained.onnx").is_file()
+    assert main(["rewrite", "model.onnx", "--recipe", str(path), "-o", "again"]) == 2  # sparse-update needs the support set
+    assert "calibration-data" in capsys.readouterr().err
