@@ -17,6 +17,7 @@ import builders  # noqa: E402
 from edgeplug_plugins.normalize.exporter_fixes import (  # noqa: E402
     cast_like_to_cast,
     drop_unused_batchnorm_outputs,
+    explicit_auto_pads,
     explicit_transpose_perms,
     fold_initializer_shapes,
     layernorm_statistics_outputs,
@@ -193,3 +194,60 @@ def test_unknown_dims_are_filled_from_the_exporters_value_info() -> None:
     assert restore_exporter_dims(inferred, [hint, stale_rank]) == 1
     assert [d.dim_param or d.dim_value for d in hidden.type.tensor_type.shape.dim] == ["N", 8]
     assert restore_exporter_dims(inferred, [hint]) == 0  # nothing unknown any more
+
+
+def _auto_pad_cnn(mode: str) -> onnx.ModelProto:
+    """Conv(stride 2, 3x3, auto_pad) on 8x8 -> global pool -> linear: SAME pads 1 on one side only."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32) * 0.3, "w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32) * 0.3, "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", auto_pad=mode, strides=[2, 2], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["logits"], name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "auto_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(("mode", "pads"), [("SAME_UPPER", [0, 0, 1, 1]), ("SAME_LOWER", [1, 1, 0, 0]), ("VALID", [0, 0, 0, 0])])
+def test_auto_pad_becomes_explicit_pads_with_the_same_outputs(mode: str, pads: list[int]) -> None:
+    from edgeplug._ort import inference_runtime
+
+    model = _auto_pad_cnn(mode)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    assert explicit_auto_pads(fixed) == 1
+    conv = fixed.graph.node[0]
+    attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert "auto_pad" not in attributes and attributes["pads"] == pads
+    x = np.random.default_rng(1).standard_normal((3, 2, 8, 8)).astype(np.float32)
+    runtime = inference_runtime()
+    before, after = (runtime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                     for m in (model, fixed))
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_with_same_padding_trains_to_the_same_finite_weights_every_time(tmp_path: Path) -> None:
+    """onnxruntime-training's ConvGrad ignores auto_pad: before the fix, NaN weights in ~4 of 10 steps."""
+    import edgeplug
+
+    onnx.save(_auto_pad_cnn("SAME_UPPER"), tmp_path / "m.onnx")
+    rewrite(tmp_path / "m.onnx", recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "sgd", "lr": 0.1}}), tmp_path / "out")
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((32, 2, 8, 8)).astype(np.float32), "labels": rng.integers(0, 3, 32)}
+    weights = []
+    for _ in range(3):
+        trainer = edgeplug.Trainer(tmp_path / "out", checkpoints=False)
+        trainer.fit(data, epochs=2, batch_size=4)
+        weights.append({name: np.array(p.data) for name, p in trainer._state.parameters})
+    assert all(np.isfinite(w).all() for w in weights[0].values())
+    for other in weights[1:]:
+        for name, value in weights[0].items():
+            np.testing.assert_array_equal(other[name], value)

@@ -222,3 +222,65 @@ def restore_exporter_dims(model: onnx.ModelProto, hints: list[onnx.ValueInfoProt
                 changed = True
         filled += changed
     return filled
+
+
+_AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool")
+
+
+def explicit_auto_pads(model: onnx.ModelProto) -> int:
+    """Turn auto_pad (SAME_UPPER, SAME_LOWER, VALID) into explicit pads on Conv and pooling.
+
+    onnxruntime-training 1.19.2's ConvGrad ignores auto_pad: with SAME_UPPER and
+    stride 2 (jax2onnx writes it) it reads pads it never set and the weight gradient
+    comes out NaN in about 4 steps out of 10. Explicit pads are exact. SAME needs the
+    input's spatial size; a model whose size is unknown keeps auto_pad.
+    """
+    shapes = _static_shapes(model)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type not in _AUTO_PAD_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        mode = attributes.get("auto_pad", b"NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode == "NOTSET":
+            continue
+        kernel = attributes.get("kernel_shape") or (shapes.get(node.input[1], [])[2:] if node.op_type == "Conv" and len(node.input) > 1 else [])
+        input_shape = shapes.get(node.input[0])
+        if not kernel:
+            continue
+        spatial = len(kernel)
+        if mode == "VALID":
+            pads = [0] * (2 * spatial)
+        else:
+            if input_shape is None or len(input_shape) != spatial + 2 or any(d <= 0 for d in input_shape[2:]):
+                continue
+            strides = attributes.get("strides") or [1] * spatial
+            dilations = attributes.get("dilations") or [1] * spatial
+            heads, tails = [], []
+            for size, k, stride, dilation in zip(input_shape[2:], kernel, strides, dilations):
+                out = -(-size // stride)
+                total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+                head = total // 2 if mode == "SAME_UPPER" else total - total // 2
+                heads.append(head)
+                tails.append(total - head)
+            pads = heads + tails
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(helper.make_attribute("pads", pads))
+        changed += 1
+    return changed
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Known dims of every typed value (unknown dims are -1), from shape inference on a copy."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        inferred = model
+    shapes: dict[str, list[int]] = {t.name: list(t.dims) for t in model.graph.initializer}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            shapes.setdefault(value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim])
+    return shapes

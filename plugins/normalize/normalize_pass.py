@@ -18,6 +18,7 @@ from .decompose import decompose
 from .exporter_fixes import (
     cast_like_to_cast,
     drop_unused_batchnorm_outputs,
+    explicit_auto_pads,
     explicit_transpose_perms,
     fold_initializer_shapes,
     layernorm_statistics_outputs,
@@ -57,6 +58,7 @@ class NormalizePass(Pass):
         details["layernorm_outputs_added"] = layernorm_statistics_outputs(model)
         details["cast_like_rewritten"] = cast_like_to_cast(model)
         details["initializer_shapes_folded"] = fold_initializer_shapes(model)
+        details["auto_pads_made_explicit"] = explicit_auto_pads(model)
         details["decomposed"] = decompose(model) if self.options["decompose"] else {}
         details["batch_axes_made_dynamic"], details["reshapes_rewritten"] = (
             _make_batch_dynamic(model) if self.options["dynamic_batch"] else (0, 0)
