@@ -138,3 +138,16 @@ def test_the_pass_refuses_a_loss_other_than_cross_entropy(tmp_path: Path) -> Non
     (tmp_path / "recipe.yaml").write_text("loss: mse\npasses:\n  - name: qcore\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="cross-entropy"):
         edgeplug.rewrite(cnn((4,), 10), tmp_path / "recipe.yaml", tmp_path / "out")
+
+
+def test_chunk_numbers_continue_across_calibrate_calls(built: Path, tmp_path: Path, capsys) -> None:
+    """One chunk per call (a device's routine): coreset examples from an earlier call are not this chunk's."""
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(built / "out", copy)
+    numbers = []
+    for k in (1, 2):
+        assert cli.main(["calibrate", str(copy), "--stream", str(built / f"chunk_{k}.npz"), "--no-progress", "--json"]) == 0
+        numbers.append(json.loads(capsys.readouterr().out)[0]["chunk"])
+    assert numbers[1] > numbers[0]

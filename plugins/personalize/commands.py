@@ -88,10 +88,10 @@ def _anchors(args: argparse.Namespace) -> int:
 
     device = DeviceModel(args.artifacts)
     x = device.inputs(load_npz(args.data), args.data)
-    count, method = args.count or 8, args.method
+    count, method = args.count if args.count is not None else 8, args.method
     if args.generator:  # only its description: the device never loads the generator itself
         info = generator_info(args.generator)
-        count, method = args.count or info["anchors"]["count"], info["anchors"]["method"]
+        count, method = args.count if args.count is not None else info["anchors"]["count"], info["anchors"]["method"]
         if info["device_statistics"] and not args.statistics:
             raise DataError(f"the generator in {args.generator} was trained with device statistics: add --statistics STATS.npz")
     side = device_side(device, x, count, method, args.seed, statistics=bool(args.statistics))
@@ -119,6 +119,8 @@ def _train(args: argparse.Namespace) -> int:
                                device_samples=args.device_samples, draws=args.draws, count=args.count, method=args.method,
                                validation_domains=args.validation_domains, seed=args.seed,
                                device_statistics=not args.model_statistics)
+    if not 0 <= args.validation_domains < 1:
+        raise DataError("--validation-domains must be a fraction in [0, 1)")
     for name in ("steps", "batch_size", "hidden", "device_samples", "draws", "count"):
         if getattr(options, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1")
@@ -190,6 +192,9 @@ def _apply(args: argparse.Namespace) -> int:
         x = device.inputs(arrays, args.data)
         logits = device.logits(x, values)
         if "y" in arrays:
+            labels = np.asarray(arrays["y"])
+            if labels.shape != (len(x),) or labels.dtype.kind not in "iu":
+                raise DataError(f"{args.data}: 'y' must hold one integer class per sample ({len(x)}), not {labels.dtype} {labels.shape}")
             before = accuracy(device.logits(x), arrays["y"])
             print(f"accuracy on {args.data}: {before:.4f} with the model's own values -> {accuracy(logits, arrays['y']):.4f}")
         else:

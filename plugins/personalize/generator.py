@@ -24,7 +24,7 @@ import onnx
 
 from edgeplug import _ort
 from edgeplug.atomic import atomic_directory
-from edgeplug.errors import DataError, ModelError
+from edgeplug.errors import DataError, ModelError, OutputError
 from edgeplug.validation import first_error, load_schema
 
 from . import anchors as anchor_ops
@@ -105,6 +105,8 @@ def train_generator(artifacts: str | Path, domains: Domains, output: str | Path,
     """Train the generator for the artifact folder's device model; write OUTPUT/generator.{onnx,json}."""
     started = time.perf_counter()
     say = echo or (lambda _text: None)
+    if Path(output).exists() and not force:  # refuse before minutes of training, not after
+        raise OutputError(f"{output} already exists; pass --force to replace it")
     device = DeviceModel(artifacts)
     manifest = device.manifest
     if not manifest.parameter_slots():

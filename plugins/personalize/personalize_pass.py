@@ -62,7 +62,10 @@ class PersonalizePass(Pass):
         taps = [f.tensor for f in features] + [n.input for n in norms] + ([classifier.input] if classifier else [])
         device = _device_model(model, slots, list(dict.fromkeys(taps)), shapes)
         data = device.SerializeToString()
-        graph_input = next(i for i in model.graph.input if i.name not in index.initializers)
+        data_inputs = [i for i in model.graph.input if i.name not in index.initializers]
+        if len(data_inputs) != 1:
+            raise ModelError(f"personalize: the device model must have one data input; this one has {[i.name for i in data_inputs]}")
+        graph_input = data_inputs[0]
         manifest = Manifest(
             fingerprint=fingerprint(data), input=graph_input.name,
             input_shape=tuple(_dims(graph_input.type)), input_dtype=_dtype(graph_input.type.tensor_type.elem_type),

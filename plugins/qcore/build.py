@@ -99,6 +99,9 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
     x, y = next(iter(dataset.inputs.values())), dataset.labels
     rng = np.random.default_rng(int(options["seed"]))
     calib = x[rng.permutation(len(y))[: int(options["calibration_samples"])]]
+    size = coreset_size(options["coreset_size"], len(y))
+    if size > len(y):  # before the record training advances the folder's checkpoint
+        raise RecipeError(f"qcore: coreset_size {size} is larger than the training data ({len(y)} examples)")
     every = int(options["record_every"])
     record_epochs = sorted({*range(every, epochs + 1, every), epochs})
     record_bits = [int(b) for b in options["record_bits"]]
@@ -113,9 +116,6 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
                 f"{b} bits {records[i, t].mean():.3f}" for i, b in enumerate(record_bits)))
     never = int(options.get("never_learned") or len(record_epochs))
     counts = forgetting_counts(records, never)
-    size = coreset_size(options["coreset_size"], len(y))
-    if size > len(y):
-        raise RecipeError(f"qcore: coreset_size {size} is larger than the training data ({len(y)} examples)")
     chosen = draw(counts, size, rng)
     bits = int(options["bits"])
     state = quantize(float_model, calib, bits, options["activation_percentile"])

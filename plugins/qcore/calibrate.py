@@ -93,7 +93,7 @@ class Calibrator:
         before = self.accuracy(x, y)
         pool = self.coreset.pooled(x, y, chunk)
         self.runner.refresh_norm_stats(pool.x, float(self.options["norm_momentum"]))
-        proposed, kept = self._flip(pool)
+        proposed, kept = self._flip(pool, chunk)
         correct = self.runner.correct(pool.x, pool.y)
         new = pool.origin == chunk
         after = float(correct[new].mean())
@@ -102,7 +102,7 @@ class Calibrator:
         return ChunkResult(chunk, source, len(y), before, after, proposed, kept,
                            int(np.count_nonzero(self.coreset.origin > 0)), time.perf_counter() - started)
 
-    def _flip(self, pool: Coreset) -> tuple[int, int]:
+    def _flip(self, pool: Coreset, chunk: int) -> tuple[int, int]:
         """Rounds of flips from the flip networks, each from fresh forward statistics.
 
         With `flip_guard`, each layer's flips are kept only if they lower the
@@ -110,7 +110,7 @@ class Calibrator:
         the rounds stop when a round keeps nothing.
         """
         start = {name: codes.copy() for name, codes in self.state.codes.items()}
-        old = pool.origin != pool.origin.max()
+        old = pool.origin != chunk
         best = self._losses(pool, old)
         proposed = 0
         for _ in range(int(self.options["flip_rounds"])):
@@ -145,6 +145,6 @@ class Calibrator:
         return float(losses[old].mean()) if old.any() else 0.0, float(losses[~old].mean())
 
     def save(self) -> None:
-        """Write the updated state and coreset (each file whole or not at all)."""
-        self.state.save(self.dir / "state.npz")
+        """Write the updated coreset, then the state (each file whole or not at all)."""
         self.coreset.save(self.dir / "coreset.npz")
+        self.state.save(self.dir / "state.npz")

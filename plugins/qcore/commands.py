@@ -72,7 +72,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     chunks = _chunks(args.artifacts, args.stream)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(chunks), desc="calibrate", unit="chunk", file=sys.stderr, disable=True if args.no_progress else None) as bar:
-        for number, (path, chunk) in enumerate(zip(args.stream, chunks), start=1):
+        # chunks keep counting across calls: coreset examples from an earlier call are old, not this chunk's
+        first = int(calibrator.coreset.origin.max()) + 1
+        for number, (path, chunk) in enumerate(zip(args.stream, chunks), start=first):
             x = next(iter(chunk.inputs.values()))
             result = calibrator.step(x, chunk.labels, number, path.name)
             calibrator.save()

@@ -29,6 +29,12 @@ class QCorePass(Pass):
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         if context.loss != "cross-entropy":
             raise RecipeError("qcore counts forgetting on classification: use loss 'cross-entropy'")
+        if any(node.op_type == "DequantizeLinear" for node in state.model.graph.node):
+            raise RecipeError("qcore quantizes float weights: remove quantize-frozen (or other quantization) from this recipe")
+        initializers = {t.name for t in state.model.graph.initializer}
+        data_inputs = [i.name for i in state.model.graph.input if i.name not in initializers]
+        if len(data_inputs) != 1:
+            raise RecipeError(f"qcore needs a model with one data input; this one has {data_inputs}")
         layers = find_layers(state.model)
         self._details = {
             "bits": self.options["bits"], "record_bits": self.options["record_bits"],
