@@ -54,7 +54,9 @@ def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | 
             path = state_file(chosen, number) if chosen else folder / CHECKPOINT
             try:
                 state = api.CheckpointState.load_checkpoint(str(path))
-                trained.update({name: np.array(parameter.data) for name, parameter in state.parameters})
+                # trained values only: a later stage's frozen copy of a weight must not overwrite the trained one
+                trained.update({name: np.array(parameter.data) for name, parameter in state.parameters
+                                if parameter.requires_grad or len(folders) == 1})
             except Exception as error:
                 raise ModelError(f"export failed reading {path}: {' '.join(str(error).split())[:400]}") from None
     for index, tensor in enumerate(model.graph.initializer):

@@ -176,3 +176,50 @@ def test_cli_rewrite_of_a_staged_folder_prints_sizes_summed_over_stages(tmp_path
     sizes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sizes: ")]
     total = sum(count for key, count in report["artifacts"].items() if key.endswith("/" + TRAINING_MODEL))
     assert len(report["stages"]) >= 2 and total > 0 and len(sizes) == 1
+
+
+class SharedFrozenPass(Pass):
+    """Three stages; the head reads fc0.bias, which stage 0 trains, as a frozen constant of its own."""
+
+    name = "shared-frozen"
+    summary = "test: a later stage holds a frozen copy of a trained weight"
+    options_schema = {"type": "object"}
+
+    def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
+        m = state.model
+        value = lambda name: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 16])  # noqa: E731
+
+        def probe(source: str, tag: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+            return ([helper.make_node("Gemm", [source, f"{tag}.weight", f"{tag}.bias"], [f"{tag}_logits"], name=tag)],
+                    [numpy_helper.from_array(np.full((16, 3), 0.01, np.float32), f"{tag}.weight"),
+                     numpy_helper.from_array(np.zeros(3, np.float32), f"{tag}.bias")])
+
+        logits = lambda tag: helper.make_tensor_value_info(f"{tag}_logits", onnx.TensorProto.FLOAT, ["N", 3])  # noqa: E731
+        s0 = _sub_model(m, ["fc0", "act0"], [m.graph.input[0]], *probe("a0", "p0"), [logits("p0"), value("a0")])
+        s1 = _sub_model(m, ["fc1", "act1"], [value("a0")], *probe("a1", "p1"), [logits("p1"), value("a1")])
+        s2 = _sub_model(m, ["fc2"], [value("a1")], [helper.make_node("Add", ["a1", "fc0.bias"], ["s"], name="add")], [],
+                        list(m.graph.output))
+        s2.graph.node[0].input[0] = "s"
+        nodes = list(s2.graph.node)
+        del s2.graph.node[:]
+        s2.graph.node.extend([nodes[1], nodes[0]])
+        return ForwardState(m, state.trainable, (
+            Stage("b0", s0, frozenset({"fc0.weight", "fc0.bias", "p0.weight", "p0.bias"}), "p0_logits", ("a0",)),
+            Stage("b1", s1, frozenset({"fc1.weight", "fc1.bias", "p1.weight", "p1.bias"}), "p1_logits", ("a1",)),
+            Stage("head", s2, frozenset({"fc2.weight", "fc2.bias"}), "logits")))
+
+    def report(self) -> PassReport:
+        return PassReport(True, "shared frozen")
+
+
+def test_export_keeps_the_trained_value_when_a_later_stage_holds_a_frozen_copy(tmp_path: Path) -> None:
+    host = host_with(SharedFrozenPass)
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.02},
+                               "passes": [{"name": "shared-frozen"}]}, host=host)
+    model = mlp(8, (16, 16), 3)
+    edgeplug.rewrite(model, recipe, tmp_path / "out", host=host)
+    edgeplug.Trainer(tmp_path / "out", progress=False).fit(classification_data((8,), 3), epochs=1, batch_size=16)
+    edgeplug.export(tmp_path / "out", tmp_path / "m.onnx")
+    exported = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "m.onnx").graph.initializer}["fc0.bias"]
+    initial = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["fc0.bias"]
+    assert not np.allclose(exported, initial)
