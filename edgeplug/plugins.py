@@ -140,7 +140,7 @@ class PluginHost:
     def add_commands(self, commands: Any) -> None:
         """Let plugins add CLI subcommands; a name already taken is a PluginError naming the plugin."""
         for impl in self._manager.hook.edgeplug_register_commands.get_hookimpls():
-            before = set(commands.choices)
+            before = dict(commands.choices)
             try:
                 impl.function(commands=commands)
             except argparse.ArgumentError as error:
@@ -149,7 +149,11 @@ class PluginHost:
                 raise PluginError(
                     f"plugin '{impl.plugin_name}' failed while adding commands: {type(error).__name__}: {error}"
                 ) from error
-            for name in set(commands.choices) - before:
+            # Python 3.10's add_parser silently replaces a taken name (3.11+ raises ArgumentError)
+            taken = sorted(name for name, parser in before.items() if commands.choices.get(name) is not parser)
+            if taken:
+                raise PluginError(f"plugin '{impl.plugin_name}' adds a command whose name is taken: {', '.join(taken)}")
+            for name in set(commands.choices) - set(before):
                 if commands.choices[name].get_default("run") is None:
                     raise PluginError(f"plugin '{impl.plugin_name}' added command '{name}' without a run function "
                                       "(call parser.set_defaults(run=function))")
