@@ -37,9 +37,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
     def progress(record: Any) -> None:
         if record.round == 0:
-            print(f"round 0/{settings.rounds}: test_acc {record.eval_acc:.3f}  test_loss {record.eval_loss:.4f}  (initial model)", flush=True)
+            print(f"round 0/{settings.rounds}: test_acc {_acc(record.eval_acc)}  test_loss {record.eval_loss:.4f}  (initial model)", flush=True)
         else:
-            print(f"round {record.round}/{settings.rounds}: {record.clients} devices trained, test_acc {record.eval_acc:.3f}  "
+            print(f"round {record.round}/{settings.rounds}: {record.clients} devices trained, test_acc {_acc(record.eval_acc)}  "
                   f"test_loss {record.eval_loss:.4f}  upload {record.upload_bytes_per_client:,.0f} B/device  ({record.seconds:.1f} s)", flush=True)
 
     result = simulate(args.artifacts, settings, partition, data=args.data, test=args.test, seed=args.seed,
@@ -70,12 +70,17 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _acc(value: float | None) -> str:
+    """Accuracy for progress lines; '-' for losses without one (mse, l1, bce)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _client(args: argparse.Namespace) -> int:
     loopback(args.address)
     _require_flower()
     from edgeplug.fleet.deploy import run_client
 
-    work = args.work_dir or args.artifacts.parent / f".{args.artifacts.name}.fleet-device-{args.seed}"
+    work = args.work_dir or args.artifacts.parent / f".{args.artifacts.name}.fleet-device-{Path(args.data).stem}-{args.seed}"
     run_client(args.artifacts, args.data, args.address, work, seed=args.seed, wait=args.wait)
     return 0
 

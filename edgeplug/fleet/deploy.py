@@ -115,7 +115,7 @@ def run_server(artifact_dir: Path, settings: FleetSettings, address: str, *, tes
             metrics = server.evaluate(arrays, test_set)
             record.eval_loss, record.eval_acc = metrics.loss, metrics.accuracy
         rounds.append(record)
-        echo(f"round {server_round}/{settings.rounds}: " + (f"test_acc {record.eval_acc:.3f}  test_loss {record.eval_loss:.4f}"
+        echo(f"round {server_round}/{settings.rounds}: " + (f"test_acc {'-' if record.eval_acc is None else format(record.eval_acc, '.3f')}  test_loss {record.eval_loss:.4f}"
                                                             if record.eval_loss is not None else "aggregated") + f"  ({record.seconds:.1f} s)")
         latest["started"] = time.perf_counter()
         return (record.eval_loss, {"eval_acc": record.eval_acc or 0.0}) if record.eval_loss is not None else None

@@ -41,7 +41,7 @@ class FleetDevice:
         self.artifact_dir = Path(artifact_dir).resolve()
         report = read_report(self.artifact_dir)
         if report.get("stages"):
-            raise EdgeplugError(f"{self.artifact_dir} is a staged folder (activation-shortcut stages); fleet training needs a plain one")
+            raise EdgeplugError(f"{self.artifact_dir} is a staged folder (a pass such as lls split it into stages); fleet training needs a plain one")
         self.work_dir = Path(work_dir)
         self.seed = seed
         self.report = report
