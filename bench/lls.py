@@ -1,8 +1,9 @@
 """Benchmark of the `lls` pass: local learning with fixed-basis heads against backprop, from scratch.
 
 Data: scikit-learn's digits (1797 images, 8x8 upscaled to SxS by nearest neighbour),
-a fixed stratified 80/20 split. Model: a VGG-style CNN (conv-ReLU x2, pool, conv-ReLU
-x2, pool, linear) built and exported with torch here, then rewritten by edgeplug once
+a fixed stratified 80/20 split. Model: a VGG-style CNN (conv-norm-ReLU x depth, pool,
+conv-norm-ReLU x depth, pool, linear; `--no-norm` drops the per-sample norm, under which
+LLS's last classifier fails: see docs/passes/lls.md) built and exported with torch here, then rewritten by edgeplug once
 per row. Every row trains the same exported model with the same data order, optimizer,
 learning rate, batch size and number of epochs, each in its own fresh process (whose
 peak RSS is the row's training peak). Accuracy is that of the *exported* inference
@@ -11,8 +12,9 @@ costs come from `edgeplug.profiling.static_profile`, and a controlled measuremen
 (`edgeplug.profiling.measure`: baseline, inference and training, each in a fresh
 process) at a larger batch, where activations rather than the runtime dominate memory.
 
-    python bench/lls.py                      # ~10 min on 2 shared cores
+    python bench/lls.py                      # ~15 min on 2 shared cores (20 epochs, 2 seeds)
     python bench/lls.py --quick              # smoke run
+    python bench/lls.py --torch-check        # the same head in PyTorch: per-block accuracy and output scale
 """
 
 from __future__ import annotations
@@ -58,19 +60,37 @@ def digits(image: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     return {"x": np.ascontiguousarray(x_train), "y": y_train}, {"x": np.ascontiguousarray(x_test), "y": y_test}
 
 
-def export_cnn(path: Path, image: int, seed: int, width: int, depth: int) -> None:
-    """VGG-style CNN: `depth` conv-ReLU of `width` channels, pool, `depth` of 2 x `width`, pool, linear.
+def build_cnn(image: int, seed: int, width: int, depth: int, norm: bool) -> Any:
+    """VGG-style CNN: `depth` conv(-norm)-ReLU of `width` channels, pool, `depth` of 2 x `width`, pool, linear.
 
-    Exported in eval mode with a dynamic batch axis (opset 17)."""
+    `norm` puts a per-sample normalisation (GroupNorm with one group, written with
+    elementwise ops because onnxruntime-training has no InstanceNormalization
+    gradient) between each conv and its ReLU, like the conv + BN + activation
+    blocks of the LLS paper. BatchNorm itself cannot train from scratch here:
+    onnxruntime-training normalises with batch statistics but never updates the
+    running ones the exported model uses."""
     import torch
     from torch import nn
+
+    class SampleNorm(nn.Module):
+        """Normalise each sample over (C, H, W), then a per-channel scale and shift."""
+
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
+            self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            centred = x - x.mean((1, 2, 3), keepdim=True)
+            std = torch.sqrt((centred * centred).mean((1, 2, 3), keepdim=True) + 1e-5)
+            return centred / std * self.scale + self.shift
 
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     channels = 1
     for stage_width in (width, 2 * width):
         for _ in range(depth):
-            layers += [nn.Conv2d(channels, stage_width, 3, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(channels, stage_width, 3, padding=1), *([SampleNorm(stage_width)] if norm else []), nn.ReLU()]
             channels = stage_width
         layers.append(nn.MaxPool2d(2))
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * (image // 4) ** 2, 10)).eval()
@@ -78,6 +98,14 @@ def export_cnn(path: Path, image: int, seed: int, width: int, depth: int) -> Non
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
             nn.init.zeros_(layer.bias)
+    return model
+
+
+def export_cnn(path: Path, image: int, seed: int, width: int, depth: int, norm: bool) -> None:
+    """`build_cnn`'s model exported in eval mode with a dynamic batch axis (opset 17)."""
+    import torch
+
+    model = build_cnn(image, seed, width, depth, norm)
     torch.onnx.export(model, (torch.zeros(1, 1, image, image),), str(path), input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
 
@@ -152,6 +180,104 @@ def counted(folder: Path, batch_size: int) -> dict[str, Any]:
     }
 
 
+# -- the PyTorch check: the paper's head on the same net, outside edgeplug ---------------------
+
+
+def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Train `build_cnn`'s model with LLS in PyTorch (the reference's training loop) and by backprop.
+
+    Same data, initial weights, optimizer (AdamW, weight decay 0.01 as onnxruntime's),
+    cosine schedule, batch and epochs as the edgeplug rows. Reports, per block,
+    the test accuracy of its own fixed head and the mean L2 norm of its output:
+    where accuracy is lost, and what scale the last classifier sees."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from edgeplug_plugins.lls.basis import basis
+    from torch import nn
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    train, test = digits(args.image)
+    x, y = torch.tensor(train["x"]), torch.tensor(train["y"])
+    x_test, y_test = torch.tensor(test["x"]), torch.tensor(test["y"])
+    pools = [4, 2]
+
+    def split(model: nn.Sequential) -> list[nn.Sequential]:
+        """Blocks as the pass cuts them: after each ReLU, moved past a pool that follows it."""
+        layers, blocks, current = list(model), [], []
+        for i, layer in enumerate(layers):
+            current.append(layer)
+            follows_pool = i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)
+            if (isinstance(layer, nn.ReLU) and not follows_pool) or isinstance(layer, nn.MaxPool2d):
+                blocks.append(nn.Sequential(*current))
+                current = []
+        return [*blocks, nn.Sequential(*current)]
+
+    def head(out: torch.Tensor, number: int) -> torch.Tensor:
+        latent = F.normalize(F.adaptive_avg_pool2d(out, pools[min(number, 1)]).flatten(1), dim=1)
+        return latent @ torch.tensor(basis("square", 10, latent.shape[1], seed=number)).T / 0.5
+
+    result: dict[str, Any] = {}
+    for mode in ("backprop", "lls"):
+        blocks = split(build_cnn(args.image, seed, args.width, args.depth, args.norm).train())
+        groups = [nn.ModuleList(blocks)] if mode == "backprop" else blocks
+        optimizers = [torch.optim.AdamW(g.parameters(), lr=args.lr, weight_decay=0.01) for g in groups]
+        steps = args.epochs * math.ceil(len(y) / args.batch_size)
+        schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(args.epochs):
+            permutation = torch.randperm(len(y), generator=order)
+            for start in range(0, len(y), args.batch_size):
+                batch = permutation[start:start + args.batch_size]
+                h, labels = x[batch], y[batch]
+                if mode == "backprop":
+                    for block in blocks:
+                        h = block(h)
+                    optimizers[0].zero_grad()
+                    F.cross_entropy(h, labels).backward()
+                    optimizers[0].step()
+                else:
+                    for number, (block, optimizer) in enumerate(zip(blocks, optimizers)):
+                        out = block(h.detach())
+                        logits = out if number == len(blocks) - 1 else head(out, number)
+                        optimizer.zero_grad()
+                        F.cross_entropy(logits, labels).backward()
+                        optimizer.step()
+                        h = out
+                for schedule in schedules:
+                    schedule.step()
+        with torch.no_grad():
+            h, heads, norms = x_test, [], []
+            for number, block in enumerate(blocks[:-1]):
+                h = block.eval()(h)
+                heads.append(float((head(h, number).argmax(1) == y_test).float().mean()))
+                norms.append(float(h.flatten(1).norm(dim=1).mean()))
+            accuracy = float((blocks[-1](h).argmax(1) == y_test).float().mean())
+        result[mode] = {"accuracy": accuracy, "head_accuracy": heads, "output_norm": norms}
+    return result
+
+
+def torch_check_markdown(args: argparse.Namespace, checks: list[dict[str, Any]], argv: list[str]) -> str:
+    lines = [
+        "# lls: PyTorch check of the paper's head on the bench's net (not edgeplug)",
+        "",
+        f"`python bench/lls.py {' '.join(argv)}`: {args.image}x{args.image} digits, the bench's CNN "
+        f"(width {args.width}, depth {args.depth}, {'with' if args.norm else 'without'} per-sample norm), AdamW lr {args.lr} "
+        f"cosine, batch {args.batch_size}, {args.epochs} epochs. Per block: test accuracy of its own square-basis head "
+        "(head acc.) and mean L2 norm of its output on the test images (norm).",
+        "",
+        "| seed | backprop acc. | LLS acc. (last classifier) | LLS head acc., block 0..7 | LLS block output norm, block 0..7 | backprop output norm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, check in enumerate(checks):
+        b, s = check["backprop"], check["lls"]
+        lines.append(f"| {seed} | {b['accuracy']:.3f} | {s['accuracy']:.3f} | {' '.join(f'{a:.2f}' for a in s['head_accuracy'])} | "
+                     f"{' '.join(f'{n:.1f}' for n in s['output_norm'])} | {' '.join(f'{n:.1f}' for n in b['output_norm'])} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -162,7 +288,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# lls: local learning with fixed-basis heads vs backprop (digits, from scratch)",
         "",
         f"`python bench/lls.py{result['command_args']}`: {s['image']}x{s['image']} digits ({s['train']} train / {s['test']} test), "
-        f"VGG-style CNN ({s['depth']} x conv{s['width']}, pool, {s['depth']} x conv{2 * s['width']}, pool, linear: {2 * s['depth'] + 1} LLS blocks), AdamW lr {s['lr']} cosine, batch {s['batch_size']}, {s['epochs']} epochs, "
+        f"VGG-style CNN ({s['depth']} x conv{s['width']}{'-norm' if s.get('norm') else ''}-ReLU, pool, {s['depth']} x conv{2 * s['width']}{'-norm' if s.get('norm') else ''}-ReLU, pool, linear: {2 * s['depth'] + 1} LLS blocks), AdamW lr {s['lr']} cosine, batch {s['batch_size']}, {s['epochs']} epochs, "
         f"seeds {s['seeds']}. Accuracy: the exported inference model in plain onnxruntime on the test images (mean over seeds). "
         f"Training peak: VmHWM of the training process at batch {s['batch_size']}. Controlled: `edgeplug.profiling.measure` at batch "
         f"{s['measure_batch']} (fresh processes; overhead = training peak minus the runtime alone). 2 shared CPU cores: times are "
@@ -220,19 +346,32 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--width", type=int, default=16, help="channels of the first convolutions (then twice that)")
     parser.add_argument("--depth", type=int, default=4, help="conv-ReLU layers per resolution")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-sample normalisation between each conv and its ReLU (--no-norm: plain conv-ReLU)")
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--measure-batch", type=int, default=4096)
     parser.add_argument("--measure-steps", type=int, default=2)
     parser.add_argument("--only", help="comma-separated rows")
+    parser.add_argument("--torch-check", action="store_true",
+                        help="instead of the edgeplug rows: the LLS head and backprop in PyTorch on the same net, per-block accuracy and scale")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, measure batch 256")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-lls"))
     parser.add_argument("--results", type=Path, default=BENCH / "results")
+    parser.add_argument("--tag", default="", help="result files lls.<tag>.md/.json/.png instead of lls.md/...")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(Path(args.child).read_text(encoding="utf-8")))))
+        return 0
+    if args.torch_check:
+        checks = [torch_check(args, seed) for seed in range(args.seeds)]
+        name = f"lls.torch-check-{'norm' if args.norm else 'plain'}" + (f"-{args.tag}" if args.tag else "")
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{name}.json").write_text(json.dumps(checks, indent=1) + "\n", encoding="utf-8")
+        (args.results / f"{name}.md").write_text(torch_check_markdown(args, checks, argv), encoding="utf-8")
+        print(torch_check_markdown(args, checks, argv))
         return 0
     if args.quick:
         args.seeds, args.epochs, args.measure_batch, args.measure_steps = 1, 2, 256, 2
@@ -245,9 +384,9 @@ def main(argv: list[str]) -> int:
     for name in names:
         runs = []
         for seed in range(args.seeds):
-            model = args.work / f"cnn-{args.image}-{args.width}-{args.depth}-{seed}.onnx"
+            model = args.work / f"cnn-{args.image}-{args.width}-{args.depth}-{'norm' if args.norm else 'plain'}-{seed}.onnx"
             if not model.exists():
-                export_cnn(model, args.image, seed, args.width, args.depth)
+                export_cnn(model, args.image, seed, args.width, args.depth, args.norm)
             folder = args.work / f"{name}-{seed}"
             report = rewrite(model, folder, ROWS[name], args.lr)
             run = run_child({"tag": f"{name}-{seed}", "artifacts": str(folder), "image": args.image, "seed": seed,
@@ -286,15 +425,16 @@ def main(argv: list[str]) -> int:
                      "its projection is additions and subtractions only, counted here as MACs)")
     command_args = "" if not argv else " " + " ".join(argv)
     result = {
-        "settings": {"image": args.image, "width": args.width, "depth": args.depth, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
+        "settings": {"image": args.image, "width": args.width, "depth": args.depth, "norm": args.norm, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
                      "measure_batch": args.measure_batch, "measure_steps": args.measure_steps,
                      "train": int(len(train["y"])), "test": int(len(test["y"]))},
         "command_args": command_args, "rows": rows, "notes": notes,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "lls.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (args.results / "lls.md").write_text(markdown(result), encoding="utf-8")
-    plot(result, args.results / "lls.png")
+    stem = f"lls.{args.tag}" if args.tag else "lls"
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (args.results / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, args.results / f"{stem}.png")
     print(markdown(result))
     return 0
 
