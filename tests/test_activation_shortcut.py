@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import edgeplug_plugins.activation_shortcut as activation_shortcut
@@ -17,6 +18,11 @@ import numpy as np
 import onnx
 import pytest
 from edgeplug_plugins.activation_shortcut import calibrate, ranks, tucker
+from edgeplug_plugins.activation_shortcut.hooks import (
+    FACTORS_FILE,
+    LAYOUT_FILE,
+    FactorHooks,
+)
 from edgeplug_plugins.activation_shortcut.layers import conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +32,7 @@ import edgeplug
 from edgeplug import _ort
 from edgeplug.errors import RecipeError
 from edgeplug.graph import GraphIndex
+from edgeplug.profiling.measure import measure
 from edgeplug.recipe import recipe_from_dict
 
 BASE = {"loss": "cross-entropy", "optimizer": {"name": "sgd", "lr": 0.05}}
@@ -97,6 +104,12 @@ def factor_feeds(artifacts: Path, rng: np.random.Generator, batch: int) -> dict[
     return feeds
 
 
+def refreshed(x: np.ndarray, feeds: dict[str, np.ndarray], node: str) -> list[np.ndarray | None]:
+    """The factors the graph compresses this step's X with: one subspace iteration from the fed ones."""
+    fed = [feeds.get(f"{node}.asi.U{mode}") for mode in range(x.ndim)]
+    return [None if f is None else tucker.subspace_step(x, f, mode) for mode, f in enumerate(fed)]
+
+
 def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
@@ -145,7 +158,7 @@ def test_reduced_ranks_match_numpy_on_the_reconstruction(tmp_path: Path, ranks_o
     got = run_training_graph(tmp_path / "asi", model, feeds, GRADS)
     for weight, node in weights.items():
         x, dy = vanilla[node.input[0]], vanilla[f"{node.output[0]}_grad"]
-        factors = [feeds.get(f"{node.name}.asi.U{mode}") for mode in range(x.ndim)]
+        factors = refreshed(x, feeds, node.name)
         approx = tucker.reconstruct(tucker.compress(x, factors), factors)
         if node.op_type == "Conv":
             expected = tucker.conv_weight_grad(approx, dy, conv_geometry(node, x.shape, numpy_helper.to_array(
@@ -245,7 +258,7 @@ def test_random_convs_compress_exactly_as_specified(tmp_path: Path, case: dict[s
     vanilla = run_training_graph(tmp_path / "vanilla", model, feeds, ["x1", "y_grad", "pre.w_grad", "conv.b_grad"])
     got = run_training_graph(tmp_path / "asi", model, feeds, ["conv.w_grad", "pre.w_grad", "conv.b_grad"])
     x = vanilla["x1"]
-    factors = [feeds.get(f"conv.asi.U{mode}") for mode in range(4)]
+    factors = refreshed(x, feeds, "conv")
     approx = tucker.reconstruct(tucker.compress(x, factors), factors)
     node = next(n for n in model.graph.node if n.name == "conv")
     expected = tucker.conv_weight_grad(approx, vanilla["y_grad"], conv_geometry(node, x.shape, (case["out"], case["channels"] // case["group"], kh, kw)))
@@ -267,7 +280,7 @@ def test_matmul_layer_with_sequence_input(tmp_path: Path) -> None:
              **factor_feeds(tmp_path / "asi", rng, BATCH)}
     vanilla = run_training_graph(tmp_path / "vanilla", model, feeds, ["h_grad"])
     got = run_training_graph(tmp_path / "asi", model, feeds, ["w_grad"])
-    factors = [feeds[f"mm.asi.U{mode}"] for mode in range(3)]
+    factors = refreshed(feeds["x"], feeds, "mm")
     approx = tucker.reconstruct(tucker.compress(feeds["x"], factors), factors)
     assert relative(got["w_grad"], tucker.linear_weight_grad(approx, vanilla["h_grad"])) < 1e-4
 
@@ -382,3 +395,71 @@ def test_compression_runs_in_forward_so_the_input_can_be_freed(tmp_path: Path) -
         seed = min(i for i, n in enumerate(order) if "SoftmaxCrossEntropyLossGrad" in n)
         compression = [i for i, n in enumerate(order) if marker in n and ".dW" not in n and ".shortcut." not in n]
         assert compression and max(compression) < seed, name
+
+
+def test_factors_are_refreshed_in_the_graph_from_this_steps_input(tmp_path: Path) -> None:
+    """Two steps on two batches: the factors the graph outputs are orthonormal, and the second step
+    compresses its input with factors refreshed from that input, not with the first step's: its
+    weight gradients are closer to vanilla's than those from the carried (one step old) factors,
+    which is what the graph computed before the refresh moved into it. Only the batch mode is
+    compressed (rank 3 of 8): the mode whose subspace changes completely from batch to batch."""
+    model = convnet()
+    rewrite(model, tmp_path, "vanilla", None)
+    rewrite(model, tmp_path, "asi", {"ranks": [3], "batch_size": 8, "compress_batch": True})
+    # like real activations: a few patterns (the same in every batch), mixed differently in each sample
+    rng = np.random.default_rng(7)
+    patterns = rng.standard_normal((3, 3, 9, 9))
+    first, second = ({"x": (np.einsum("bj,jchw->bchw", rng.standard_normal((8, 3)), patterns)
+                            + 0.05 * rng.standard_normal((8, 3, 9, 9))).astype(np.float32),
+                      "labels": rng.integers(0, 5, 8).astype(np.int64)} for _ in range(2))
+    fed = factor_feeds(tmp_path / "asi", np.random.default_rng(6), 8)
+    carried = run_training_graph(tmp_path / "asi", model, {**first, **fed}, [f"{name}.next" for name in fed])
+    for name, factor in carried.items():
+        assert factor.shape == fed[name[: -len(".next")]].shape
+        assert np.abs(factor.T @ factor - np.eye(factor.shape[1])).max() < 1e-4, name
+    stale = {name[: -len(".next")]: factor for name, factor in carried.items()}
+    nodes = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    names = [t for n in nodes.values() for t in (n.input[0], f"{n.output[0]}_grad", f"{n.input[1]}_grad")]
+    vanilla = run_training_graph(tmp_path / "vanilla", model, second, names)
+    got = run_training_graph(tmp_path / "asi", model, {**second, **stale}, [f"{n.input[1]}_grad" for n in nodes.values()])
+    refreshed_error, lagged_error = [], []
+    for name, node in nodes.items():
+        x, dy, exact = vanilla[node.input[0]], vanilla[f"{node.output[0]}_grad"], vanilla[f"{node.input[1]}_grad"]
+        factors = [stale.get(f"{name}.asi.U{mode}") for mode in range(4)]
+        lagged = tucker.conv_weight_grad(tucker.reconstruct(tucker.compress(x, factors), factors), dy,
+                                         conv_geometry(node, x.shape, exact.shape))
+        refreshed_error.append(np.linalg.norm(got[f"{node.input[1]}_grad"] - exact) / np.linalg.norm(exact))
+        lagged_error.append(np.linalg.norm(lagged - exact) / np.linalg.norm(exact))
+    # c0 reads the data itself, whose batch mode has rank 3 (+ noise): refreshed, rank 3 keeps it
+    assert refreshed_error[0] < 0.05 and lagged_error[0] > 0.3, (refreshed_error, lagged_error)
+    assert sum(refreshed_error) < 0.8 * sum(lagged_error), (refreshed_error, lagged_error)
+
+
+def test_profile_measures_an_asi_folder(tmp_path: Path) -> None:
+    """report.json lists the factor inputs the hook feeds, so `edgeplug profile` can run the training
+    model (it feeds arrays of their declared shape); the eval model does not take them."""
+    rewrite(convnet(), tmp_path, "asi", {"ranks": [2, 2, 3, 3], "batch_size": 8, "compress_batch": True})
+    report = json.loads((tmp_path / "asi" / "report.json").read_text(encoding="utf-8"))
+    training_inputs = {v.name for v in onnx.load(str(tmp_path / "asi" / "training_model.onnx")).graph.input}
+    factors = {name for name in training_inputs if ".asi.U" in name}
+    assert factors and {e["name"] for e in report["training"]["extra_inputs"]} == factors
+    assert not any(".asi." in v.name for v in onnx.load(str(tmp_path / "asi" / "eval_model.onnx")).graph.input)
+    measured = measure(tmp_path / "asi", batch_size=8, steps=1, warmup=0)
+    assert measured.median_step_seconds > 0 and measured.train_peak_rss_bytes > 0
+
+
+def test_hook_keeps_refreshed_factors_and_still_orthonormalises_old_folders(tmp_path: Path) -> None:
+    """New layouts: the graph's output is the next factor as is. Layouts written before the refresh moved
+    into the graph (no "orthonormal"): the output is P_m, and the hook takes its QR basis."""
+    rng = np.random.default_rng(8)
+    start, output = tucker.orth(rng.standard_normal((6, 2))), rng.standard_normal((6, 2)).astype(np.float32)
+    np.savez(tmp_path / FACTORS_FILE, **{"new.U1": start, "old.U1": start})
+    layout = [{"layer": "new", "mode": 1, "input": "new.U1", "output": "new.U1.next", "orthonormal": True},
+              {"layer": "old", "mode": 1, "input": "old.U1", "output": "old.P1"}]
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps(layout), encoding="utf-8")
+    hooks = FactorHooks(tmp_path)
+    hooks.edgeplug_after_step(SimpleNamespace(outputs={"new.U1.next": output, "old.P1": output}))
+    assert np.array_equal(hooks.factors["new.U1"], output)
+    assert np.allclose(hooks.factors["old.U1"], tucker.orth(output))
+    hooks.edgeplug_after_step(SimpleNamespace(outputs={"new.U1.next": np.full((6, 2), np.nan, np.float32)}))
+    assert np.array_equal(hooks.factors["new.U1"], output)  # a diverged step keeps the factor

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeplug.errors import ModelError
 from edgeplug.onnx_edit import GraphEditor
 
+from . import tucker
 from .layers import Layer
 
 DIMS = "abcd"
@@ -53,8 +54,9 @@ class Plan:
     def factor_input(self, mode: int) -> str:
         return f"{self.layer.node}.asi.U{mode}"
 
-    def power_output(self, mode: int) -> str:
-        return f"{self.layer.node}.asi.P{mode}"
+    def factor(self, mode: int) -> str:
+        """The factor refreshed in the graph from this step's input: what compresses it, and a graph output."""
+        return f"{self.layer.node}.asi.U{mode}.next"
 
 
 @dataclasses.dataclass
@@ -103,29 +105,76 @@ def _replace_letter(term: str, old: str, new: str) -> str:
 
 # -- forward: the compressed form ----------------------------------------------------------------
 
-def asi_forward(nodes: Nodes, plan: Plan) -> tuple[str, str, dict[int, str]]:
-    """Core S and the P_m outputs; returns (core name, core einsum term, {mode: P name})."""
+def asi_forward(nodes: Nodes, plan: Plan) -> tuple[str, str, dict[int, str], int]:
+    """One subspace iteration per compressed mode on this step's X, orthonormalised in the graph,
+    then the core S = X x_m U_m^T with the refreshed factors.
+
+    Returns (core name, core einsum term, {mode: refreshed factor}, MACs). The refreshed factors
+    are graph outputs too: the runtime hook feeds them back as next step's warm start."""
     layer, base = plan.layer, f"{plan.layer.node}.asi"
     rank = len(layer.x_shape)
     dims = DIMS[:rank]
+    refreshed: dict[int, str] = {}
+    macs = 0
+    for mode in plan.active:
+        k = plan.ranks[mode]
+        letter = RANKS[mode]
+        projected_term = _replace_letter(dims, dims[mode], letter)
+        # V = A_(m)^T U_m (kept as a tensor), P = A_(m) V
+        projected = nodes.op("Einsum", [layer.input, plan.factor_input(mode)], f"{base}.T{mode}",
+                             equation=f"{dims},{dims[mode]}{letter}->{projected_term}")
+        power = nodes.op("Einsum", [layer.input, projected], f"{base}.P{mode}", equation=f"{dims},{projected_term}->{dims[mode]}{letter}")
+        macs += 2 * math.prod(layer.x_shape) * k
+        refreshed[mode] = orthonormalise(nodes, power, plan.factor_input(mode), k, plan.factor(mode), f"{base}.orth{mode}")
+        macs += orthonormalise_macs(layer.x_shape[mode], k)
     term, core = dims, layer.input
-    powers: dict[int, str] = {}
-    for position, mode in enumerate(plan.active):
-        factor = plan.factor_input(mode)
-        projected_term = _replace_letter(dims, dims[mode], RANKS[mode])
-        if position == 0:
-            projected = nodes.op("Einsum", [layer.input, factor], f"{base}.T{mode}", equation=f"{dims},{dims[mode]}{RANKS[mode]}->{projected_term}")
-            core, term = projected, projected_term
-        else:
-            projected = nodes.op("Einsum", [layer.input, factor], f"{base}.T{mode}", equation=f"{dims},{dims[mode]}{RANKS[mode]}->{projected_term}")
-            new_term = _replace_letter(term, dims[mode], RANKS[mode])
-            core = nodes.op("Einsum", [core, factor], f"{base}.S{mode}", equation=f"{term},{dims[mode]}{RANKS[mode]}->{new_term}")
-            term = new_term
-        powers[mode] = nodes.op("Einsum", [layer.input, projected], f"{base}.P{mode}", output=plan.power_output(mode),
-                                equation=f"{dims},{projected_term}->{dims[mode]}{RANKS[mode]}")
+    size = math.prod(layer.x_shape)
+    for mode in plan.active:
+        new_term = _replace_letter(term, dims[mode], RANKS[mode])
+        core = nodes.op("Einsum", [core, refreshed[mode]], f"{base}.S{mode}", equation=f"{term},{dims[mode]}{RANKS[mode]}->{new_term}")
+        macs += size * plan.ranks[mode]
+        size = size // layer.x_shape[mode] * plan.ranks[mode]
+        term = new_term
     if not plan.active:
         core = nodes.op("Identity", [layer.input], f"{base}.S")
-    return core, term, powers
+    return core, term, refreshed, macs
+
+
+def orthonormalise(nodes: Nodes, power: str, previous: str, rank: int, output: str, base: str) -> str:
+    """Q = orth(P) in the graph (ONNX has no QR): classical Gram-Schmidt with re-orthogonalisation
+    (CGS2), unrolled over the K columns. P is first scaled to unit Frobenius norm and
+    tucker.ORTH_MIX x U_prev is added, so that a column that P leaves (numerically) empty still gets a
+    direction; each column is divided by sqrt(||v||^2 + tucker.ORTH_EPS). Two projection passes keep
+    Q^T Q = I to float32 round-off even when P is badly conditioned (P = A A^T U squares A's spectrum)."""
+    norm = nodes.op("Sqrt", [nodes.op("Add", [nodes.op("ReduceSumSquare", [power], f"{base}.fro2", keepdims=1),
+                                              nodes.const(f"{base}.eps", np.array(tucker.ORTH_EPS, np.float32))], f"{base}.fro2eps")], f"{base}.fro")
+    scaled = nodes.op("Div", [power, norm], f"{base}.scaled")
+    mixed = nodes.op("Add", [scaled, nodes.op("Mul", [previous, nodes.const(f"{base}.mix", np.array(tucker.ORTH_MIX, np.float32))], f"{base}.prev")],
+                     f"{base}.mixed")
+    eps = nodes.const(f"{base}.col_eps", np.array(tucker.ORTH_EPS, np.float32))
+    basis = ""
+    for column in range(rank):
+        v = nodes.op("Gather", [mixed, nodes.ints(f"{base}.col{column}", [column])], f"{base}.v{column}", axis=1)  # D x 1
+        if column:
+            transposed = nodes.op("Transpose", [basis], f"{base}.bt{column}", perm=[1, 0])
+            for sweep in range(2):
+                h = nodes.op("MatMul", [transposed, v], f"{base}.h{column}_{sweep}")
+                v = nodes.op("Sub", [v, nodes.op("MatMul", [basis, h], f"{base}.p{column}_{sweep}")], f"{base}.v{column}_{sweep}")
+        length = nodes.op("Sqrt", [nodes.op("Add", [nodes.op("ReduceSumSquare", [v], f"{base}.n{column}", keepdims=1), eps], f"{base}.ne{column}")],
+                          f"{base}.len{column}")
+        last = column == rank - 1
+        q = nodes.op("Div", [v, length], f"{base}.q{column}", output=output if last and not column else None)
+        if column:
+            basis = nodes.op("Concat", [basis, q], f"{base}.Q{column}", output=output if last else None, axis=1)
+        else:
+            basis = q
+    return basis
+
+
+def orthonormalise_macs(size: int, rank: int) -> int:
+    """Multiply-adds of `orthonormalise` on a size x rank P: the scaling and mixing (3 D K), the column
+    norms (D K) and two projection sweeps per column j (2 x 2 D j), i.e. about 2 D K^2 + 2 D K."""
+    return 4 * size * rank + sum(4 * size * j for j in range(rank))
 
 
 def filter_forward(nodes: Nodes, plan: Plan) -> str:
@@ -203,7 +252,7 @@ def _shifted_factor(nodes: Nodes, plan: Plan, mode: int, base: str) -> str:
         padded = np.zeros((size + begin + end, size), dtype=np.float32)
         padded[begin : begin + size] = np.eye(size, dtype=np.float32)
         return nodes.const(f"{base}.W{mode}", padded[index])
-    factor = plan.factor_input(mode)
+    factor = plan.factor(mode)
     if begin or end:
         factor = nodes.op("Pad", [factor, nodes.ints(f"{base}.U{mode}_pads", [begin, 0, end, 0])], f"{base}.U{mode}p")
     return nodes.op("Gather", [factor, nodes.ints(f"{base}.W{mode}_index", index.ravel().tolist())], f"{base}.W{mode}_flat", axis=0)
@@ -226,7 +275,7 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str
     macs = 0
     z1 = dy
     if 0 in active:
-        z1 = nodes.op("Einsum", [dy, plan.factor_input(0)], f"{base}.Z1", equation="aoij,ae->eoij")
+        z1 = nodes.op("Einsum", [dy, plan.factor(0)], f"{base}.Z1", equation="aoij,ae->eoij")
         macs += batch * out * ho * wo * k0
     w2 = nodes.op("Reshape", [_shifted_factor(nodes, plan, 2, base), nodes.ints(f"{base}.W2_shape", [kh, ho, k2])], f"{base}.W2")
     w3 = nodes.op("Reshape", [_shifted_factor(nodes, plan, 3, base), nodes.ints(f"{base}.W3_shape", [kw, wo, k3])], f"{base}.W3")
@@ -237,7 +286,7 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str
     if 1 in active:
         c = nodes.op("Einsum", [b, core4], f"{base}.C", equation="eouvkl,efkl->ouvf")
         c = nodes.op("Reshape", [c, nodes.ints(f"{base}.C_shape", [g.group, og, kh, kw, k1])], f"{base}.C_grouped")
-        u1 = nodes.op("Reshape", [plan.factor_input(1), nodes.ints(f"{base}.U1_shape", [g.group, cg, k1])], f"{base}.U1_grouped")
+        u1 = nodes.op("Reshape", [plan.factor(1), nodes.ints(f"{base}.U1_shape", [g.group, cg, k1])], f"{base}.U1_grouped")
         grad = nodes.op("Einsum", [c, u1], f"{base}.grouped", equation="gouvf,gcf->gocuv")
         macs += out * kh * kw * k0 * k1 * k2 * k3 + out * cg * kh * kw * k1
     else:
@@ -262,7 +311,7 @@ def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: s
     for mode in range(last):
         if mode in active:
             new = _replace_letter(q_term, dims[mode], RANKS[mode])
-            q = nodes.op("Einsum", [q, plan.factor_input(mode)], f"{base}.Q{mode}", equation=f"{q_term},{dims[mode]}{RANKS[mode]}->{new}")
+            q = nodes.op("Einsum", [q, plan.factor(mode)], f"{base}.Q{mode}", equation=f"{q_term},{dims[mode]}{RANKS[mode]}->{new}")
             macs += math.prod(sizes) * out * plan.ranks[mode]
             sizes[mode] = plan.ranks[mode]
             q_term = new
@@ -272,7 +321,7 @@ def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: s
     if last in active:
         r = nodes.op("Einsum", [core, q], f"{base}.R", equation=f"{term},{q_term}->{feature}o")
         macs += math.prod(sizes) * plan.ranks[last] * out
-        result = nodes.op("Einsum", [plan.factor_input(last), r], f"{base}.W", output=None if scale != 1.0 else output,
+        result = nodes.op("Einsum", [plan.factor(last), r], f"{base}.W", output=None if scale != 1.0 else output,
                           equation=f"{dims[last]}{feature},{feature}o->{final_dims}")
         macs += layer.x_shape[last] * plan.ranks[last] * out
     else:
@@ -324,15 +373,14 @@ def rewrite_layer(model: onnx.ModelProto, editor: GraphEditor, plan: Plan) -> tu
     stored: dict[str, tuple[int, ...]] = {}
     forward_macs = 0
     if plan.method == "asi":
-        core, term, powers = asi_forward(nodes, plan)
+        core, term, powers, forward_macs = asi_forward(nodes, plan)
         core_shape = tuple(k if m in plan.active else d for m, (d, k) in enumerate(zip(layer.x_shape, plan.ranks)))
         stored[core] = core_shape
         for mode in plan.active:
             dim: int | str = "batch" if mode == 0 else layer.x_shape[mode]
             inputs.append(helper.make_tensor_value_info(plan.factor_input(mode), TensorProto.FLOAT, [dim, plan.ranks[mode]]))
             outputs.append(helper.make_tensor_value_info(powers[mode], TensorProto.FLOAT, [dim, plan.ranks[mode]]))
-            stored[plan.factor_input(mode)] = (layer.x_shape[mode], plan.ranks[mode])
-            forward_macs += 2 * math.prod(layer.x_shape) * plan.ranks[mode]
+            stored[plan.factor(mode)] = (layer.x_shape[mode], plan.ranks[mode])
         compressed = core
     else:
         powers = {}

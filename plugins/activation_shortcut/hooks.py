@@ -1,9 +1,13 @@
 """Runtime hooks of ASI: carry the Tucker factors from step to step and across a resume.
 
-Before a training step the factors U_m are fed as graph inputs; after it, the graph
-has output P_m = X_(m) X_(m)^T U_m (one subspace iteration on this step's input),
-and the next factors are its orthonormal basis (numpy Householder QR: ONNX has no
-QR). The factors are state, saved with every checkpoint.
+Before a training step the factors U_m are fed as graph inputs (warm start); the
+graph runs one subspace iteration on this step's input and orthonormalises it
+(build.orthonormalise), compresses with the refreshed factors and outputs them,
+and after the step they become the next step's inputs. The factors are state,
+saved with every checkpoint.
+
+Folders built before the in-graph refresh (layout entries without "orthonormal")
+output P_m = X_(m) X_(m)^T U_m instead; their next factors are its numpy QR basis.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ STATE_FILE = "activation-shortcut.npz"
 
 
 class FactorHooks:
-    """Feeds U_m before each training step and refreshes them from P_m after it."""
+    """Feeds U_m before each training step and keeps the graph's refreshed factors after it."""
 
     def __init__(self, pass_dir: Path) -> None:
         self.layout: list[dict[str, Any]] = json.loads((pass_dir / LAYOUT_FILE).read_text(encoding="utf-8"))
@@ -51,18 +55,18 @@ class FactorHooks:
 
     @edgeplug.hookimpl
     def edgeplug_before_step(self, step: Any) -> None:
-        # Evaluation batches get them too: the eval model declares them (unused) so that both
-        # models take the same inputs.
+        # Evaluation batches get them too: eval models of folders built before the trainer read each
+        # model's own input names declare them (unused); newer eval models do not, and ignore them.
         step.extra_inputs.update(self.feeds(len(step.batch["labels"])))
 
     @edgeplug.hookimpl
     def edgeplug_after_step(self, step: Any) -> None:
         for entry in self.layout:
-            power = step.outputs.get(entry["output"])
+            refreshed = step.outputs.get(entry["output"])
             current = self.factors[entry["input"]]
-            if power is None or power.shape != current.shape or not np.all(np.isfinite(power)):
+            if refreshed is None or refreshed.shape != current.shape or not np.all(np.isfinite(refreshed)):
                 continue  # a partial batch (batch mode) or a diverged step: keep the factor
-            self.factors[entry["input"]] = tucker.orth(power)
+            self.factors[entry["input"]] = refreshed.astype(np.float32) if entry.get("orthonormal") else tucker.orth(refreshed)
         self.updates += 1
 
     @edgeplug.hookimpl

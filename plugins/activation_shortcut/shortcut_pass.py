@@ -109,7 +109,8 @@ class ActivationShortcutPass(Pass):
         arrays: dict[str, np.ndarray] = {}
         for plan in plans:
             for mode in plan.active if plan.method == "asi" else []:
-                layout.append({"layer": plan.layer.node, "mode": mode, "input": plan.factor_input(mode), "output": plan.power_output(mode)})
+                layout.append({"layer": plan.layer.node, "mode": mode, "input": plan.factor_input(mode), "output": plan.factor(mode),
+                               "orthonormal": True})
                 arrays[plan.factor_input(mode)] = factors[(plan.layer.node, mode)]
         if layout:
             context.work_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,9 @@ class ActivationShortcutPass(Pass):
             save_arrays: Any = np.savez  # numpy's stub types **kwargs as if they could be allow_pickle
             save_arrays(context.work_dir / FACTORS_FILE, **arrays)
         self._details = self._report(results, skipped, choice, after, training, time.perf_counter() - started)
-        return TrainingModels(training, with_factor_inputs(models.eval, training, layout), models.optimizer)
+        # The eval model stays as generated: the trainer reads each model's own input names, so the
+        # factor inputs (training-only) need not be declared there.
+        return TrainingModels(training, models.eval, models.optimizer)
 
     def _plans(self, layers: list[Layer], training: onnx.ModelProto, context: PassContext
                ) -> tuple[list[build.Plan], dict[tuple[str, int], np.ndarray], dict[str, Any]]:
@@ -230,22 +233,4 @@ def context_model(training: onnx.ModelProto, data_inputs: set[str]) -> onnx.Mode
     """A model whose graph inputs are the data inputs only, for the calibration data check."""
     model = onnx.ModelProto()
     model.graph.input.extend(v for v in training.graph.input if v.name in data_inputs)
-    return model
-
-
-def with_factor_inputs(evaluation: onnx.ModelProto, training: onnx.ModelProto, layout: list[dict[str, Any]]) -> onnx.ModelProto:
-    """The eval model with the factor inputs and an output per subspace-iteration output (a copy of the
-    factor; unused there). The trainer opens a model's input and output names once, in training mode,
-    and uses them in both modes, so both models must declare the same user inputs and outputs.
-    `edgeplug export` keeps only the model's own output."""
-    if not layout:
-        return evaluation
-    model = onnx.ModelProto()
-    model.CopyFrom(evaluation)
-    inputs = {v.name: v for v in training.graph.input}
-    outputs = {v.name: v for v in training.graph.output}
-    for entry in layout:
-        model.graph.input.append(inputs[entry["input"]])
-        model.graph.node.append(onnx.helper.make_node("Identity", [entry["input"]], [entry["output"]], name=f"{entry['output']}.eval"))
-        model.graph.output.append(outputs[entry["output"]])
     return model

@@ -1,8 +1,8 @@
 """Numpy side of the pass: Tucker factors, reconstruction and reference weight gradients.
 
-The rank selection and the runtime hooks run here (no QR in ONNX: the factors are
-orthonormalised with numpy's Householder QR between steps), and the tests compare
-the rewritten graph against these formulas.
+The rank selection runs here, and the tests compare the rewritten graph (which
+refreshes and orthonormalises its factors itself, see build.orthonormalise) against
+these formulas.
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ def orth(matrix: np.ndarray) -> np.ndarray:
     """Orthonormal basis of the column space (reduced Householder QR; always orthonormal)."""
     q, _ = np.linalg.qr(np.asarray(matrix, dtype=np.float64))
     return q.astype(np.float32)
+
+
+ORTH_EPS = 1e-12  # added to squared norms (of the Frobenius-normalised P and of each column)
+ORTH_MIX = 1e-6  # share of the previous factor mixed into P: a direction for a column P leaves empty
+
+
+def subspace_step(array: np.ndarray, factor: np.ndarray, mode: int) -> np.ndarray:
+    """One warm-started subspace iteration as the graph does it each step (build.orthonormalise):
+    orth(P / ||P||_F + ORTH_MIX U) with P = A_(m) A_(m)^T U."""
+    unfolded = unfold(array, mode).astype(np.float64)
+    power = unfolded @ (unfolded.T @ factor.astype(np.float64))
+    return orth(power / np.sqrt((power**2).sum() + ORTH_EPS) + ORTH_MIX * factor)
 
 
 def mode_spectra(array: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
