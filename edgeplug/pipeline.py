@@ -424,7 +424,7 @@ def _report(source: str, original: onnx.ModelProto, forward: onnx.ModelProto, re
             "optimizer": recipe.optimizer,
             "lr": recipe.lr,
             "inputs": [_describe(value) for value in forward.graph.input if value.name in source_inputs],
-            "extra_inputs": [_describe(value) for value in forward.graph.input if value.name not in source_inputs],
+            "extra_inputs": _extra_inputs(forward, stage, source_inputs, set(sizes) | set(trainable)),
             "labels_input": LABELS_INPUT,
         },
         "parameters": {
@@ -574,6 +574,21 @@ def stage_folders(artifact_dir: Path, report: Mapping[str, Any]) -> list[Path]:
             raise EdgeplugError(f"{artifact_dir}/{REPORT_FILE} names a stage folder outside {STAGES_DIR}/: {entry['dir']}")
         folders.append(folder)
     return folders
+
+
+def _extra_inputs(forward: onnx.ModelProto, stage: Path, source_inputs: set[str], parameters: set[str]) -> list[dict[str, Any]]:
+    """Inputs that passes added and their runtime hooks feed: those of the forward model, then those
+    that only the final training model takes (e.g. activation-shortcut's factors); not the data,
+    labels, parameters, gradient buffers or onnxruntime's `lazy_reset_grad`. The profiler feeds them."""
+    extra = [_describe(value) for value in forward.graph.input if value.name not in source_inputs]
+    training_path = stage / TRAINING_MODEL
+    if not training_path.is_file():  # the top-level report of a staged folder: the stages list theirs
+        return extra
+    known = source_inputs | parameters | {value["name"] for value in extra} | {LABELS_INPUT, "lazy_reset_grad"}
+    training = onnx.load(str(training_path), load_external_data=False)
+    extra += [_describe(value) for value in training.graph.input
+              if value.name not in known and not value.name.endswith("_grad.accumulation.buffer")]
+    return extra
 
 
 def _describe(value: onnx.ValueInfoProto) -> dict[str, Any]:

@@ -79,9 +79,18 @@ class _Session:
     state: Any
     module: Any
     optimizer: Any
-    input_names: list[str]
+    input_names: list[str]  # of the training model
     output_names: list[str]
     passes_on: tuple[str, ...]
+    eval_input_names: list[str] | None = None  # of the eval model (None: the training model's)
+    eval_output_names: list[str] | None = None
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """Input and output names of the model the module runs now: the eval model may take fewer
+        inputs (e.g. a pass's training-only ones) and give fewer outputs."""
+        if self.module.training or self.eval_input_names is None or self.eval_output_names is None:
+            return self.input_names, self.output_names
+        return self.eval_input_names, self.eval_output_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +194,11 @@ class Trainer:
             state_path = state_file(checkpoint, index) if checkpoint else folder / CHECKPOINT
             with _ort.captured_native_stderr():
                 state, module, optimizer = open_stage(folder, state_path) if self._staged else _ort.open_artifacts(folder, state_path)
-            self._sessions.append(_Session(state, module, optimizer, list(module.input_names()),
-                                           list(module.output_names()), passes_on))
+            train_names = (list(module.input_names()), list(module.output_names()))
+            module.eval()
+            eval_names = (list(module.input_names()), list(module.output_names()))
+            module.train()
+            self._sessions.append(_Session(state, module, optimizer, *train_names, passes_on, *eval_names))
         last = self._sessions[-1]  # what step hooks see as `step.module`
         self._state, self._module, self._optimizer = last.state, last.module, last.optimizer
 
@@ -210,7 +222,7 @@ class Trainer:
 
     @staticmethod
     def _run_session(session: _Session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = session.input_names
+        names, output_names = session.names()
         missing = [name for name in names if name not in feeds]
         if missing:
             raise DataError(f"the training model needs inputs {missing} that neither the data nor any pass hook provides")
@@ -220,7 +232,7 @@ class Trainer:
             raise DataError(f"onnxruntime rejected a batch: {' '.join(str(error).split())[:400]}") from None
         if not isinstance(values, (list, tuple)):
             values = [values]
-        return dict(zip(session.output_names, [np.asarray(v) for v in values], strict=True))
+        return dict(zip(output_names, [np.asarray(v) for v in values], strict=True))
 
     def _set_mode(self, train: bool) -> None:
         for session in self._sessions:

@@ -25,7 +25,12 @@ from edgeplug.trainer import open_stage, peak_rss_bytes
 
 
 def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | None, output_shape: list[int] | None) -> dict[str, np.ndarray]:
-    """Random data shaped like the model's inputs, hook-fed inputs as zeros, and labels."""
+    """Random data shaped like the model's inputs and like the inputs that pass hooks feed, and labels.
+
+    Hook-fed inputs (report.json's `training.extra_inputs`, e.g. activation-shortcut's factors) get
+    random arrays of their declared shape (the batch axis set to `batch_size`), not the hooks' values:
+    the profiler runs no plugin code, and the ops these inputs feed (dense Einsum/MatMul) cost the
+    same time and memory whatever the values."""
     rng = np.random.default_rng(0)
     batch: dict[str, np.ndarray] = {}
     for spec in report["training"]["inputs"] + report["training"].get("extra_inputs", []):
