@@ -56,18 +56,19 @@ def _train(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: in
         _, module, optimizer = open_stage(folder) if staged else _ort.open_artifacts(folder)
         module.train()
         opened.append((module, optimizer, list(module.input_names()), list(module.output_names())))
+    # the trainer's sweep: an array a stage passed on is dropped after the last stage that reads it
+    last_reader = {name: number for number, stage in enumerate(report.get("stages", [])) for name in stage["inputs"] if name not in batch}
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
         feeds = dict(batch)
-        for (module, optimizer, inputs, outputs), handed_on in zip(opened, passes_on, strict=True):
+        for number, ((module, optimizer, inputs, outputs), handed_on) in enumerate(zip(opened, passes_on, strict=True)):
             values = module(*[feeds[name] for name in inputs])
             optimizer.step()
             module.lazy_reset_grad()
-            if handed_on:  # the trainer's sweep: what a stage read from earlier stages is dropped once passed
-                for name in [name for name in inputs if name not in batch]:
-                    del feeds[name]
-                feeds.update({name: np.asarray(value) for name, value in zip(outputs, values, strict=True) if name in handed_on})
+            for name in [name for name in feeds if last_reader.get(name) == number]:
+                del feeds[name]
+            feeds.update({name: np.asarray(value) for name, value in zip(outputs, values, strict=True) if name in handed_on})
         if step >= warmup:
             times.append(time.perf_counter() - started)
     return times
