@@ -154,24 +154,8 @@ def rewrite(
         trainable = sorted(state.trainable)
         if not trainable:
             raise RecipeError("no parameter is trainable after the passes ran; widen the 'trainable' pass's selection")
-        missing = missing_gradients(forward, state.trainable, output_name)
-        if missing:
-            raise NoGradientError(missing[0].message() + (f" ({len(missing) - 1} more such ops)" if len(missing) > 1 else ""))
-        check_forward_budget(forward, trainable, recipe.optimizer, budget)
-        _generate(forward, trainable, recipe, output_name, stage, nominal_checkpoint=nominal_checkpoint)
-        models = TrainingModels(*(onnx.load(str(stage / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
-        for info, instance in passes:
-            started = time.perf_counter()
-            models = _run_phase(info, "rewrite_training", instance.rewrite_training, models, _pass_context(context, info), timeout=timeout)
-            _check_training(info, models)
-            timings[info.name] += time.perf_counter() - started
-        for name, proto in zip((TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL), (models.training, models.eval, models.optimizer), strict=True):
-            save_model(proto, stage / name)
-        save_model(forward, stage / FORWARD_MODEL)
-        _smoke_load(stage)
-        if ort_format:
-            _convert_to_ort(stage)
-            _smoke_load(stage, ort_format=True)
+        _write_training_models(forward, trainable, output_name, stage, passes, context, timings, recipe,
+                               timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint)
         for info, instance in passes:
             entries.append(_report_entry(info, instance, timings[info.name], timeout))
         report = _report(source, loaded, forward, recipe, output_name, trainable, entries, stage)
@@ -504,6 +488,31 @@ def _check_stages(info: PassInfo, state: ForwardState, original: onnx.ModelProto
                         f"not the model's output {output_name!r}")
 
 
+def _write_training_models(forward: onnx.ModelProto, trainable: list[str], output_name: str, folder: Path,
+                           passes: list[tuple[PassInfo, Pass]], context: PassContext, timings: dict[str, float],
+                           recipe: Recipe, *, timeout: float | None, budget: int | None, ort_format: bool,
+                           nominal_checkpoint: bool, passes_on: tuple[str, ...] = (), label: str = "") -> None:
+    """One artifact set in `folder`: gradient check, budget, generation, every pass's rewrite_training, smoke load."""
+    missing = missing_gradients(forward, set(trainable), output_name)
+    if missing:
+        raise NoGradientError(label + missing[0].message() + (f" ({len(missing) - 1} more such ops)" if len(missing) > 1 else ""))
+    check_forward_budget(forward, trainable, recipe.optimizer, budget)
+    _generate(forward, trainable, recipe, output_name, folder, nominal_checkpoint=nominal_checkpoint, passes_on=passes_on)
+    models = TrainingModels(*(onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
+    for info, instance in passes:
+        started = time.perf_counter()
+        models = _run_phase(info, "rewrite_training", instance.rewrite_training, models, _pass_context(context, info), timeout=timeout)
+        _check_training(info, models)
+        timings[info.name] += time.perf_counter() - started
+    for name, proto in zip((TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL), (models.training, models.eval, models.optimizer), strict=True):
+        save_model(proto, folder / name)
+    save_model(forward, folder / FORWARD_MODEL)
+    _smoke_load(folder)
+    if ort_format:
+        _convert_to_ort(folder)
+        _smoke_load(folder, ort_format=True)
+
+
 def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], context: PassContext,
                   timings: dict[str, float], recipe: Recipe, source: str, original: onnx.ModelProto, output_name: str,
                   out: Path, *, timeout: float | None, budget: int | None, ort_format: bool,
@@ -516,25 +525,9 @@ def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], cont
         folder.mkdir(parents=True)
         forward = _prune_to_output(stage.model, stage.output, stage.passes_on)
         trainable = sorted(stage.trainable)
-        missing = missing_gradients(forward, stage.trainable, stage.output)
-        if missing:
-            raise NoGradientError(f"stage {stage.name!r}: " + missing[0].message())
-        check_forward_budget(forward, trainable, recipe.optimizer, budget)
-        _generate(forward, trainable, recipe, stage.output, folder, nominal_checkpoint=nominal_checkpoint,
-                  passes_on=stage.passes_on)
-        models = TrainingModels(*(onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
-        for info, instance in passes:
-            started = time.perf_counter()
-            models = _run_phase(info, "rewrite_training", instance.rewrite_training, models, _pass_context(context, info), timeout=timeout)
-            _check_training(info, models)
-            timings[info.name] += time.perf_counter() - started
-        for name, proto in zip((TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL), (models.training, models.eval, models.optimizer), strict=True):
-            save_model(proto, folder / name)
-        save_model(forward, folder / FORWARD_MODEL)
-        _smoke_load(folder)
-        if ort_format:
-            _convert_to_ort(folder)
-            _smoke_load(folder, ort_format=True)
+        _write_training_models(forward, trainable, stage.output, folder, passes, context, timings, recipe,
+                               timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint,
+                               passes_on=stage.passes_on, label=f"stage {stage.name!r}: ")
         stage_report = _report(source, original, forward, recipe, stage.output, trainable, [], folder, data_inputs=passed)
         _check_report(stage_report)
         (folder / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
