@@ -125,10 +125,11 @@ def ort_converter() -> Any:
 
 
 def open_artifacts(folder: Path, state: Path | None = None, *, optimizer: bool = True,
-                   ort_format: bool = False) -> tuple[Any, Any, Any]:
+                   ort_format: bool = False, session_options: Any = None) -> tuple[Any, Any, Any]:
     """Load an artifact folder: checkpoint state (from `state`, default the folder's own),
     the training module with its eval model, and the optimizer (None unless `optimizer`).
-    `ort_format` loads the .ort copies of the models instead of the .onnx files."""
+    `ort_format` loads the .ort copies of the models instead of the .onnx files;
+    `session_options` (an onnxruntime SessionOptions) configures the module's sessions."""
     from edgeplug.layout import (
         CHECKPOINT,
         EVAL_MODEL,
@@ -142,7 +143,7 @@ def open_artifacts(folder: Path, state: Path | None = None, *, optimizer: bool =
 
     api = training_api()
     checkpoint = api.CheckpointState.load_checkpoint(str(state or folder / CHECKPOINT))
-    module = api.Module(model(TRAINING_MODEL), checkpoint, model(EVAL_MODEL))
+    module = api.Module(model(TRAINING_MODEL), checkpoint, model(EVAL_MODEL), session_options=session_options)
     return checkpoint, module, api.Optimizer(model(OPTIMIZER_MODEL), module) if optimizer else None
 
 

@@ -45,11 +45,8 @@ from edgeplug.locking import output_lock, remove_stale_staging_in
 from edgeplug.passes import RuntimeContext
 from edgeplug.pipeline import (
     CHECKPOINT,
-    EVAL_MODEL,
     FORWARD_MODEL,
-    OPTIMIZER_MODEL,
     RECIPE_FILE,
-    TRAINING_MODEL,
     read_report,
     stage_folders,
 )
@@ -431,14 +428,11 @@ def open_stage(folder: Path, state: Path | None = None) -> tuple[Any, Any, Any]:
     the idle stages made a sweep 5x slower on 2 cores.
     """
     _return_freed_buffers()
-    api, runtime = _ort.training_api(), _ort.inference_runtime()
-    options = runtime.SessionOptions()
+    options = _ort.inference_runtime().SessionOptions()
     options.enable_cpu_mem_arena = False
     # idle stages must not spin: N sessions' thread pools would busy-wait against the running stage
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    checkpoint = api.CheckpointState.load_checkpoint(str(state or folder / CHECKPOINT))
-    module = api.Module(str(folder / TRAINING_MODEL), checkpoint, str(folder / EVAL_MODEL), session_options=options)
-    return checkpoint, module, api.Optimizer(str(folder / OPTIMIZER_MODEL), module)
+    return _ort.open_artifacts(folder, state, session_options=options)
 
 
 @functools.cache
