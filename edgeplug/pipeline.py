@@ -303,7 +303,6 @@ def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, ou
         except Exception as caught:  # onnxruntime raises RuntimeError/Fail/InvalidArgument
             error = caught
     if error is None:
-        _name_targets_labels(stage)
         return
     text = str(error)
     match = _NO_GRADIENT.search(text + "\n" + "\n".join(native_log))
@@ -319,20 +318,16 @@ _ORT_TARGET_INPUT = "target"
 """onnxruntime-training names the target of its MSE, BCE and L1 losses 'target' (cross entropy: 'labels')."""
 
 
-def _name_targets_labels(stage: Path) -> None:
+def _name_targets_labels(model: onnx.ModelProto) -> None:
     """One name for the label input whatever the loss, so the same .npz trains every recipe."""
-    for file_name in (TRAINING_MODEL, EVAL_MODEL):
-        path = stage / file_name
-        model = onnx.load(str(path))
-        graph = model.graph
-        if not any(value.name == _ORT_TARGET_INPUT for value in graph.input):
-            continue
-        for value in graph.input:
-            if value.name == _ORT_TARGET_INPUT:
-                value.name = LABELS_INPUT
-        for node in graph.node:
-            node.input[:] = [LABELS_INPUT if name == _ORT_TARGET_INPUT else name for name in node.input]
-        onnx.save(model, str(path))
+    graph = model.graph
+    if not any(value.name == _ORT_TARGET_INPUT for value in graph.input):
+        return
+    for value in graph.input:
+        if value.name == _ORT_TARGET_INPUT:
+            value.name = LABELS_INPUT
+    for node in graph.node:
+        node.input[:] = [LABELS_INPUT if name == _ORT_TARGET_INPUT else name for name in node.input]
 
 
 def _runtime_message(error: BaseException) -> str:
@@ -499,6 +494,8 @@ def _write_training_models(forward: onnx.ModelProto, trainable: list[str], outpu
     check_forward_budget(forward, trainable, recipe.optimizer, budget)
     _generate(forward, trainable, recipe, output_name, folder, nominal_checkpoint=nominal_checkpoint, passes_on=passes_on)
     models = TrainingModels(*(onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
+    _name_targets_labels(models.training)
+    _name_targets_labels(models.eval)
     for info, instance in passes:
         started = time.perf_counter()
         models = _run_phase(info, "rewrite_training", instance.rewrite_training, models, _pass_context(context, info), timeout=timeout)
