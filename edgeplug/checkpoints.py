@@ -38,18 +38,34 @@ def write_checkpoint(
     save_state: Callable[[Path], None],
     save_hooks: Callable[[Path], None],
     keep: int = 2,
+    replace_all: bool = False,
 ) -> Path:
-    """Write checkpoint `step` atomically, point LATEST at it, prune old ones."""
+    """Write checkpoint `step` atomically, point LATEST at it, prune old ones.
+
+    With `replace_all`, the whole checkpoints folder is rebuilt beside the old one and
+    swapped in: the old checkpoints stay until the new one is complete.
+    """
     folder = checkpoints_dir(artifact_dir)
     if folder.is_symlink() or (folder.exists() and not folder.resolve().is_relative_to(Path(artifact_dir).resolve())):
         raise OutputError(f"{folder} is a symbolic link; checkpoints are written only inside the artifact folder: remove it")
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"step-{step:08d}"
-    with atomic_directory(target, overwrite=True) as stage:
+    name = f"step-{step:08d}"
+
+    def fill(stage: Path) -> None:
         save_state(stage / STATE)
         (stage / HOOKS).mkdir()
         save_hooks(stage / HOOKS)
         (stage / PROGRESS).write_text(json.dumps(progress, indent=2) + "\n", encoding="utf-8")
+
+    if replace_all:
+        with atomic_directory(folder, overwrite=True) as staging:
+            (staging / name).mkdir()
+            fill(staging / name)
+            (staging / LATEST).write_text(name + "\n", encoding="utf-8")
+        return folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    with atomic_directory(target, overwrite=True) as stage:
+        fill(stage)
     write_text(folder / LATEST, target.name + "\n")
     for old in sorted(folder.glob("step-*"))[:-keep] if keep > 0 else []:
         if old != target:

@@ -8,7 +8,6 @@ stay in each device's checkpoint and never travel.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,7 +95,7 @@ def save_global_model(artifact_dir: str | Path, arrays: Mapping[str, np.ndarray]
     check_arrays(arrays, read_trainable(artifact_dir), "global model")
     with output_lock(artifact_dir, purpose=f"edgeplug fleet: write the global model into {artifact_dir}"):
         check_can_save(artifact_dir, force)
-        shutil.rmtree(checkpoints_dir(artifact_dir), ignore_errors=True)
         progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "fleet": json.loads(json.dumps(dict(summary)))}
-        return write_checkpoint(artifact_dir, 0, progress,
-                                lambda path: write_state(artifact_dir, arrays, path), lambda path: None)
+        # the old checkpoints are replaced only once the global model's is complete
+        return write_checkpoint(artifact_dir, 0, progress, lambda path: write_state(artifact_dir, arrays, path),
+                                lambda path: None, replace_all=True)
