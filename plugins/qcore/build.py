@@ -15,6 +15,7 @@ import onnx
 
 from edgeplug.atomic import atomic_directory
 from edgeplug.errors import DataError, RecipeError
+from edgeplug.modelio import save_model
 from edgeplug.recipe import fill_defaults
 from edgeplug.validation import load_schema
 
@@ -28,7 +29,6 @@ from .qmodel import (
     QuantState,
     export_model,
     initial_state,
-    save_model_file,
     write_json,
 )
 from .quantize import activation_grid
@@ -149,14 +149,14 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
                                  epochs=int(options["flip_epochs"]), lr=float(options["flip_lr"]), seed=int(options["seed"]))
             summary["flipnets"][layer.node] = info
             echo(f"flip network {layer.node}: {info['nonzero_targets']} non-zero targets, agreement {info['agreement']:.3f}")
-        save_model_file(float_model, staged / "float.onnx")
+        save_model(float_model, staged / "float.onnx")
         state.save(staged / "state.npz")
         state.save(staged / "state.initial.npz")
         coreset.save(staged / "coreset.npz")
         stats: dict[str, Any] = {f"mean/{k}": v[0] for k, v in reference.items()} | {f"std/{k}": v[1] for k, v in reference.items()}
         np.savez(staged / "reference.npz", **stats)
         quantized = export_model(float_model, state)
-        save_model_file(quantized, staged / f"model.int{bits}.onnx")
+        save_model(quantized, staged / f"model.int{bits}.onnx")
         summary["float_bytes"] = (staged / "float.onnx").stat().st_size
         summary["quantized_bytes"] = (staged / f"model.int{bits}.onnx").stat().st_size
         summary["seconds"] = round(time.perf_counter() - started, 2)

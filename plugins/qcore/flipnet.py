@@ -30,9 +30,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeplug import _ort
+from edgeplug.modelio import save_model
 
 from .layers import QuantLayer
-from .qmodel import QuantState, save_model_file
+from .qmodel import QuantState
 from .quantize import weight_limits
 
 FEATURES = 4
@@ -124,7 +125,7 @@ def train_flipnet(features: np.ndarray, targets: np.ndarray, destination: Path, 
         result = trainer.fit(data, epochs=epochs, batch_size=256)
         export(root / "out", root / "flipnet.onnx")
         model = onnx.load(str(root / "flipnet.onnx"))
-    save_model_file(model, destination)
+    save_model(model, destination)
     agreement = float(np.mean(predict_steps(destination, scaled, None, None) == targets))
     return {"mean": mean.tolist(), "std": std.tolist(), "rows": int(len(rows)), "nonzero_targets": int(len(moving)),
             "final_loss": result.epochs[-1].train.loss, "agreement": agreement}

@@ -6,9 +6,10 @@ import dataclasses
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from edgeplug.errors import ModelError
+from edgeplug.onnx_edit import tensor_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ def batch_norms(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return numpy_helper.to_array(tensor)
-    raise ModelError(f"qcore: initializer '{name}' is missing from the model")
+    value = tensor_value(model, name)
+    if value is None:
+        raise ModelError(f"qcore: initializer '{name}' is missing from the model")
+    return value

@@ -257,11 +257,6 @@ def dequantized_float_model(model: onnx.ModelProto, state: QuantState) -> onnx.M
     return out
 
 
-def save_model_file(model: onnx.ModelProto, path: Path) -> None:
-    with atomic_file(path) as staged:
-        onnx.save(model, str(staged))
-
-
 def write_json(path: Path, value: Mapping[str, Any]) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
