@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 
 from edgeplug import _ort
+from edgeplug.artifacts import read_report, stage_folders
 from edgeplug.checkpoints import STATE, latest_checkpoint, state_file
 from edgeplug.errors import EdgeplugError, ModelError
+from edgeplug.layout import CHECKPOINT, FORWARD_MODEL
 from edgeplug.modelio import save_model
-from edgeplug.pipeline import CHECKPOINT, FORWARD_MODEL, read_report, stage_folders
 
 
 def export(artifact_dir: str | Path, output: str | Path, *, checkpoint: str | Path | None = None) -> Path:

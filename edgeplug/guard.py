@@ -29,7 +29,7 @@ import onnx
 
 from edgeplug.errors import EdgeplugError, ResourceError
 from edgeplug.graph import tensor_bytes
-from edgeplug.recipe import OPTIMIZER_STATES
+from edgeplug.optimizers import OPTIMIZER_STATES
 
 PASS_TIMEOUT_VARIABLE = "EDGEPLUG_PASS_TIMEOUT"
 DEFAULT_PASS_TIMEOUT = 600.0

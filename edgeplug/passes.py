@@ -21,6 +21,7 @@ stage boundary, because each stage is its own training graph.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,15 @@ EMPTY_OPTIONS_SCHEMA: Mapping[str, Any] = {
     "properties": {},
     "additionalProperties": False,
 }
+
+
+def fill_defaults(options: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill top-level defaults declared in a pass's options schema."""
+    filled = copy.deepcopy(dict(options))
+    for key, spec in schema.get("properties", {}).items():
+        if key not in filled and isinstance(spec, Mapping) and "default" in spec:
+            filled[key] = copy.deepcopy(spec["default"])
+    return filled
 
 
 @dataclasses.dataclass(frozen=True)

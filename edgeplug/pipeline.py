@@ -38,7 +38,7 @@ from edgeplug.guard import (
     pass_timeout_from_environment,
     time_limit,
 )
-from edgeplug.layout import (  # noqa: E402  (re-exported: callers name the layout through the pipeline)
+from edgeplug.layout import (
     CHECKPOINT,
     EVAL_MODEL,
     FORWARD_MODEL,
@@ -49,11 +49,11 @@ from edgeplug.layout import (  # noqa: E402  (re-exported: callers name the layo
     ORT_MODELS,
     RECIPE_FILE,
     REPORT_FILE,
-    STAGES_DIR,
     TRAINING_MODEL,
     stage_dir,
 )
 from edgeplug.locking import output_lock
+from edgeplug.losses import LOSS_TYPES
 from edgeplug.modelio import (
     check_model,
     clamp_ir_version,
@@ -61,6 +61,7 @@ from edgeplug.modelio import (
     load_model,
     save_model,
 )
+from edgeplug.optimizers import OPTIMIZER_TYPES
 from edgeplug.passes import (
     ForwardState,
     Pass,
@@ -69,14 +70,11 @@ from edgeplug.passes import (
     PassReport,
     Stage,
     TrainingModels,
+    fill_defaults,
 )
 from edgeplug.plugins import PluginHost, default_host
-from edgeplug.recipe import PassSpec, Recipe, fill_defaults, load_recipe
+from edgeplug.recipe import PassSpec, Recipe, load_recipe
 from edgeplug.validation import first_error, load_schema
-
-# recipe loss name -> onnxruntime.training.artifacts.LossType member
-LOSS_TYPES = {"cross-entropy": "CrossEntropyLoss", "mse": "MSELoss", "bce-with-logits": "BCEWithLogitsLoss", "l1": "L1Loss"}
-_OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD"}
 
 T = TypeVar("T")
 
@@ -293,7 +291,7 @@ def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, ou
                 requires_grad=trainable,
                 frozen_params=frozen,
                 loss=getattr(artifacts.LossType, LOSS_TYPES[recipe.loss]),
-                optimizer=getattr(artifacts.OptimType, _OPTIMIZERS[recipe.optimizer]),
+                optimizer=getattr(artifacts.OptimType, OPTIMIZER_TYPES[recipe.optimizer]),
                 artifact_directory=str(stage),
                 additional_output_names=[output_name, *passes_on],
                 loss_input_names=[output_name],
@@ -567,20 +565,6 @@ def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], cont
     return report
 
 
-def stage_folders(artifact_dir: Path, report: Mapping[str, Any]) -> list[Path]:
-    """The folders that train, in order: the stages of a staged folder, else the folder itself."""
-    stages = report.get("stages")
-    if not stages:
-        return [Path(artifact_dir)]
-    folders = []
-    for entry in stages:
-        folder = Path(artifact_dir) / entry["dir"]
-        if not folder.resolve().is_relative_to(Path(artifact_dir).resolve()) or not entry["dir"].startswith(STAGES_DIR + "/"):
-            raise EdgeplugError(f"{artifact_dir}/{REPORT_FILE} names a stage folder outside {STAGES_DIR}/: {entry['dir']}")
-        folders.append(folder)
-    return folders
-
-
 def _extra_inputs(forward: onnx.ModelProto, stage: Path, source_inputs: set[str], parameters: set[str]) -> list[dict[str, Any]]:
     """Inputs that passes added and their runtime hooks feed: those of the forward model, then those
     that only the final training model takes (e.g. activation-shortcut's factors); not the data,
@@ -603,12 +587,3 @@ def _describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
         "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "unknown",
         "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim],
     }
-
-
-def read_report(artifact_dir: Path) -> dict[str, Any]:
-    """Read out/report.json, with a clear error if the folder is not an artifact folder."""
-    path = Path(artifact_dir) / REPORT_FILE
-    if not path.is_file():
-        raise EdgeplugError(f"{artifact_dir} is not an edgeplug artifact folder (no {REPORT_FILE}); run 'edgeplug rewrite' first")
-    report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return report

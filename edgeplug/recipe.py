@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -12,12 +11,10 @@ from typing import Any
 import yaml
 
 from edgeplug.errors import EdgeplugError, RecipeError
+from edgeplug.optimizers import DEFAULT_LR
+from edgeplug.passes import fill_defaults
 from edgeplug.plugins import PluginHost, default_host
 from edgeplug.validation import first_error, load_schema
-
-DEFAULT_LR = 1e-3
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}
-"""Values of optimizer state per trainable value: AdamW's two moments; onnxruntime-training's SGD keeps none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,15 +105,6 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
         data_inputs=data.get("inputs", {}),
         labels_key=data.get("labels"),
     )
-
-
-def fill_defaults(options: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill top-level defaults declared in a pass's options schema."""
-    filled = copy.deepcopy(dict(options))
-    for key, spec in schema.get("properties", {}).items():
-        if key not in filled and isinstance(spec, Mapping) and "default" in spec:
-            filled[key] = copy.deepcopy(spec["default"])
-    return filled
 
 
 def _one_line(error: BaseException) -> str:

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
 from edgeplug import _ort
+from edgeplug.artifacts import output_shape, read_report, stage_folders
 from edgeplug.checkpoints import (
     HOOKS,
     checkpoints_dir,
@@ -41,17 +41,10 @@ from edgeplug.checkpoints import (
 from edgeplug.data import Dataset, TensorSpec, load_dataset
 from edgeplug.errors import DataError, EdgeplugError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
+from edgeplug.layout import CHECKPOINT, RECIPE_FILE
 from edgeplug.locking import output_lock, remove_stale_staging_in
-from edgeplug.passes import RuntimeContext
-from edgeplug.pipeline import (
-    CHECKPOINT,
-    FORWARD_MODEL,
-    RECIPE_FILE,
-    read_report,
-    stage_folders,
-)
+from edgeplug.passes import RuntimeContext, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
-from edgeplug.recipe import fill_defaults
 from edgeplug.schedules import make_schedule
 
 
@@ -445,16 +438,6 @@ def _return_freed_buffers() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
-
-
-def output_shape(artifact_dir: Path, report: Mapping[str, Any]) -> list[int | str | None]:
-    """The trained output's shape, from report.json (or the forward model, for older folders)."""
-    recorded: list[int | str | None] | None = report["training"].get("output_shape")
-    if recorded is not None:
-        return recorded
-    model = onnx.load(str(Path(artifact_dir) / FORWARD_MODEL), load_external_data=False)
-    output = next(v for v in model.graph.output if v.name == report["training"]["output"])
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in output.type.tensor_type.shape.dim]
 
 
 def peak_rss_bytes() -> int:

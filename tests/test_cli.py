@@ -18,7 +18,7 @@ import builders
 from edgeplug import _ort
 from edgeplug.checkpoints import LATEST, STATE, latest_checkpoint
 from edgeplug.cli import main
-from edgeplug.pipeline import EVAL_MODEL, TRAINING_MODEL
+from edgeplug.layout import EVAL_MODEL, TRAINING_MODEL
 from edgeplug.plugins import default_host
 from edgeplug.trainer import Trainer
 

@@ -25,15 +25,10 @@ from edgeplug import _ort
 from edgeplug.checkpoints import STATE, latest_checkpoint
 from edgeplug.exporter import export
 from edgeplug.gradients import DECOMPOSABLE, GRADIENT_OPS
-from edgeplug.passes import ForwardState, PassContext
-from edgeplug.pipeline import (
-    CHECKPOINT,
-    EVAL_MODEL,
-    FORWARD_MODEL,
-    TRAINING_MODEL,
-    rewrite,
-)
-from edgeplug.recipe import fill_defaults, recipe_from_dict
+from edgeplug.layout import CHECKPOINT, EVAL_MODEL, FORWARD_MODEL, TRAINING_MODEL
+from edgeplug.passes import ForwardState, PassContext, fill_defaults
+from edgeplug.pipeline import rewrite
+from edgeplug.recipe import recipe_from_dict
 from edgeplug.trainer import Trainer
 
 ACTIVATIONS = ["Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "HardSigmoid", "Softplus", "Elu", "Selu", "Softsign", "PRelu"]

@@ -85,7 +85,7 @@ def test_three_devices_two_rounds_improve_and_export(sparse_folder: Path, tmp_pa
 
 
 def test_reply_carries_only_trainable_parameters(sparse_folder: Path, tmp_path: Path) -> None:
-    report = edgeplug.pipeline.read_report(sparse_folder)
+    report = edgeplug.artifacts.read_report(sparse_folder)
     trainable = set(report["parameters"]["trainable"])
     forward = onnx.load(str(sparse_folder / "forward_model.onnx"))
     frozen = {i.name for i in forward.graph.initializer} - trainable

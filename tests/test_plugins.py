@@ -248,7 +248,7 @@ def test_installed_example_plugin_loads_in_process(bitfit, bitfit_site: Path) ->
 
 def _select(bitfit, model: onnx.ModelProto, options: dict | None = None) -> set[str]:
     from edgeplug.graph import GraphIndex
-    from edgeplug.recipe import fill_defaults
+    from edgeplug.passes import fill_defaults
 
     instance = bitfit.factory(fill_defaults(options or {}, bitfit.factory.options_schema))
     context = edgeplug.PassContext(work_dir=Path("unused"), output_name="logits", loss="cross-entropy")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeplug.artifacts import read_report
 from edgeplug.checkpoints import FOLDER, checkpoints_dir, latest_checkpoint, state_file
 from edgeplug.data import Dataset
 from edgeplug.errors import EdgeplugError, OutputError
 from edgeplug.fleet.params import Arrays, check_arrays, read_trainable, write_state
 from edgeplug.layout import CHECKPOINT
-from edgeplug.pipeline import read_report
 from edgeplug.trainer import Metrics, Trainer
 
 

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgeplug.artifacts import output_shape, read_report
 from edgeplug.errors import EdgeplugError
-from edgeplug.pipeline import read_report
-from edgeplug.trainer import output_shape
 
 
 @dataclasses.dataclass(frozen=True)

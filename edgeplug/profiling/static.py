@@ -18,17 +18,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgeplug.artifacts import read_report, stage_folders
 from edgeplug.errors import EdgeplugError
 from edgeplug.graph import GraphIndex, tensor_bytes
-from edgeplug.pipeline import (
-    EVAL_MODEL,
-    FORWARD_MODEL,
-    TRAINING_MODEL,
-    read_report,
-    stage_folders,
-)
+from edgeplug.layout import EVAL_MODEL, FORWARD_MODEL, TRAINING_MODEL
+from edgeplug.optimizers import OPTIMIZER_STATES
 from edgeplug.profiling.macs import forward_macs
-from edgeplug.recipe import OPTIMIZER_STATES
 
 METADATA_OPS = frozenset({"Shape", "Size"})
 

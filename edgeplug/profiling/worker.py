@@ -16,11 +16,8 @@ from typing import Any
 import numpy as np
 
 from edgeplug import _ort
-from edgeplug.pipeline import (
-    FORWARD_MODEL,
-    read_report,
-    stage_folders,
-)
+from edgeplug.artifacts import read_report, stage_folders
+from edgeplug.layout import FORWARD_MODEL
 from edgeplug.trainer import open_stage, peak_rss_bytes
 
 

@@ -16,7 +16,7 @@ import onnx
 from edgeplug.atomic import atomic_directory
 from edgeplug.errors import DataError, RecipeError
 from edgeplug.modelio import save_model
-from edgeplug.recipe import fill_defaults
+from edgeplug.passes import fill_defaults
 from edgeplug.validation import load_schema
 
 from .backprop import backprop_calibrate

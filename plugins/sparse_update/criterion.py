@@ -34,9 +34,9 @@ from edgeplug.data import TensorSpec, load_dataset
 from edgeplug.errors import ModelError
 from edgeplug.graph import GraphIndex
 from edgeplug.layout import CHECKPOINT, TRAINING_MODEL
+from edgeplug.losses import LOSS_TYPES
 from edgeplug.modelio import clamp_ir_version
 from edgeplug.onnx_edit import GraphEditor
-from edgeplug.pipeline import LOSS_TYPES
 
 from .candidates import Candidate, ModelFacts
 from .probe_cut import Cut, cut_at, tail_model
