@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from typing import Any
 
 from edgeplug import __version__
 from edgeplug.errors import EdgeplugError
+from edgeplug.terminal import EscapingWriter, escape
 
 INTERNAL_ERROR = 1
 INTERRUPTED = 130
@@ -23,7 +25,7 @@ def _passes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": p.name, "plugin": p.plugin, "version": p.version, "summary": p.summary} for p in passes], indent=2))
         return 0
-    rows = [("PASS", "PLUGIN", "VERSION", "SUMMARY")] + [(p.name, p.plugin, p.version, p.summary) for p in passes]
+    rows = [("PASS", "PLUGIN", "VERSION", "SUMMARY")] + [(p.name, escape(p.plugin), escape(p.version), escape(p.summary)) for p in passes]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
@@ -48,11 +50,11 @@ def _rewrite(args: argparse.Namespace) -> int:
                      ort_format=args.ort_format, nominal_checkpoint=args.nominal_checkpoint)
     report = result.report
     for entry in report["passes"]:
-        print(f"{entry['name']:<14} {entry['summary']}")
+        print(f"{entry['name']:<14} {escape(entry['summary'])}")
     params = report["parameters"]
-    print(f"wrote {result.output_dir}/: {params['trainable_count']} trainable parameter tensors "
+    print(f"wrote {escape(result.output_dir)}/: {params['trainable_count']} trainable parameter tensors "
           f"({params['trainable_values']:,} of {params['total_values']:,} values), loss {report['training']['loss']} "
-          f"on '{report['training']['output']}'")
+          f"on '{escape(report['training']['output'])}'")
     print(_size_line(report["artifacts"]))
     return 0
 
@@ -231,10 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(text: str) -> str:
     """Errors are one line: control characters (newlines in a field name, say) are escaped."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return escape(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its standard output passes through `EscapingWriter` (no terminal escapes)."""
+    real_stdout = sys.stdout
+    sys.stdout = EscapingWriter(real_stdout)  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        if sys.stdout is not real_stdout:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            sys.stdout = real_stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
     except EdgeplugError as error:  # a broken plugin: say which, even for --help

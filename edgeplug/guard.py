@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import re
+import resource
 import signal
 import threading
 import time
@@ -73,6 +74,34 @@ def current_rss_bytes() -> int:
     except OSError:
         pass
     return RUNTIME_FOOTPRINT
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still take: the least of the address space left under `ulimit -v`,
+    the system's MemAvailable and the cgroup's memory.max headroom (None where none is known)."""
+    limits: list[int] = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft - _status_bytes("VmSize"))
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        maximum = (cgroup / "memory.max").read_text().strip()
+        if maximum != "max":
+            limits.append(int(maximum) - int((cgroup / "memory.current").read_text()))
+    return max(min(limits), 0) if limits else None
+
+
+def _status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmSize, VmRSS, ...) in bytes; 0 where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def forward_training_bytes(model: onnx.ModelProto, trainable: Iterable[str], optimizer: str) -> int:

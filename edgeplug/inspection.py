@@ -12,12 +12,14 @@ from edgeplug.gradients import DECOMPOSABLE, missing_gradients
 from edgeplug.graph import GraphIndex, ensure_node_names, tensor_bytes, tensor_values
 from edgeplug.modelio import (
     MAX_IR_VERSION,
+    check_model,
     MAX_OPSET,
     default_opset,
     load_model,
     unknown_ops,
     unsorted_node,
 )
+from edgeplug.terminal import escape
 
 
 def inspect_model(path: str | Path) -> dict[str, Any]:
@@ -27,7 +29,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     ensure_node_names(model)
     unsorted = unsorted_node(model.graph)
     try:  # ONNX's shape inference crashes natively on cycles and on nodes lacking required attributes:
-        onnx.checker.check_model(model)  # run it only on a sorted graph the checker accepts
+        check_model(model)  # run it only on a sorted graph the checker accepts
         inferred = onnx.shape_inference.infer_shapes(model) if unsorted is None else model
     except Exception:  # inspection must work on models the checker or shape inference rejects
         inferred = model
@@ -75,31 +77,32 @@ def _tensor(value: onnx.ValueInfoProto) -> dict[str, Any]:
 
 def format_inspection(info: dict[str, Any]) -> str:
     """Render `inspect_model`'s result for a terminal."""
+    e = escape  # every name comes from the model file: one inert line each
     lines = [
-        f"model      {info['path']}",
-        f"producer   {info['producer'] or '-'}   IR {info['ir_version']}   opsets "
-        + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
+        f"model      {e(info['path'])}",
+        f"producer   {e(info['producer']) or '-'}   IR {info['ir_version']}   opsets "
+        + ", ".join(f"{e(d)} {v}" for d, v in info["opsets"].items()),
     ]
     for label in ("inputs", "outputs"):
         for tensor in info[label]:
-            lines.append(f"{label[:-1]:<10} {tensor['name']}  {tensor['dtype']}  [{', '.join(map(str, tensor['shape']))}]")
+            lines.append(f"{label[:-1]:<10} {e(tensor['name'])}  {tensor['dtype']}  [{', '.join(e(d) for d in tensor['shape'])}]")
     p = info["parameters"]
     lines.append(f"parameters {p['count']} tensors, {p['values']:,} values, {p['bytes'] / 1e6:.2f} MB")
     lines.append(f"nodes      {info['nodes']} ({len(info['layers'])} with parameters)")
-    lines.append("ops        " + ", ".join(f"{op} {count}" for op, count in info["ops"].items()))
+    lines.append("ops        " + ", ".join(f"{e(op)} {count}" for op, count in info["ops"].items()))
     if info["unknown_ops"]:
         lines.append("unknown ops (training and inference will fail):")
-        lines += [f"  - {text}" for text in info["unknown_ops"]]
+        lines += [f"  - {e(text)}" for text in info["unknown_ops"]]
     if info["no_gradient"]:
         lines.append("ops without a gradient in onnxruntime-training 1.19.2 on a trainable path (full fine-tuning):")
         for item in info["no_gradient"]:
-            params = ", ".join(item["parameters"][:3]) + (" ..." if len(item["parameters"]) > 3 else "")
+            params = ", ".join(e(p) for p in item["parameters"][:3]) + (" ..." if len(item["parameters"]) > 3 else "")
             fix = "  [normalize decomposes it]" if item["op"] in DECOMPOSABLE else ""
-            lines.append(f"  - {item['op']} at node '{item['node']}' (dragged in by {params}){fix}")
+            lines.append(f"  - {e(item['op'])} at node '{e(item['node'])}' (dragged in by {params}){fix}")
     elif info["unknown_ops"]:
         lines.append("gradients  not checked: the model has unknown ops")
     else:
         lines.append("gradients  every op between the parameters and the output has a gradient")
-    lines += [f"note       {note}" for note in info["notes"]]
+    lines += [f"note       {e(note)}" for note in info["notes"]]
     return "\n".join(lines)
 

@@ -39,8 +39,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path} holds no ONNX graph (empty or not an ONNX file)")
     check_text_and_types(model, path)
+    check_declared_sizes(model)  # before any external data is read: absurd shapes never reach a read
     _load_external_data(model, path.parent)
-    check_declared_sizes(model)
     return model
 
 
@@ -98,6 +98,7 @@ def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:
         root = folder.resolve(strict=True)
     except (OSError, RuntimeError) as error:
         raise ModelError(f"cannot resolve the model's folder {folder}: {error}") from None
+    planned: list[tuple[onnx.TensorProto, str, Path, int, int]] = []
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
@@ -105,16 +106,70 @@ def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:
         location = entries.get("location", "")
         target = _external_path(tensor.name, location, folder, root)
         offset, length = _external_range(tensor.name, entries, target)
+        _check_external_length(tensor, length)
+        planned.append((tensor, location, target, offset, length))
+    _check_memory_for(planned)
+    for tensor, location, target, offset, length in planned:
         with open(target, "rb") as stream:  # O_RDONLY on the resolved path: no symlink left to follow
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 raise ModelError(f"external data {location!r} for tensor '{tensor.name}' is not a regular file")
             stream.seek(offset)
-            data = stream.read(length)
+            try:
+                data = stream.read(length)
+            except MemoryError:
+                raise ModelError(f"not enough memory to read the external data of tensor '{tensor.name}' "
+                                 f"({_format_bytes(length)})") from None
         if len(data) != length:
             raise ModelError(f"external data {location!r} for tensor '{tensor.name}' changed while it was read")
         tensor.raw_data = data
+        del data
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's shape and data type call for (None: a type without a fixed item size)."""
+    itemsize = _ITEMSIZES.get(tensor.data_type)
+    if itemsize is None or any(d < 0 for d in tensor.dims):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return count * itemsize
+
+
+def _check_external_length(tensor: onnx.TensorProto, length: int) -> None:
+    """The bytes to read must be exactly what the declared shape needs: checked before any read."""
+    expected = _declared_bytes(tensor)
+    if expected is not None and expected != length:
+        raise ModelError(
+            f"tensor '{tensor.name}' declares shape {list(tensor.dims)} ({expected:,} bytes) but its external data "
+            f"is {length:,} bytes long; the file is damaged or the model was not written by an ONNX exporter"
+        )
+
+
+def _check_memory_for(planned: list[tuple[onnx.TensorProto, str, Path, int, int]]) -> None:
+    """Refuse external data that cannot fit in the memory this process may still use."""
+    if not planned:
+        return
+    from edgeplug.guard import available_memory_bytes, format_size
+
+    # every tensor stays in memory; the largest is briefly held twice (read buffer, then the model's copy)
+    needed = sum(length for *_, length in planned) + max(length for *_, length in planned)
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        largest = max(planned, key=lambda item: item[4])
+        raise ModelError(
+            f"the model's external data needs about {format_size(needed)} of memory to load (the largest tensor, "
+            f"'{largest[0].name}', holds {format_size(largest[4])}), but only {format_size(available)} of memory is "
+            "left to this process; load it on a machine with more memory"
+        )
+
+
+def _format_bytes(count: int) -> str:
+    from edgeplug.guard import format_size
+
+    return format_size(count)
 
 
 def _external_path(name: str, location: str, folder: Path, root: Path) -> Path:
@@ -234,10 +289,16 @@ def check_model(model: onnx.ModelProto, *, full: bool = False) -> None:
             f"unsupported op {unknown[0]}{more}; re-export the model using standard ONNX operators "
             "(no custom ops or domains)"
         )
+    # The checker of onnx 1.17 stops at IR versions above its own (10), but normalize lowers those:
+    # check the model as the IR version it will be written with (unknown data types were refused on load).
+    declared = model.ir_version
+    model.ir_version = min(declared, MAX_IR_VERSION)
     try:
         onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ModelError(f"invalid ONNX model: {_first_line(error)}") from None
+    finally:
+        model.ir_version = declared
 
 
 def clamp_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -486,6 +486,7 @@ def _write_training_models(forward: onnx.ModelProto, trainable: list[str], outpu
                            recipe: Recipe, *, timeout: float | None, budget: int | None, ort_format: bool,
                            nominal_checkpoint: bool, passes_on: tuple[str, ...] = (), label: str = "") -> None:
     """One artifact set in `folder`: gradient check, budget, generation, every pass's rewrite_training, smoke load."""
+    check_trainable_widths(forward, output_name, trainable, label)
     missing = missing_gradients(forward, set(trainable), output_name)
     if missing:
         raise NoGradientError(label + missing[0].message() + (f" ({len(missing) - 1} more such ops)" if len(missing) > 1 else ""))
@@ -506,6 +507,36 @@ def _write_training_models(forward: onnx.ModelProto, trainable: list[str], outpu
     if ort_format:
         _convert_to_ort(folder)
         _smoke_load(folder, ort_format=True)
+
+
+def check_trainable_widths(forward: onnx.ModelProto, output_name: str, trainable: list[str], label: str = "") -> None:
+    """Refuse zero-width tensors where training would use them: onnxruntime-training crashes natively
+    (SIGSEGV in the loss) on an output of width 0, and fails on empty weights and inputs."""
+    graph = forward.graph
+    for value in graph.output:
+        if value.name == output_name and _has_zero_dim(value):
+            raise ModelError(f"{label}output '{output_name}' has shape {_shape_text(value)}: a zero-width output "
+                             "leaves nothing to train (a classifier with 0 classes?); fix the model's last layer")
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for name in trainable:
+        tensor = initializers.get(name)
+        if tensor is not None and 0 in tensor.dims:
+            raise ModelError(f"{label}parameter '{name}' has shape {list(tensor.dims)}, no values: a zero-width layer "
+                             "cannot be trained; fix the model, or freeze it with the 'trainable' pass")
+    for value in graph.input:
+        if value.name not in initializers and _has_zero_dim(value, skip_batch=True):
+            raise ModelError(f"{label}input '{value.name}' has shape {_shape_text(value)}: zero-width inputs carry "
+                             "no data to train on; fix the model's input shape")
+
+
+def _has_zero_dim(value: onnx.ValueInfoProto, skip_batch: bool = False) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return any(d.HasField("dim_value") and d.dim_value == 0 for d in list(dims)[1 if skip_batch else 0:])
+
+
+def _shape_text(value: onnx.ValueInfoProto) -> str:
+    dims = value.type.tensor_type.shape.dim
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
 
 
 def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], context: PassContext,

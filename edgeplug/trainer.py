@@ -39,7 +39,7 @@ from edgeplug.checkpoints import (
     write_checkpoint,
 )
 from edgeplug.data import Dataset, TensorSpec, load_dataset
-from edgeplug.errors import DataError, EdgeplugError
+from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
 from edgeplug.layout import CHECKPOINT, RECIPE_FILE
 from edgeplug.locking import output_lock, remove_stale_staging_in
@@ -166,6 +166,15 @@ class Trainer:
             input_keys=data.get("inputs"), labels_key=data.get("labels"),
         )
 
+    def _refuse_zero_width(self) -> None:
+        """A zero-width output crashes onnxruntime-training natively (SIGSEGV); rewrite refuses such models,
+        but a folder may come from an older edgeplug or be edited by hand."""
+        shape = output_shape(self.artifact_dir, self.report)
+        if any(isinstance(d, int) and d == 0 for d in shape):
+            raise ModelError(f"{self.artifact_dir}: output '{self.report['training']['output']}' has shape "
+                             f"{['N' if d is None else d for d in shape]}: a zero-width output leaves nothing to train; "
+                             "fix the model and rewrite it")
+
     def _num_classes(self) -> int | None:
         if self.loss_kind != "cross-entropy":
             return None
@@ -175,6 +184,7 @@ class Trainer:
     # -- sessions --------------------------------------------------------------------
 
     def _open(self, checkpoint: Path | None) -> None:
+        self._refuse_zero_width()
         self._checkpoint = checkpoint
         # A failing step is reported as one DataError line; onnxruntime's own log line would be a second.
         _ort.inference_runtime().set_default_logger_severity(4)

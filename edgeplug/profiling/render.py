@@ -7,6 +7,7 @@ from pathlib import Path
 from edgeplug.atomic import atomic_file
 from edgeplug.errors import EdgeplugError
 from edgeplug.profiling import Profile
+from edgeplug.terminal import escape
 
 MIB = 2**20
 
@@ -14,7 +15,7 @@ MIB = 2**20
 def format_profile(profile: Profile, nodes: int = 10) -> str:
     s = profile.static
     lines = [
-        f"profile of {profile.artifact_dir} at batch size {s.batch_size} ({s.optimizer})",
+        f"profile of {escape(profile.artifact_dir)} at batch size {s.batch_size} ({s.optimizer})",
         "",
         "memory, counted                  MiB",
         f"  parameters               {s.parameter_bytes / MIB:10.3f}   (trainable {s.trainable_parameter_bytes / MIB:.3f})",
@@ -29,7 +30,7 @@ def format_profile(profile: Profile, nodes: int = 10) -> str:
         f"  backward                 {s.backward_macs / 1e6:10.2f}",
     ]
     if s.unknown_shapes:
-        lines.append(f"  not counted (shape unknown): {', '.join(s.unknown_shapes[:5])}")
+        lines.append(f"  not counted (shape unknown): {', '.join(escape(name) for name in s.unknown_shapes[:5])}")
     m = profile.measured
     if m is not None:
         lines += [
@@ -45,7 +46,7 @@ def format_profile(profile: Profile, nodes: int = 10) -> str:
         ranked = sorted(s.nodes, key=lambda n: (n.retained_bytes, n.forward_macs + n.backward_macs), reverse=True)[:nodes]
         lines += ["", f"top {len(ranked)} nodes by retained bytes, then MACs",
                   f"  {'node':<40} {'op':<24} {'retained KiB':>12} {'fwd MMACs':>10} {'bwd MMACs':>10}"]
-        lines += [f"  {n.name[:40]:<40} {n.op_type[:24]:<24} {n.retained_bytes / 1024:12.1f} {n.forward_macs / 1e6:10.2f} {n.backward_macs / 1e6:10.2f}"
+        lines += [f"  {escape(n.name)[:40]:<40} {escape(n.op_type)[:24]:<24} {n.retained_bytes / 1024:12.1f} {n.forward_macs / 1e6:10.2f} {n.backward_macs / 1e6:10.2f}"
                   for n in ranked]
     return "\n".join(line for line in lines if line is not None)
 
