@@ -319,8 +319,9 @@ _ORT_TARGET_INPUT = "target"
 def _name_targets_labels(model: onnx.ModelProto) -> None:
     """One name for the label input whatever the loss, so the same .npz trains every recipe."""
     graph = model.graph
-    if not any(value.name == _ORT_TARGET_INPUT for value in graph.input):
-        return
+    names = {value.name for value in graph.input}
+    if _ORT_TARGET_INPUT not in names or LABELS_INPUT in names:
+        return  # cross-entropy (its input is 'labels' already; a 'target' is then the model's own tensor)
     for value in graph.input:
         if value.name == _ORT_TARGET_INPUT:
             value.name = LABELS_INPUT
