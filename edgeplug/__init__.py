@@ -1,9 +1,26 @@
 """edgeplug: make any ONNX model trainable on edge devices.
 
 ONNX in, a chain of pluggy-registered passes, onnxruntime-training artifacts out.
+
+Driving edgeplug (what `edgeplug rewrite|train|export|inspect` do):
+
+    rewrite(model, recipe, output_dir)   run the recipe's passes, write training artifacts
+    Trainer(artifact_dir).fit(data)       train them, resumably
+    export(artifact_dir, output)          the inference model with the trained weights
+    inspect_model(path)                   ops, parameters, shapes, ops without a gradient
+    load_recipe(path), load_dataset(...)  read and check recipes and .npz data
+
+Writing a plugin: subclass `Pass` (`rewrite_forward(ForwardState, PassContext)`,
+`report() -> PassReport`), register it from an `edgeplug_register_passes` hook
+(`hookimpl`), read graphs with `GraphIndex`; everything else a pass may use
+(graph editing and extraction, onnxruntime sessions without torch, loss names,
+shapes, model I/O) is in `edgeplug.plugin_api`. Errors the user can fix are
+`EdgeplugError` subclasses. Other submodules are internal.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from edgeplug.errors import (
     DataError,
@@ -18,6 +35,7 @@ from edgeplug.errors import (
     ResourceError,
     SetupError,
 )
+from edgeplug.graph import GraphIndex
 from edgeplug.passes import (
     ForwardState,
     Pass,
@@ -30,12 +48,22 @@ from edgeplug.passes import (
 )
 from edgeplug.plugins import PluginHost, hookimpl
 
+if TYPE_CHECKING:  # imported on first use (they load onnxruntime, jsonschema, yaml): see __getattr__
+    from edgeplug.data import load_dataset
+    from edgeplug.exporter import export
+    from edgeplug.inspection import inspect_model
+    from edgeplug.pipeline import RewriteResult, rewrite
+    from edgeplug.recipe import Recipe, load_recipe
+    from edgeplug.trainer import FitResult, Trainer
+
 __version__ = "0.1.0"
 
 __all__ = [
     "DataError",
     "EdgeplugError",
+    "FitResult",
     "ForwardState",
+    "GraphIndex",
     "LockedError",
     "ModelError",
     "NoGradientError",
@@ -47,11 +75,13 @@ __all__ = [
     "PassReport",
     "PluginError",
     "PluginHost",
+    "Recipe",
     "RecipeError",
     "ResourceError",
+    "RewriteResult",
     "RuntimeContext",
-    "Stage",
     "SetupError",
+    "Stage",
     "Trainer",
     "TrainingModels",
     "export",
@@ -62,31 +92,31 @@ __all__ = [
     "rewrite",
 ]
 
+_LAZY = {
+    "rewrite": "edgeplug.pipeline",
+    "RewriteResult": "edgeplug.pipeline",
+    "Trainer": "edgeplug.trainer",
+    "FitResult": "edgeplug.trainer",
+    "export": "edgeplug.exporter",
+    "inspect_model": "edgeplug.inspection",
+    "load_recipe": "edgeplug.recipe",
+    "Recipe": "edgeplug.recipe",
+    "load_dataset": "edgeplug.data",
+}
 
-def __getattr__(name: str) -> object:
-    """Import the heavy parts (onnxruntime) only when they are used."""
-    if name == "rewrite":
-        from edgeplug.pipeline import rewrite
 
-        return rewrite
-    if name == "Trainer":
-        from edgeplug.trainer import Trainer
+def __getattr__(name: str) -> Any:
+    """Import the heavy parts of the API (onnxruntime, the rewrite stack) only when they are used."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgeplug' has no attribute {name!r}")
+    import importlib
 
-        return Trainer
-    if name == "export":
-        from edgeplug.exporter import export
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return export
-    if name == "inspect_model":
-        from edgeplug.inspection import inspect_model
 
-        return inspect_model
-    if name == "load_recipe":
-        from edgeplug.recipe import load_recipe
-
-        return load_recipe
-    if name == "load_dataset":
-        from edgeplug.data import load_dataset
-
-        return load_dataset
-    raise AttributeError(f"module 'edgeplug' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    """The public API, lazy names included (so `help(edgeplug)` documents them)."""
+    return sorted({*globals(), *__all__})

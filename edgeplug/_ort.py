@@ -124,6 +124,19 @@ def ort_converter() -> Any:
         return importlib.import_module("onnxruntime.tools.convert_onnx_models_to_ort")
 
 
+def inference_session(model: Any, *, threads: int | None = None, options: Any = None) -> Any:
+    """An onnxruntime InferenceSession on the CPU for a ModelProto, serialized bytes or a path,
+    opened without importing torch; onnxruntime's own warnings are kept quiet."""
+    runtime = inference_runtime()
+    if options is None:
+        options = runtime.SessionOptions()
+        options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model) if isinstance(model, Path) else model
+    return runtime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
 def open_artifacts(folder: Path, state: Path | None = None, *, optimizer: bool = True,
                    ort_format: bool = False, session_options: Any = None) -> tuple[Any, Any, Any]:
     """Load an artifact folder: checkpoint state (from `state`, default the folder's own),

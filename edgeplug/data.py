@@ -42,6 +42,7 @@ class TensorSpec:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read every array of an .npz file (pickles refused), with a DataError naming the file on failure."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")

@@ -42,6 +42,10 @@ class GraphEditor:
         self._nodes.append(onnx.helper.make_node(op_type, inputs, [output], name=self.fresh(f"{base}_node"), **attributes))
         return output
 
+    def last_node(self) -> onnx.NodeProto:
+        """The node built last and not yet taken, to adjust (domain, output name) before it is placed."""
+        return self._nodes[-1]
+
     def take_replacement(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         """The nodes built since the last call, the last one renamed to produce `node`'s output,
         ready to stand in for `node` (see `replace_nodes`)."""
@@ -73,6 +77,7 @@ def tensor_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
 
 
 def remove_unused_initializers(model: onnx.ModelProto) -> int:
+    """Drop initializers no node reads and no output names; return how many went."""
     used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in used]
     removed = len(model.graph.initializer) - len(kept)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import edgeplug
 
 PACKAGE = Path(edgeplug.__file__).parent
@@ -97,3 +99,69 @@ def test_edgeplug_has_no_import_cycle() -> None:
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert _cycles(graph) == []
+
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+PUBLIC_MODULES = ("edgeplug", "edgeplug.plugin_api")
+
+
+def test_built_in_plugins_import_only_the_public_api() -> None:
+    """Built-in plugins are plugins like any other: `edgeplug` and `edgeplug.plugin_api` only."""
+    private = []
+    for path in sorted(PLUGINS.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        others = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                  for alias in node.names if alias.name.split(".")[0] != "edgeplug"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules = [node.module] if node.module.split(".")[0] == "edgeplug" else []
+                names = [alias.name for alias in node.names]
+                if node.module in PUBLIC_MODULES and any(name.startswith("_") for name in names):
+                    private.append(f"{path.relative_to(PLUGINS)}: from {node.module} import {', '.join(names)}")
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names if alias.name.split(".")[0] == "edgeplug"]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if isinstance(node.value, ast.Attribute | ast.Name) and ast.unparse(node.value) not in ("self", "cls", *others):
+                    private.append(f"{path.relative_to(PLUGINS)}:{node.lineno}: {ast.unparse(node)}")
+                continue
+            else:
+                continue
+            private += [f"{path.relative_to(PLUGINS)}: imports {module}" for module in modules if module not in PUBLIC_MODULES]
+    assert private == []
+
+
+def test_every_public_name_is_exported_and_documented() -> None:
+    import edgeplug.plugin_api as api
+
+    assert "GraphIndex" in edgeplug.__all__ and "GraphIndex" in api.__all__
+    for module in (edgeplug, api):
+        missing = [name for name in module.__all__ if not hasattr(module, name)]
+        assert missing == [], f"{module.__name__} lists names it does not have: {missing}"
+        undocumented = [name for name in module.__all__ if callable(getattr(module, name)) and not getattr(module, name).__doc__]
+        assert undocumented == []
+
+
+def test_help_shows_the_api() -> None:
+    import pydoc
+
+    text = pydoc.render_doc(edgeplug, renderer=pydoc.plaintext)
+    functions = text.split("\nFUNCTIONS\n")[1].split("\nDATA\n")[0]
+    classes = text.split("\nCLASSES\n")[1].split("\nFUNCTIONS\n")[0]
+    for name in ("rewrite(", "export(", "inspect_model(", "load_recipe(", "load_dataset("):
+        assert f"\n    {name}" in functions, name
+    for name in ("class Trainer", "class Pass(", "class GraphIndex", "class PluginHost"):
+        assert name in classes, name
+    assert "edgeplug.plugin_api" in text.split("\nPACKAGE CONTENTS\n")[0]
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_type_checks(tmp_path: Path) -> None:
+    """The lazily imported API (rewrite, Trainer, export) keeps its real types for mypy."""
+    api = pytest.importorskip("mypy.api")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "edgeplug.Trainer(" in example
+    (tmp_path / "example.py").write_text(example, encoding="utf-8")
+    out, err, status = api.run(["--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
+                                str(tmp_path / "example.py")])
+    assert status == 0, out + err

@@ -97,6 +97,7 @@ def test_the_device_loop_builds_and_runs_no_training_graph(built: Path, monkeypa
     for name in ("training_api", "training_artifacts", "onnxblock"):
         monkeypatch.setattr(_ort, name, unavailable)
     monkeypatch.setattr(edgeplug.pipeline, "rewrite", unavailable)
+    monkeypatch.setattr(edgeplug, "rewrite", unavailable)
     monkeypatch.setattr(edgeplug.Trainer, "__init__", unavailable)
     for module in ("onnxruntime.training.api", "onnxruntime.training.artifacts", "onnxruntime.training.onnxblock"):
         monkeypatch.setitem(sys.modules, module, None)  # importing them now raises ImportError

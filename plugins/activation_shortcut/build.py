@@ -28,8 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug.errors import ModelError
-from edgeplug.onnx_edit import GraphEditor
+from edgeplug.plugin_api import GraphEditor, ModelError
 
 from . import tucker
 from .layers import Layer
@@ -78,7 +77,7 @@ class Nodes:
 
     def op(self, op_type: str, inputs: Sequence[str], base: str, output: str | None = None, domain: str = "", **attrs: Any) -> str:
         name = self.editor.node(op_type, list(inputs), base, **attrs)
-        node = self.editor._nodes[-1]  # noqa: SLF001 - the node just built
+        node = self.editor.last_node()
         if domain:
             node.domain = domain
         if output:

@@ -13,9 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeplug import _ort
-from edgeplug.data import TensorSpec, load_dataset
-from edgeplug.errors import DataError
+from edgeplug.plugin_api import DataError, TensorSpec, captured_native_stderr, inference_runtime, load_dataset
 
 from .layers import ACCUMULATOR_SUFFIX
 
@@ -42,8 +40,8 @@ def capture(training: onnx.ModelProto, parameters: Mapping[str, np.ndarray], bat
     for name in names:
         if name not in existing:
             model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    with _ort.captured_native_stderr():
-        session = _ort.inference_runtime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with captured_native_stderr():
+        session = inference_runtime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds: dict[str, np.ndarray] = {}
     for value in session.get_inputs():
         name = value.name

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from edgeplug.graph import GraphIndex
+from edgeplug.plugin_api import GraphIndex
 
 ACCUMULATOR_SUFFIX = "_grad.accumulation.buffer"
 METADATA_OPS = frozenset({"Shape", "Size"})

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgeplug.errors import RecipeError
+from edgeplug.plugin_api import RecipeError
 
 from . import tucker
 from .layers import Layer

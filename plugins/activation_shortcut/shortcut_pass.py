@@ -20,11 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport, TrainingModels
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.onnx_edit import GraphEditor
-from edgeplug.passes import RuntimeContext
-from edgeplug.profiling.static import forward_shapes
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import GraphEditor, ModelError, RecipeError, RuntimeContext, forward_shapes, load_schema
 
 from . import build, calibrate, ranks, tucker
 from .hooks import FACTORS_FILE, LAYOUT_FILE, FactorHooks

@@ -16,15 +16,7 @@ import onnx
 from onnx import helper
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.errors import ModelError
-from edgeplug.graph import tensor_ranks
-from edgeplug.onnx_edit import (
-    GraphEditor,
-    remove_unused_initializers,
-    replace_nodes,
-    tensor_value,
-)
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import GraphEditor, ModelError, load_schema, remove_unused_initializers, replace_nodes, tensor_ranks, tensor_value
 
 
 class FreezeBatchNormPass(Pass):

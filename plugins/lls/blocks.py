@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 import onnx
 
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.graph import GraphIndex
+from edgeplug.plugin_api import GraphIndex, ModelError, RecipeError
 
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Gelu", "FastGelu", "QuickGelu", "Softplus",

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeplug.onnx_edit import GraphEditor
+from edgeplug.plugin_api import GraphEditor
 
 from .basis import basis
 

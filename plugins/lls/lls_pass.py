@@ -15,9 +15,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.passes import ForwardState, Pass, PassContext, PassReport, Stage
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import ForwardState, ModelError, Pass, PassContext, PassReport, RecipeError, Stage, load_schema
 
 from .blocks import Cut, auto_cuts, named_cuts
 from .heads import HeadSpec, append_head

@@ -9,10 +9,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.errors import ModelError
-from edgeplug.graph import GraphIndex, ensure_node_names
-from edgeplug.modelio import MAX_IR_VERSION, MAX_OPSET, default_opset
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import MAX_IR_VERSION, MAX_OPSET, GraphIndex, ModelError, default_opset, ensure_node_names, load_schema
 
 from .decompose import decompose
 from .exporter_fixes import (

@@ -14,8 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.onnx_edit import GraphEditor
+from edgeplug.plugin_api import GraphEditor, ModelError, RecipeError
 
 
 def insert_adapters(model: onnx.ModelProto, tensors: list[str], shapes: Mapping[str, list[Any]]) -> tuple[onnx.ModelProto, list[str]]:

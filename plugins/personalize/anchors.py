@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplug.errors import DataError, ModelError, RecipeError
+from edgeplug.plugin_api import DataError, ModelError, RecipeError
 
 from .archive import read_archive, write_archive
 

@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplug.atomic import atomic_file
-from edgeplug.errors import DataError
-from edgeplug.validation import first_error, load_schema
+from edgeplug.plugin_api import DataError, atomic_file, first_error, load_schema
 
 META = "__meta__"
 

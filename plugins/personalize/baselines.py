@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeplug.errors import ModelError
+from edgeplug.plugin_api import ModelError
 
 from .device import DeviceModel
 

@@ -78,8 +78,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _anchors(args: argparse.Namespace) -> int:
-    from edgeplug.data import load_npz
-    from edgeplug.errors import DataError
+    from edgeplug.plugin_api import DataError, load_npz
 
     from . import anchors as anchor_ops
     from .device import DeviceModel
@@ -107,8 +106,7 @@ def _anchors(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from edgeplug.data import load_npz
-    from edgeplug.errors import DataError
+    from edgeplug.plugin_api import DataError, load_npz
 
     from .device import DeviceModel
     from .generator import load_domains, train_generator
@@ -148,7 +146,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from edgeplug.data import load_npz
+    from edgeplug.plugin_api import load_npz
 
     from . import baselines
     from .device import DeviceModel
@@ -168,9 +166,7 @@ def _apply(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from edgeplug.data import load_npz
-    from edgeplug.errors import DataError
-    from edgeplug.modelio import save_model
+    from edgeplug.plugin_api import DataError, load_npz, save_model
 
     from .device import DeviceModel, accuracy, personalised_model
     from .slotfile import read_slots

@@ -15,8 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeplug._ort import inference_runtime
-from edgeplug.errors import DataError
+from edgeplug.plugin_api import DataError, inference_runtime
 
 from .manifest import Manifest, load_manifest
 

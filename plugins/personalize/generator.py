@@ -22,10 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeplug import _ort
-from edgeplug.atomic import atomic_directory
-from edgeplug.errors import DataError, ModelError, OutputError
-from edgeplug.validation import first_error, load_schema
+from edgeplug.plugin_api import DataError, ModelError, OutputError, atomic_directory, captured_native_stderr, first_error, inference_runtime, load_schema, open_artifacts, training_artifacts
 
 from . import anchors as anchor_ops
 from . import baselines
@@ -135,7 +132,7 @@ def train_generator(artifacts: str | Path, domains: Domains, output: str | Path,
         if not validation:
             return None
         model = standalone_model(layout, defaults, values)
-        session = _ort.inference_runtime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = inference_runtime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         scores = []
         for d in validation:
             x, y = domains.of(d)
@@ -195,9 +192,9 @@ def train_generator(artifacts: str | Path, domains: Domains, output: str | Path,
 
 def _training_session(model: onnx.ModelProto, trainable: list[str], folder: Path) -> tuple[Any, Any, Any]:
     """Training artifacts of the joined model (only the generator trains), opened for training."""
-    artifacts = _ort.training_artifacts()
+    artifacts = training_artifacts()
     frozen = [t.name for t in model.graph.initializer if t.name not in set(trainable)]
-    with _ort.captured_native_stderr() as log:
+    with captured_native_stderr() as log:
         try:
             artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen,
                                          loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
@@ -205,7 +202,7 @@ def _training_session(model: onnx.ModelProto, trainable: list[str], folder: Path
         except Exception as error:
             raise ModelError(f"cannot build the generator's training graph: {type(error).__name__}: "
                              f"{' '.join(str(error).split())[:300]} {' '.join(log)[:300]}") from None
-    state, module, optimizer = _ort.open_artifacts(folder)
+    state, module, optimizer = open_artifacts(folder)
     return module, optimizer, state
 
 
@@ -241,7 +238,7 @@ class Generator:
         outputs = [o.name for o in model.graph.output]
         if outputs != info["slots"]:
             raise DataError(f"{model_path} does not produce the slots {GENERATOR_INFO} lists; train the generator again")
-        self.session = _ort.inference_runtime().InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        self.session = inference_runtime().InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
 
     def generate(self, packed: anchor_ops.Packed, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Slot values for the device that sent these anchors: one forward pass.

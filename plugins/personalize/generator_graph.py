@@ -16,8 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug.modelio import clamp_ir_version
-from edgeplug.onnx_edit import GraphEditor, remove_unused_initializers, replace_nodes
+from edgeplug.plugin_api import GraphEditor, clamp_ir_version, remove_unused_initializers, replace_nodes
 
 from .manifest import Manifest, Slot
 from .model_facts import inferred_shapes

@@ -16,8 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgeplug.errors import DataError, ModelError
-from edgeplug.validation import first_error, load_schema
+from edgeplug.plugin_api import DataError, ModelError, first_error, load_schema
 
 PASS_NAME = "personalize"
 DEVICE_MODEL = "device.onnx"

@@ -7,7 +7,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from edgeplug.graph import GraphIndex
+from edgeplug.plugin_api import GraphIndex
 
 from .manifest import Classifier, Norm
 

@@ -19,11 +19,7 @@ import onnx
 from onnx import helper
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.atomic import atomic_file
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.graph import GraphIndex, tensor_values
-from edgeplug.modelio import clamp_ir_version
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import GraphIndex, ModelError, RecipeError, atomic_file, clamp_ir_version, load_schema, tensor_values
 
 from .adapters import insert_adapters
 from .manifest import (

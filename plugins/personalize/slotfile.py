@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplug.errors import DataError
+from edgeplug.plugin_api import DataError
 
 from .archive import read_archive, write_archive
 from .manifest import Manifest

@@ -25,9 +25,7 @@ from .quantize import quantize_weights
 def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray, y: np.ndarray, *,
                        epochs: int, lr: float, batch_size: int = 32, seed: int = 0) -> QuantState:
     """A copy of `state` whose integer weights are those of a fine-tune on (x, y), requantized."""
-    from edgeplug.exporter import export
-    from edgeplug.pipeline import rewrite
-    from edgeplug.trainer import Trainer
+    from edgeplug import Trainer, export, rewrite
 
     layers = find_layers(model)
     pattern = "^(" + "|".join(re.escape(layer.weight) for layer in layers) + ")$"

@@ -13,11 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeplug.atomic import atomic_directory
-from edgeplug.errors import DataError, RecipeError
-from edgeplug.modelio import save_model
-from edgeplug.passes import fill_defaults
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import DataError, RecipeError, atomic_directory, fill_defaults, load_schema, save_model
 
 from .backprop import backprop_calibrate
 from .calibrate import device_features
@@ -87,8 +83,7 @@ def flip_examples(float_model: onnx.ModelProto, state: QuantState, reference: Ma
 
 def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: Callable[[str], None]) -> dict[str, Any]:
     """Train with records, quantize, draw the coreset, train the flip networks; returns the summary."""
-    from edgeplug.exporter import export
-    from edgeplug.trainer import Trainer
+    from edgeplug import Trainer, export
 
     options = read_options(artifact_dir)
     started = time.perf_counter()

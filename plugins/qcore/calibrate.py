@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeplug.errors import DataError
+from edgeplug.plugin_api import DataError
 
 from .coreset import Coreset, draw, recount
 from .flipnet import (

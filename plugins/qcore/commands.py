@@ -11,8 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from edgeplug.data import Dataset, TensorSpec, load_dataset
-from edgeplug.errors import DataError
+from edgeplug.plugin_api import DataError, Dataset, TensorSpec, load_dataset
 
 QCORE_DIR = "qcore"
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeplug.atomic import atomic_file
-from edgeplug.errors import DataError
+from edgeplug.plugin_api import DataError, atomic_file
 
 
 def forgetting_counts(records: np.ndarray, never_learned: int) -> np.ndarray:

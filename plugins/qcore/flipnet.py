@@ -29,8 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug import _ort
-from edgeplug.modelio import save_model
+from edgeplug.plugin_api import inference_runtime, save_model
 
 from .layers import QuantLayer
 from .qmodel import QuantState
@@ -100,9 +99,7 @@ def train_flipnet(features: np.ndarray, targets: np.ndarray, destination: Path, 
     Non-zero targets are rare; they are repeated until they make up about a third of
     the rows so that the regression does not collapse to 'never flip'.
     """
-    from edgeplug.exporter import export
-    from edgeplug.pipeline import rewrite
-    from edgeplug.trainer import Trainer
+    from edgeplug import Trainer, export, rewrite
 
     rng = np.random.default_rng(seed)
     mean, std = features.mean(axis=0), features.std(axis=0) + EPS
@@ -135,7 +132,7 @@ class FlipNet:
     """One layer's flip network as a plain onnxruntime session (forward only), with its feature scaling."""
 
     def __init__(self, path: Path, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
-        self.session = _ort.inference_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = inference_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.mean, self.std = mean, std
 
     def steps(self, features: np.ndarray) -> np.ndarray:

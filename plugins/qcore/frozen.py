@@ -19,8 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeplug.graph import tensor_bytes
-from edgeplug.onnx_edit import GraphEditor
+from edgeplug.plugin_api import GraphEditor, tensor_bytes
 
 from .layers import QuantLayer, weight_layers
 from .quantize import quantize_weights, weight_grid

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import load_schema
 
 from .frozen import FrozenResult, quantize_frozen
 

@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeplug.errors import ModelError
-from edgeplug.onnx_edit import tensor_value
+from edgeplug.plugin_api import ModelError, tensor_value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,7 @@ import json
 from typing import Any
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.errors import RecipeError
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import RecipeError, load_schema
 
 from .layers import batch_norms, find_layers
 

@@ -18,9 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug import _ort
-from edgeplug.atomic import atomic_file, write_text
-from edgeplug.errors import DataError, ModelError
+from edgeplug.plugin_api import DataError, ModelError, atomic_file, inference_runtime, write_text
 
 from .layers import QuantLayer, batch_norms, find_layers, initializer_array
 from .quantize import (
@@ -188,7 +186,7 @@ class QuantizedRunner:
         self.output_name = model.graph.output[0].name
         probes = [layer.input for layer in self.layers] + [bn.input[0] for bn in self.norms]
         graph = _qdq_graph(model, state, bake=False, probes=probes)
-        ort = _ort.inference_runtime()
+        ort = inference_runtime()
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])

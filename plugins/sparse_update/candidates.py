@@ -15,9 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeplug.graph import GraphIndex
-from edgeplug.profiling.macs import forward_macs
-from edgeplug.profiling.static import forward_shapes
+from edgeplug.plugin_api import GraphIndex, forward_macs, forward_shapes
 
 FLOAT_BYTES = 4
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from edgeplug.optimizers import OPTIMIZER_STATES
+from edgeplug.plugin_api import OPTIMIZER_STATES
 
 from .candidates import FLOAT_BYTES, Candidate, ModelFacts
 

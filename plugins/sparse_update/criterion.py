@@ -29,14 +29,21 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeplug import _ort
-from edgeplug.data import TensorSpec, load_dataset
-from edgeplug.errors import ModelError
-from edgeplug.graph import GraphIndex
-from edgeplug.layout import CHECKPOINT, TRAINING_MODEL
-from edgeplug.losses import LOSS_TYPES
-from edgeplug.modelio import clamp_ir_version
-from edgeplug.onnx_edit import GraphEditor
+from edgeplug.plugin_api import (
+    CHECKPOINT,
+    LOSS_TYPES,
+    TRAINING_MODEL,
+    GraphEditor,
+    GraphIndex,
+    ModelError,
+    TensorSpec,
+    captured_native_stderr,
+    clamp_ir_version,
+    inference_runtime,
+    load_dataset,
+    training_api,
+    training_artifacts,
+)
 
 from .candidates import Candidate, ModelFacts
 from .probe_cut import Cut, cut_at, tail_model
@@ -144,17 +151,17 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     first = chunk_at(0)
     prefix_first = timer.seconds
     probed, probes = probe_model(tail_model(model, cut, output, first), candidates, output, batch, ranks)
-    artifacts = _ort.training_artifacts()
+    artifacts = training_artifacts()
     frozen = [t.name for t in probed.graph.initializer if t.name not in probes]
     with tempfile.TemporaryDirectory(prefix="edgeplug-sparse-probe-") as folder:
-        with _ort.captured_native_stderr() as native_log:
+        with captured_native_stderr() as native_log:
             try:
                 artifacts.generate_artifacts(
                     clamp_ir_version(probed), requires_grad=sorted(probes), frozen_params=frozen,
                     loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=None,
                     artifact_directory=folder, loss_input_names=[output],
                 )
-                api = _ort.training_api()
+                api = training_api()
                 state = api.CheckpointState.load_checkpoint(str(Path(folder) / CHECKPOINT))
                 module = api.Module(str(Path(folder) / TRAINING_MODEL), state)  # no eval model: never evaluated
             except Exception as error:  # noqa: BLE001 - onnxruntime raises RuntimeError/Fail/InvalidArgument
@@ -186,7 +193,7 @@ def _prefix_session(cut: Cut) -> Any:
     """An inference session over the frozen prefix (None when the tail reads graph inputs only)."""
     if cut.prefix is None:
         return None
-    onnxruntime = _ort.inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
+    onnxruntime = inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     return onnxruntime.InferenceSession(cut.prefix.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeplug.graph import GraphIndex
+from edgeplug.plugin_api import GraphIndex
 
 from .candidates import Candidate
 

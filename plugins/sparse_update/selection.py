@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplug.errors import RecipeError
+from edgeplug.plugin_api import RecipeError
 
 from .candidates import Candidate, ModelFacts, weight_array
 from .costs import Cost, Update, plan_cost, trained_biases

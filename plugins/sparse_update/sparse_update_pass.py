@@ -13,8 +13,7 @@ import time
 from typing import Any
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.errors import RecipeError
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import RecipeError, load_schema
 
 from . import split
 from .candidates import find_candidates, model_facts

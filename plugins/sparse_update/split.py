@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeplug.onnx_edit import GraphEditor, remove_unused_initializers, replace_nodes
+from edgeplug.plugin_api import GraphEditor, remove_unused_initializers, replace_nodes
 
 from .candidates import Candidate
 from .costs import Update

@@ -10,9 +10,7 @@ from typing import Any
 import onnx
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.errors import RecipeError
-from edgeplug.graph import WEIGHT_OPS, GraphIndex, tensor_values
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import WEIGHT_OPS, GraphIndex, RecipeError, load_schema, tensor_values
 
 # Ops that, placed right after a weight layer, belong to it (its bias or normalisation).
 FOLLOWER_OPS = frozenset({"Add", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "Mul"})

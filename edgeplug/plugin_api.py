@@ -1,0 +1,161 @@
+"""The public API for plugin authors: everything a pass may use from edgeplug's core.
+
+Built-in plugins import from here (and from `edgeplug`) only, like third-party
+ones; the other modules of `edgeplug` are internal and may change. Groups:
+
+- the pass contract: `Pass`, `ForwardState`, `Stage`, `TrainingModels`,
+  `PassContext`, `PassReport`, `RuntimeContext`, `hookimpl`, `fill_defaults`;
+- errors the user can fix: `EdgeplugError` and its subclasses;
+- reading graphs: `GraphIndex`, `Layer`, `WEIGHT_OPS`, `LAYER_OPS`, `FLOAT_TYPES`,
+  `tensor_values`, `tensor_bytes`, `tensor_ranks`;
+- editing graphs: `GraphEditor` (unique names, Constant nodes), `replace_nodes`,
+  `tensor_value`, `remove_unused_initializers`, `ensure_node_names`;
+- models on disk: `load_model`, `save_model` (atomic, IR clamped), `check_model`,
+  `clamp_ir_version`, `default_opset`, `MAX_IR_VERSION`, `MAX_OPSET`;
+- shapes and costs: `forward_shapes` (every tensor's shape at a batch size),
+  `forward_macs`;
+- onnxruntime without torch: `inference_session`, `inference_runtime`,
+  `training_api`, `training_artifacts`, `open_artifacts`, `captured_native_stderr`;
+- training vocabulary: `LOSS_TYPES`, `OPTIMIZER_TYPES`, `OPTIMIZER_STATES`, the
+  artifact folder's file names (`TRAINING_MODEL`, `CHECKPOINT`, ...);
+- data and files: `load_dataset`, `load_npz`, `Dataset`, `TensorSpec`,
+  `atomic_file`, `atomic_directory`, `write_text`, `load_schema`, `first_error`.
+"""
+
+from __future__ import annotations
+
+from edgeplug._ort import (
+    captured_native_stderr,
+    inference_runtime,
+    inference_session,
+    open_artifacts,
+    training_api,
+    training_artifacts,
+)
+from edgeplug.atomic import atomic_directory, atomic_file, write_text
+from edgeplug.data import Dataset, TensorSpec, load_dataset, load_npz
+from edgeplug.errors import (
+    DataError,
+    EdgeplugError,
+    ModelError,
+    NoGradientError,
+    OutputError,
+    PassError,
+    PluginError,
+    RecipeError,
+    ResourceError,
+    SetupError,
+)
+from edgeplug.graph import (
+    FLOAT_TYPES,
+    LAYER_OPS,
+    WEIGHT_OPS,
+    GraphIndex,
+    Layer,
+    ensure_node_names,
+    tensor_bytes,
+    tensor_ranks,
+    tensor_values,
+)
+from edgeplug.layout import (
+    CHECKPOINT,
+    EVAL_MODEL,
+    FORWARD_MODEL,
+    LABELS_INPUT,
+    OPTIMIZER_MODEL,
+    TRAINING_MODEL,
+)
+from edgeplug.losses import LOSS_TYPES
+from edgeplug.modelio import (
+    MAX_IR_VERSION,
+    MAX_OPSET,
+    check_model,
+    clamp_ir_version,
+    default_opset,
+    load_model,
+    save_model,
+)
+from edgeplug.onnx_edit import GraphEditor, remove_unused_initializers, replace_nodes, tensor_value
+from edgeplug.optimizers import OPTIMIZER_STATES, OPTIMIZER_TYPES
+from edgeplug.passes import (
+    ForwardState,
+    Pass,
+    PassContext,
+    PassReport,
+    RuntimeContext,
+    Stage,
+    TrainingModels,
+    fill_defaults,
+)
+from edgeplug.plugins import hookimpl
+from edgeplug.profiling.macs import forward_macs
+from edgeplug.profiling.static import forward_shapes
+from edgeplug.validation import first_error, load_schema
+
+__all__ = [
+    "CHECKPOINT",
+    "EVAL_MODEL",
+    "FLOAT_TYPES",
+    "FORWARD_MODEL",
+    "LABELS_INPUT",
+    "LAYER_OPS",
+    "LOSS_TYPES",
+    "MAX_IR_VERSION",
+    "MAX_OPSET",
+    "OPTIMIZER_MODEL",
+    "OPTIMIZER_STATES",
+    "OPTIMIZER_TYPES",
+    "TRAINING_MODEL",
+    "WEIGHT_OPS",
+    "DataError",
+    "Dataset",
+    "EdgeplugError",
+    "ForwardState",
+    "GraphEditor",
+    "GraphIndex",
+    "Layer",
+    "ModelError",
+    "NoGradientError",
+    "OutputError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassReport",
+    "PluginError",
+    "RecipeError",
+    "ResourceError",
+    "RuntimeContext",
+    "SetupError",
+    "Stage",
+    "TensorSpec",
+    "TrainingModels",
+    "atomic_directory",
+    "atomic_file",
+    "captured_native_stderr",
+    "check_model",
+    "clamp_ir_version",
+    "default_opset",
+    "ensure_node_names",
+    "fill_defaults",
+    "first_error",
+    "forward_macs",
+    "forward_shapes",
+    "hookimpl",
+    "inference_runtime",
+    "inference_session",
+    "load_dataset",
+    "load_model",
+    "load_npz",
+    "load_schema",
+    "open_artifacts",
+    "remove_unused_initializers",
+    "replace_nodes",
+    "save_model",
+    "tensor_bytes",
+    "tensor_ranks",
+    "tensor_value",
+    "tensor_values",
+    "training_api",
+    "training_artifacts",
+    "write_text",
+]
