@@ -7,10 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from edgeplug import _ort
-from edgeplug.data import Dataset, TensorSpec, load_dataset
-from edgeplug.errors import ModelError
-from edgeplug.graph import GraphIndex
+from edgeplug.plugin_api import Dataset, GraphIndex, ModelError, TensorSpec, inference_runtime, load_dataset
 
 from .locate import Head
 
@@ -33,7 +30,7 @@ def penultimate_features(model: onnx.ModelProto, head: Head, data: Dataset, batc
     pooling of a 1x1 Conv head, a mean over tokens), and the head is linear, so the
     logits equal the head applied to these features.
     """
-    runtime = _ort.inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
+    runtime = inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
     options = runtime.SessionOptions()
     options.log_severity_level = 3
     session = runtime.InferenceSession(_feature_model(model, head.features).SerializeToString(), options,

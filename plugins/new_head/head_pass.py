@@ -12,11 +12,8 @@ import collections
 import time
 from typing import Any
 
-import numpy as np
-
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.validation import load_schema
+from edgeplug.plugin_api import ModelError, RecipeError, load_schema
 
 from . import inits
 from .features import penultimate_features, support_set

@@ -14,9 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeplug.errors import ModelError, RecipeError
-from edgeplug.graph import FLOAT_TYPES, GraphIndex
-from edgeplug.onnx_edit import GraphEditor
+from edgeplug.plugin_api import FLOAT_TYPES, GraphEditor, GraphIndex, ModelError, RecipeError
 
 HEAD_OPS = ("Gemm", "MatMul", "Conv")
 # Ops allowed between the head and the output: they keep each class's logit apart and
