@@ -323,6 +323,33 @@ def test_memory_budget_selects_ranks_and_reports_them(tmp_path: Path) -> None:
         rewrite(convnet(), tmp_path, "tiny", {"memory_budget_bytes": 10, "batch_size": 8}, calibration=data)
 
 
+def test_compression_ratio_budget_scales_with_the_chosen_layers(tmp_path: Path) -> None:
+    """`compression` budgets 1/ratio of whatever layers are chosen, so one recipe holds at any input size."""
+    data = toy_data()
+    for name, options in (("all", {}), ("last", {"last": 2})):
+        details = rewrite(convnet(), tmp_path, name, {"compression": 4, "batch_size": 8, **options}, calibration=data).report["passes"][-1]["details"]
+        assert details["rank_selection"]["memory_budget_bytes"] == details["vanilla_bytes"] // 4
+        assert details["compressed_bytes"] <= details["vanilla_bytes"] / 4
+    with pytest.raises(RecipeError, match=r"compression 100000 is more than these layers allow: at most \d"):
+        rewrite(convnet(), tmp_path, "much", {"compression": 100000, "batch_size": 8}, calibration=data)
+
+
+def test_nothing_to_compress_leaves_the_graph_alone(tmp_path: Path) -> None:
+    """A composed recipe whose earlier pass trains no layer of op_types (sparse-update choosing only the classifier)
+    or patterns that leave no layer: a report line, the training graph as generated, and training works."""
+    for name, options, before in (
+        ("patterns", {"ranks": "full", "include": ["nothing*"]}, []),
+        ("classifier", {"compression": 10, "op_types": ["Conv"], "batch_size": 8}, [{"name": "trainable", "options": {"layers": "classifier"}}]),
+    ):
+        result = rewrite(convnet(), tmp_path, name, options, before=before, calibration=toy_data())
+        entry = result.report["passes"][-1]
+        assert not entry["changed"] and "nothing to compress" in entry["summary"], entry
+        assert not any(".asi." in n.name for n in onnx.load(str(tmp_path / name / "training_model.onnx")).graph.node)
+        assert not (tmp_path / name / "passes" / "activation-shortcut" / LAYOUT_FILE).exists()
+    fit = edgeplug.Trainer(tmp_path / "classifier", progress=False, host=HOST).fit(toy_data(), epochs=2, batch_size=8)
+    assert fit.steps_run == 12
+
+
 def test_trains_and_resumes_with_the_carried_factors(tmp_path: Path) -> None:
     data = toy_data()
     options = {"energy": 0.7, "batch_size": 8, "compress_batch": True}
@@ -361,7 +388,8 @@ def test_composes_with_trainable_and_sparse_update(tmp_path: Path) -> None:
     ({}, False, "needs exactly one of"),
     ({"memory_budget_bytes": 1000}, False, "calibration"),
     ({"method": "gradient-filter", "ranks": "full"}, False, "only apply to method 'asi'"),
-    ({"ranks": "full", "include": ["nothing*"]}, False, "no trained layer to compress"),
+    ({"compression": 20}, False, "calibration"),
+    ({"compression": 20, "ranks": "full"}, False, "needs exactly one of"),
 ])
 def test_bad_options_are_recipe_errors(tmp_path: Path, options: dict[str, Any], calibrated: bool, message: str) -> None:
     with pytest.raises(edgeplug.EdgeplugError, match=message):

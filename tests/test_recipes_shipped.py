@@ -59,6 +59,23 @@ def test_recipe_runs_rewrite_train_export(tmp_path: Path, path: Path) -> None:
         assert {f"{q['weight']}_quantized" for q in details["quantized"]} <= int8
 
 
+@pytest.mark.parametrize("path", [p for p in RECIPES if "shortcut" in p.stem], ids=lambda p: p.stem)
+def test_composed_recipe_works_when_sparse_update_trains_only_the_classifier(tmp_path: Path, path: Path) -> None:
+    """At 64x64 every conv's activations exceed sparse-update's 1.5 MB budget, so only the classifier trains
+    (the 224x224 case of a pretrained CNN); activation-shortcut then has nothing to compress and says so."""
+    image = 64
+    model = cnn(channels=(8, 16, 16), classes=CLASSES, image=image, batch_norm=False)
+    data = classification_data((1, image, image), CLASSES, n=40, seed=1)
+    report = edgeplug.rewrite(model, load_recipe(path), tmp_path / "out", calibration=data).report
+    trainable = set(report["parameters"]["trainable"])
+    assert trainable and not any(name.startswith("conv") for name in trainable)
+    shortcut = next(p for p in report["passes"] if p["name"] == "activation-shortcut")
+    assert not shortcut["changed"] and "nothing to compress" in shortcut["summary"]
+    result = edgeplug.Trainer(tmp_path / "out", progress=False).fit(data, epochs=3, batch_size=10)
+    assert result.epochs[-1].train.loss < result.epochs[0].train.loss
+    edgeplug.export(tmp_path / "out", tmp_path / "trained.onnx")
+
+
 def test_a_recipe_runs_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     path = next(p for p in RECIPES if "int8" in p.stem)
     onnx.save(cnn(channels=(8, 16), classes=CLASSES, image=IMAGE, batch_norm=False), tmp_path / "model.onnx")

@@ -71,14 +71,19 @@ def initial_factors(spectra: Sequence[tuple[np.ndarray, np.ndarray]], ranks: Seq
     return [vectors[:, :k].astype(np.float32) if k < vectors.shape[0] else None for (_, vectors), k in zip(spectra, ranks)]
 
 
-def choose(options: Sequence[Sequence[Candidate]], budget: int) -> list[int]:
-    """Index of one candidate per layer, minimising the summed error with summed bytes <= budget."""
+def choose(options: Sequence[Sequence[Candidate]], budget: int, *, ratio: float | None = None, vanilla: int = 0) -> list[int]:
+    """Index of one candidate per layer, minimising the summed error with summed bytes <= budget.
+    `ratio` / `vanilla`: the budget came from a compression ratio of these input bytes (for the message)."""
     front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
     for layer_options in options:
         merged = [(mem + c.bytes, err + c.error, picks + (i,)) for mem, err, picks in front for i, c in enumerate(layer_options)
                   if mem + c.bytes <= budget]
         if not merged:
             smallest = sum(min(c.bytes for c in opts) for opts in options)
+            if ratio is not None:
+                raise RecipeError(f"compression {ratio:g} is more than these layers allow: at most {vanilla / smallest:.1f}x "
+                                  f"({smallest:,} of {vanilla:,} input bytes with the lowest threshold for every layer); lower "
+                                  "it, lower the smallest threshold or compress fewer/other layers")
             raise RecipeError(f"memory_budget_bytes {budget:,} is below the smallest choice "
                               f"({smallest:,} bytes with the lowest threshold for every layer); raise the budget or "
                               "lower the smallest threshold")

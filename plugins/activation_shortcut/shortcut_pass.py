@@ -27,6 +27,7 @@ from .hooks import FACTORS_FILE, LAYOUT_FILE, FactorHooks
 from .layers import Layer, backward_nodes, backward_readers, find_layers, select
 
 FLOAT_BYTES = 4
+SELECTIONS = ("compression", "memory_budget_bytes", "energy", "ranks")
 
 
 class ActivationShortcutPass(Pass):
@@ -51,14 +52,14 @@ class ActivationShortcutPass(Pass):
     def _check_options(self, context: PassContext) -> None:
         o = self.options
         if o["method"] == "gradient-filter":
-            given = [k for k in ("memory_budget_bytes", "energy", "ranks") if k in o]
+            given = [k for k in SELECTIONS if k in o]
             if given:
                 raise RecipeError(f"{', '.join(given)} only apply to method 'asi'")
             return
-        chosen = [k for k in ("memory_budget_bytes", "energy", "ranks") if k in o]
+        chosen = [k for k in SELECTIONS if k in o]
         if len(chosen) != 1:
-            raise RecipeError("method 'asi' needs exactly one of memory_budget_bytes, energy "
-                              f"(both read --calibration-data) or ranks; got {chosen or 'none'}")
+            raise RecipeError("method 'asi' needs exactly one of compression, memory_budget_bytes, energy "
+                              f"(these read --calibration-data) or ranks; got {chosen or 'none'}")
         if chosen[0] != "ranks" and context.calibration is None:
             raise RecipeError(f"{chosen[0]} chooses ranks on a calibration batch: "
                               "edgeplug rewrite ... --calibration-data train.npz (or rewrite(..., calibration=arrays)), "
@@ -80,9 +81,11 @@ class ActivationShortcutPass(Pass):
             found = [la for la in found if la.is_conv]
         chosen = select(found, o)
         if not chosen:
-            raise RecipeError("no trained layer to compress (candidates: "
-                              f"{', '.join(la.node for la in found) or 'none'}); check include/exclude/op_types and that "
-                              "the layers' weights train")
+            # Composed recipes meet this when an earlier pass (sparse-update) trains no layer of op_types,
+            # e.g. only the classifier at a large input size: the training graph stays as generated.
+            self._details = {"method": o["method"], "layers": [], "skipped": skipped, "candidates": [la.node for la in found],
+                             "nothing_to_compress": True, "seconds": round(time.perf_counter() - started, 4)}
+            return models
         plans, factors, choice = self._plans(chosen, training, context)
 
         removable = backward_nodes(training)
@@ -152,10 +155,12 @@ class ActivationShortcutPass(Pass):
             found, spectrum = ranks.candidates(la, values[la.input], values[f"{la.output}_grad"], thresholds, o["compress_batch"])
             options_per_layer.append(found)
             spectra.append(spectrum)
+        budget = None
         if "energy" in o:
             picks = [0] * len(layers)
         else:
-            picks = ranks.choose(options_per_layer, int(o["memory_budget_bytes"]))
+            budget = budget_bytes(o, layers)
+            picks = ranks.choose(options_per_layer, budget, ratio=o.get("compression"), vanilla=sum(vanilla_bytes(la) for la in layers))
         plans = []
         for la, found, pick, spectrum in zip(layers, options_per_layer, picks, spectra):
             plan = build.Plan(la, "asi", ranks=found[pick].ranks)
@@ -166,7 +171,8 @@ class ActivationShortcutPass(Pass):
         choice = {
             "calibration_samples": int(o["batch_size"]),
             "thresholds": thresholds,
-            "memory_budget_bytes": o.get("memory_budget_bytes"),
+            "memory_budget_bytes": budget,
+            "compression": o.get("compression"),
             "candidates": {la.node: [c.to_dict() for c in found] for la, found in zip(layers, options_per_layer)},
             "chosen": {la.node: found[pick].to_dict() for la, found, pick in zip(layers, options_per_layer, picks)},
         }
@@ -177,7 +183,7 @@ class ActivationShortcutPass(Pass):
         layers = []
         for plan, built in results:
             la = plan.layer
-            vanilla = math.prod(la.x_shape) * FLOAT_BYTES
+            vanilla = vanilla_bytes(la)
             compressed = sum(math.prod(shape) for shape in built.stored.values()) * FLOAT_BYTES
             readers = backward_readers(training, la.input, backward)
             entry = {**la.to_dict(), "vanilla_bytes": vanilla, "compressed_bytes": compressed,
@@ -216,6 +222,10 @@ class ActivationShortcutPass(Pass):
         d = self._details
         if not d:
             return PassReport(False, "did not run")
+        if d.get("nothing_to_compress"):
+            why = f"{len(d['skipped'])} trained layers not supported" if d["skipped"] else \
+                f"no trained {'/'.join(self.options['op_types'])} layer" + (" left by include/exclude/last" if d["candidates"] else "")
+            return PassReport(False, f"{d['method']}: nothing to compress ({why}); the training graph is unchanged", details=d)
         return PassReport(
             changed=True,
             summary=f"{d['method']}: {len(d['layers'])} layers keep {d['compressed_bytes'] / 2**10:,.1f} KiB instead of "
@@ -223,6 +233,19 @@ class ActivationShortcutPass(Pass):
             f"after forward); backward MACs {d['backward_macs']:,} vs {d['vanilla_backward_macs']:,}",
             details=d,
         )
+
+
+def vanilla_bytes(layer: Layer) -> int:
+    """Bytes of the layer's input that vanilla backprop keeps (float32)."""
+    return math.prod(layer.x_shape) * FLOAT_BYTES
+
+
+def budget_bytes(options: dict[str, Any], layers: list[Layer]) -> int:
+    """The byte budget of the compressed inputs: given, or the layers' input bytes over `compression`
+    (which keeps a recipe valid at any input size and for whichever layers an earlier pass chose)."""
+    if "compression" in options:
+        return int(sum(vanilla_bytes(la) for la in layers) / float(options["compression"]))
+    return int(options["memory_budget_bytes"])
 
 
 def context_model(training: onnx.ModelProto, data_inputs: set[str]) -> onnx.ModelProto:
