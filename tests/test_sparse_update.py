@@ -283,3 +283,123 @@ def test_a_frozen_bias_survives_the_split(tmp_path: Path, axis: str) -> None:
     assert not any(name.endswith("bias") for name in report["parameters"]["trainable"])
     forward = onnx.load(str(tmp_path / "out" / "forward_model.onnx"))
     np.testing.assert_allclose(_run(forward, data["x"]), _run(model, data["x"]), rtol=1e-5, atol=1e-4)
+
+
+# -- TinyTrain's defaults and the lean frozen path -----------------------------------------------------
+
+def mbconv(blocks: int = 2, width: int = 4, expand: int = 3, classes: int = 5, seed: int = 0, image: int = IMAGE) -> onnx.ModelProto:
+    """x[N,3,S,S] -> stem 3x3 -> (1x1 expand -> Clip(0,6) -> depthwise 3x3 -> Clip -> 1x1 project (+ x))* -> 1x1 head
+    -> Clip -> GAP -> Gemm: the layer pattern of MobileNetV2/EfficientNet-Lite."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def weight(name: str, shape: tuple[int, ...]) -> str:
+        fan_in = int(np.prod(shape[1:]))
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name))
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape[0]) * 0.1).astype(np.float32), name.replace("weight", "bias")))
+        return name
+
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array(6.0, np.float32), "six")]
+    nodes.append(helper.make_node("Conv", ["x", weight("stem.weight", (width, 3, 3, 3)), "stem.bias"], ["s"], name="stem", pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Clip", ["s", "zero", "six"], ["h0"], name="stem_act"))
+    previous = "h0"
+    for b in range(blocks):
+        wide = width * expand
+        nodes += [
+            helper.make_node("Conv", [previous, weight(f"b{b}.expand.weight", (wide, width, 1, 1)), f"b{b}.expand.bias"], [f"b{b}e"], name=f"b{b}.expand"),
+            helper.make_node("Clip", [f"b{b}e", "zero", "six"], [f"b{b}ea"], name=f"b{b}.act0"),
+            helper.make_node("Conv", [f"b{b}ea", weight(f"b{b}.dw.weight", (wide, 1, 3, 3)), f"b{b}.dw.bias"], [f"b{b}d"], name=f"b{b}.dw",
+                             group=wide, pads=[1, 1, 1, 1]),
+            helper.make_node("Clip", [f"b{b}d", "zero", "six"], [f"b{b}da"], name=f"b{b}.act1"),
+            helper.make_node("Conv", [f"b{b}da", weight(f"b{b}.project.weight", (width, wide, 1, 1)), f"b{b}.project.bias"], [f"b{b}p"],
+                             name=f"b{b}.project"),
+            helper.make_node("Add", [f"b{b}p", previous], [f"b{b}out"], name=f"b{b}.add"),
+        ]
+        previous = f"b{b}out"
+    nodes += [
+        helper.make_node("Conv", [previous, weight("head.weight", (2 * width, width, 1, 1)), "head.bias"], ["hd"], name="head"),
+        helper.make_node("Clip", ["hd", "zero", "six"], ["hda"], name="head_act"),
+        helper.make_node("GlobalAveragePool", ["hda"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", weight("fc.weight", (classes, 2 * width)), "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "mbconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, image, image])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_tinytrain_defaults_follow_the_paper(tmp_path: Path) -> None:
+    """Output channels ranked by their own Fisher potential; layers in descending score until the next one
+    does not fit (Algorithm 1), each with its top channel_ratio share; no input probes are built."""
+    model = mbconv(blocks=3, width=8, seed=4)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=20, seed=4)
+    report = edgeplug.rewrite(model, _recipe(memory_budget_bytes=60_000, batch_size=8), tmp_path / "out", calibration=data).report
+    details = _details(report)
+    assert details["loop"] == "paper" and details["probe"]["input_probes"] is False
+    facts = model_facts(model, "logits", 8)
+    candidates = find_candidates(facts, frozenset(facts.index.parameters()))
+    by_node = {c.node: c for c in candidates}
+    potentials = fisher_potentials(facts, candidates, "cross-entropy", data, chunk=16, input_probes=False)
+    chosen = [layer for layer in details["layers"] if layer["node"] != "fc"]
+    assert chosen, details
+    for layer in chosen:
+        c = by_node[layer["node"]]
+        assert layer["axis"] == ("input" if c.kind == "depthwise" else "output")
+        assert layer["ratio"] == pytest.approx(0.25, abs=1 / c.channels)
+        top = np.argsort(-potentials.output[c.position], kind="stable")[: len(layer["channels"])]
+        assert sorted(layer["channels"]) == sorted(int(i) for i in top)
+    ranked = [entry["node"] for entry in details["score_ranking"] if entry["node"] != "fc"]
+    assert [layer["node"] for layer in sorted(chosen, key=lambda layer: -layer["score"])] == ranked[: len(chosen)]
+
+
+def test_the_lean_frozen_path_keeps_no_input_for_frozen_pointwise_convs(tmp_path: Path) -> None:
+    """Training the stem only: the frozen 1x1 convs after it become MatMuls whose input gradient keeps
+    nothing; values are unchanged and the prediction equals the profiler's count, with and without."""
+    model = mbconv(blocks=2, width=4, seed=1)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=16, seed=1)
+    retained = {}
+    for lean in (False, True):
+        options = {"strategy": "random", "memory_budget_bytes": 10**7, "batch_size": 8, "layers": 2, "lean_backward": lean,
+                   "classifier": "full", "seed": 0}
+        recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01}, "passes": [
+            {"name": "trainable", "options": {"include": ["stem.*", "fc.*"]}},
+            {"name": "sparse-update", "options": options}]})
+        out = tmp_path / f"lean-{lean}"
+        report = edgeplug.rewrite(model, recipe, out, calibration=data).report
+        details = _details(report)
+        counted = static_profile(out, batch_size=8)
+        assert details["predicted"]["backward_memory_bytes"] == counted.retained_activation_bytes + counted.gradient_bytes + counted.optimizer_state_bytes
+        retained[lean] = {t.name for t in counted.retained}
+        forward = onnx.load(str(out / "forward_model.onnx"))
+        np.testing.assert_allclose(_run(forward, data["x"]), _run(model, data["x"]), rtol=1e-5, atol=1e-5)
+        ops = {n.op_type for n in forward.graph.node}
+        assert ("MatMul" in ops) is lean
+    assert {"b0e", "b1e", "hd"} <= retained[False] & retained[True]  # Clip keeps its input either way
+    assert {"b0out", "b1out", "b0da", "b1da"} <= retained[False]  # the 1x1 convs' inputs, kept by ConvGrad
+    assert not {"b0out", "b1out", "b0da", "b1da"} & retained[True]
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blocks=st.integers(1, 3), strategy=st.sampled_from(["tinytrain", "static", "random"]), axis=st.sampled_from(["auto", "input"]),
+       budget=st.integers(20_000, 200_000), seed=st.integers(0, 3))
+def test_mbconv_plans_are_counted_exactly_and_keep_the_function(
+        tmp_path_factory: pytest.TempPathFactory, blocks: int, strategy: str, axis: str, budget: int, seed: int) -> None:
+    model = mbconv(blocks=blocks, width=4, seed=seed)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=12, seed=seed)
+    out = tmp_path_factory.mktemp("mb") / "a"
+    options = {"strategy": strategy, "axis": axis, "memory_budget_bytes": budget, "batch_size": 8, "seed": seed}
+    try:
+        report = edgeplug.rewrite(model, _recipe(**options), out, calibration=data).report
+    except edgeplug.RecipeError as error:
+        assert "does not cover" in str(error)
+        return
+    details = _details(report)
+    counted = static_profile(out, batch_size=8)
+    memory = counted.retained_activation_bytes + counted.gradient_bytes + counted.optimizer_state_bytes
+    assert details["predicted"]["backward_memory_bytes"] == memory <= budget
+    forward = onnx.load(str(out / "forward_model.onnx"))
+    np.testing.assert_allclose(_run(forward, data["x"]), _run(model, data["x"]), rtol=1e-4, atol=1e-5)
+    result = edgeplug.Trainer(out, progress=False, checkpoints=False).fit(data, epochs=1, batch_size=8)
+    assert result.steps_run == 2

@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import onnx
+
 from edgeplug.plugin_api import OPTIMIZER_STATES
 
 from .candidates import FLOAT_BYTES, Candidate, ModelFacts
+from .lean import is_pointwise_frozen_conv
 
 # Ops whose gradient reads no activation (only shapes, constants or the incoming gradient).
 PASS_THROUGH = frozenset({
@@ -80,8 +83,12 @@ def trained_biases(facts: ModelFacts, candidates: list[Candidate], updates: Mapp
 
 
 def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[int, Update], biases: set[int],
-              optimizer: str, loss: str) -> Cost:
-    """Counted cost of training `updates` (and the biases of `biases`) at `facts.batch_size`."""
+              optimizer: str, loss: str, lean: bool = False) -> Cost:
+    """Counted cost of training `updates` (and the biases of `biases`) at `facts.batch_size`.
+
+    With `lean`, the frozen path is counted as `lean.lean_frozen_path` rewrites it: frozen
+    1x1 convs keep nothing.
+    """
     values = sum(u.weight_values for u in updates.values()) + sum(candidates[p].bias_values for p in biases)
     gradient_bytes = values * FLOAT_BYTES
     if not updates and not biases:
@@ -95,11 +102,13 @@ def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[i
         candidate = by_node.get(node.name)
         update = updates.get(candidate.position) if candidate else None
         if update is not None:
-            macs += _updated_layer(facts, update, node.input[0] in needs, retained)
+            macs += _updated_layer(facts, update, node.input[0] in needs, retained, lean)
             continue
         if not inputs_needing:
             continue
-        if node.op_type in ("Conv", "ConvTranspose"):
+        if lean and node.input[0] in needs and _pointwise(facts, node):
+            macs += (candidate.macs if candidate else 0)  # MatMul(W, x): its x gradient reads W only
+        elif node.op_type in ("Conv", "ConvTranspose"):
             # ConvGrad takes X whatever it computes; dX costs one forward-sized product
             _keep(facts, node.input[0], retained)
             macs += (candidate.macs if candidate else 0) if node.input[0] in needs else 0
@@ -128,17 +137,28 @@ def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[i
     return Cost(sum(retained.values()), gradient_bytes, gradient_bytes * states, macs)
 
 
-def _updated_layer(facts: ModelFacts, update: Update, input_needs: bool, retained: dict[str, int]) -> int:
+def _updated_layer(facts: ModelFacts, update: Update, input_needs: bool, retained: dict[str, int], lean: bool) -> int:
     c = update.candidate
     ratio = update.ratio
     if update.channels is not None and update.axis == "input":
         # weight gradient reads only the gathered channels; passing dX on reads the rest too
+        # (unless the frozen rest is a 1x1 conv that the lean rewrite turns into a MatMul)
         retained[f"{c.input}[sliced for {c.node}]"] = round(c.input_bytes * ratio)
-        if input_needs:
+        if input_needs and not (lean and c.kind == "conv" and _pointwise(facts, facts.index.producer.get(c.output))):
             retained[f"{c.input}[rest for {c.node}]"] = c.input_bytes - round(c.input_bytes * ratio)
     else:
         _keep(facts, c.input, retained)
     return round(c.macs * ratio) + (c.macs if input_needs else 0)
+
+
+def _pointwise(facts: ModelFacts, node: onnx.NodeProto | None) -> bool:
+    """A group-1 1x1 stride-1 unpadded Conv with an initializer weight and a static input shape (see `lean`)."""
+    if node is None or node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in facts.index.initializers:
+        return False
+    if not is_pointwise_frozen_conv(node, facts.index, frozenset()):
+        return False
+    shape = facts.shapes.get(node.input[0])
+    return shape is not None and len(shape) >= 3 and all(d > 0 for d in shape[1:])
 
 
 def _keep(facts: ModelFacts, name: str, retained: dict[str, int]) -> None:

@@ -64,7 +64,7 @@ class Potentials:
 
 
 def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str, batch: int,
-                ranks: Mapping[str, int]) -> tuple[onnx.ModelProto, dict[str, tuple[int, str]]]:
+                ranks: Mapping[str, int], input_probes: bool = True) -> tuple[onnx.ModelProto, dict[str, tuple[int, str]]]:
     """The forward model with probes of ones; returns it and probe name -> (candidate position, 'output'/'input')."""
     probed = onnx.ModelProto()
     probed.CopyFrom(model)
@@ -95,7 +95,7 @@ def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str
         if candidate is None:
             nodes.append(node)
             continue
-        if candidate.kind == "conv":
+        if candidate.kind == "conv" and input_probes:
             probe = _probe(editor, probed, f"{node.name}.probe_in", batch, candidate.slice_channels, ranks[candidate.input])
             probes[probe] = (candidate.position, "input")
             node.input[0] = editor.node("Mul", [candidate.input, probe], f"{candidate.input}.probed")
@@ -120,11 +120,12 @@ def _probe(editor: GraphEditor, model: onnx.ModelProto, base: str, batch: int, c
 
 
 def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
-                      calibration: Mapping[str, np.ndarray], chunk: int) -> Potentials:
+                      calibration: Mapping[str, np.ndarray], chunk: int, input_probes: bool = True) -> Potentials:
     """Run every support sample through the probe graph once; return the Fisher potentials.
 
     The prefix before the earliest probed layer runs as plain inference (`probe_cut`);
-    only the tail is differentiated, in chunks of `chunk` samples.
+    only the tail is differentiated, in chunks of `chunk` samples. Group-1 convs are
+    probed at their input too when `input_probes` (for input-channel ranking).
     """
     model, output = facts.index.model, facts.output
     ranks = {name: len(shape) for name, shape in facts.shapes.items()}
@@ -135,7 +136,7 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     total = len(data)
     batch = math.ceil(total / math.ceil(total / chunk))  # equal chunks of at most `chunk`: the least padding
     started = time.perf_counter()
-    cut = cut_at(facts.index, candidates, output, facts.constants, facts.dtypes)
+    cut = cut_at(facts.index, candidates, output, facts.constants, facts.dtypes, input_probes)
     prefix = _prefix_session(cut)
     timer = _Timer()
 
@@ -150,7 +151,7 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
 
     first = chunk_at(0)
     prefix_first = timer.seconds
-    probed, probes = probe_model(tail_model(model, cut, output, first), candidates, output, batch, ranks)
+    probed, probes = probe_model(tail_model(model, cut, output, first), candidates, output, batch, ranks, input_probes)
     artifacts = training_artifacts()
     frozen = [t.name for t in probed.graph.initializer if t.name not in probes]
     with tempfile.TemporaryDirectory(prefix="edgeplug-sparse-probe-") as folder:

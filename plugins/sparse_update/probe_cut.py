@@ -35,12 +35,12 @@ class Cut:
 
 
 def cut_at(index: GraphIndex, probed: Iterable[Candidate], output: str, constants: set[str],
-           dtypes: Mapping[str, np.dtype]) -> Cut:
+           dtypes: Mapping[str, np.dtype], input_probes: bool = True) -> Cut:
     """Split the model of `index` (pruned to `output`) where the probes of `probed` begin.
 
     A layer probed only at its output runs in the prefix too (the probe then
-    scales the boundary tensor); a group-1 conv, probed at its input as well, and
-    the layer computing `output` stay in the tail. `constants` names the tensors
+    scales the boundary tensor); a group-1 conv probed at its input as well
+    (`input_probes`) and the layer computing `output` stay in the tail. `constants` names the tensors
     computed from initializers alone (they stay in the tail); `dtypes` gives the
     element type of the prefix's outputs.
     """
@@ -48,7 +48,7 @@ def cut_at(index: GraphIndex, probed: Iterable[Candidate], output: str, constant
     needed = index.ancestors([output])
     layers = list(probed)
     starts = [c.output for c in layers]
-    inside = {c.node for c in layers if c.kind == "conv" or c.output == output}
+    inside = {c.node for c in layers if (input_probes and c.kind == "conv") or c.output == output}
     downstream = (index.descendants(starts, float_only=False) | inside) & needed
     in_tail = set(downstream)
     # constant chains (shapes, pads) the tail reads stay in the tail, so its shapes stay static

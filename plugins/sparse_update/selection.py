@@ -1,9 +1,18 @@
 """Which layers and channels train: TinyTrain's criterion or a baseline, under budgets.
 
-Every strategy except `last-k` walks the candidate layers in its own order and
-adds each one at the largest channel share (`channel_ratio`, halved down to
-`min_channel_ratio`) for which the whole plan stays within the budgets; layers
-that cannot train in part are tried whole.
+Every strategy except `last-k` walks the candidate layers in its own order. Two
+loops add them:
+
+- `paper` (TinyTrain's Algorithm 1, the default of `tinytrain`): layers in
+  descending score, each with its top `channel_ratio` channels, until the next
+  one no longer fits the budgets.
+- `greedy` (the default of `random`): each layer at the largest channel share
+  (`channel_ratio`, halved down to `min_channel_ratio`) that still fits; a layer
+  that fits at no share is skipped and the walk goes on.
+
+`static` (MCUNetV3's schemes) is the greedy loop over a contiguous tail: it
+stops at the first layer that does not fit. Layers that cannot train in part are
+tried whole.
 """
 
 from __future__ import annotations
@@ -46,27 +55,80 @@ def layer_scores(candidates: list[Candidate], potentials: Potentials) -> dict[in
     return scores
 
 
-def feasible(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candidate], loss: str) -> list[Candidate]:
+def channel_axis(options: Mapping[str, Any], candidate: Candidate) -> str:
+    """The axis along which `candidate` trains a channel subset: 'input' (a depthwise conv's channels, or a
+    group-1 conv's input channels: MCUNetV3) or 'output' (TinyTrain: output channels by their Fisher potential)."""
+    if candidate.kind == "depthwise":
+        return "input"
+    axis = options["axis"]
+    if axis == "auto":
+        axis = "input" if options["strategy"] == "static" else "output"
+    return str(axis)
+
+
+def paper_loop(options: Mapping[str, Any]) -> bool:
+    """Whether layers are added by TinyTrain's loop (fixed channel share, stop when the budget is spent)."""
+    if options["strategy"] in ("static", "last-k"):
+        return False
+    return options["loop"] == "paper" or (options["loop"] == "auto" and options["strategy"] == "tinytrain")
+
+
+def needs_input_potentials(options: Mapping[str, Any], candidates: list[Candidate]) -> bool:
+    """Whether a group-1 conv may train input channels ranked by their Fisher potential."""
+    ranks_by_fisher = options["channels"] == "fisher" or (options["channels"] == "auto" and options["strategy"] == "tinytrain")
+    return ranks_by_fisher and any(c.kind == "conv" and channel_axis(options, c) == "input" for c in candidates)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feasibility:
+    """Which candidates fit the budgets alone (and are probed), and the cheapest cost of each that does not."""
+
+    kept: list[Candidate]
+    rejected: dict[int, Cost]  # candidate position -> its cheapest update's cost (with the classifier)
+
+    def summary(self, candidates: list[Candidate], budgets: Mapping[str, int | None]) -> dict[str, Any]:
+        over_memory = [p for p, cost in self.rejected.items()
+                       if budgets["memory_bytes"] is not None and cost.memory_bytes > budgets["memory_bytes"]]
+        over_macs = [p for p, cost in self.rejected.items()
+                     if budgets["backward_macs"] is not None and cost.backward_macs > budgets["backward_macs"]]
+        closest = min(self.rejected, key=lambda p: self.rejected[p].memory_bytes, default=None)
+        return {
+            "probed": len(self.kept),
+            "not_probed": len(self.rejected),
+            "over_memory_budget": len(over_memory),
+            "over_macs_budget": len(over_macs),
+            "earliest_probed": self.kept[0].node if self.kept else None,
+            "cheapest_not_probed": None if closest is None else {
+                "node": candidates[closest].node, **self.rejected[closest].to_dict()},
+            "reason": "a layer is probed when its cheapest update (its smallest channel share, with the classifier) "
+                      "fits the budgets alone; backward from a layer keeps what every later layer's gradient reads",
+        }
+
+
+def feasible(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candidate], loss: str) -> Feasibility:
     """Candidates that fit the budgets at their smallest channel share (with the classifier when it always trains).
 
     Only these need the criterion, so the probe graph's backward stops at the earliest of them.
     """
     if options["strategy"] == "last-k":
-        return list(candidates)
+        return Feasibility(list(candidates), {})
     memory_budget, macs_budget = options.get("memory_budget_bytes"), options.get("backward_macs_budget")
     base = {candidates[-1].position: Update(candidates[-1])} if options["classifier"] == "full" else {}
-    kept = []
+    kept, rejected = [], {}
     for c in candidates:
         update = Update(c)
         if c.sliceable and c.position not in base:
-            axis = "input" if c.kind == "depthwise" or options["axis"] == "input" else "output"
+            axis = channel_axis(options, c)
             total = c.slice_channels if axis == "input" else c.channels
-            update = Update(c, tuple(range(max(1, round(options["min_channel_ratio"] * total)))), axis)
+            smallest = options["channel_ratio"] if paper_loop(options) else options["min_channel_ratio"]
+            update = Update(c, tuple(range(max(1, round(smallest * total)))), axis)
         plan = {**base, c.position: update}
-        cost = plan_cost(facts, candidates, plan, trained_biases(facts, candidates, plan, options["bias"]), options["optimizer"], loss)
+        cost = plan_cost(facts, candidates, plan, trained_biases(facts, candidates, plan, options["bias"]), options["optimizer"], loss, options["lean_backward"])
         if (memory_budget is None or cost.memory_bytes <= memory_budget) and (macs_budget is None or cost.backward_macs <= macs_budget):
             kept.append(c)
-    return kept
+        else:
+            rejected[c.position] = cost
+    return Feasibility(kept, rejected)
 
 
 def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candidate], potentials: Potentials | None,
@@ -78,7 +140,7 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
 
     def cost_of(updates: dict[int, Update]) -> tuple[Cost, set[int]]:
         biases = trained_biases(facts, candidates, updates, options["bias"])
-        return plan_cost(facts, candidates, updates, biases, options["optimizer"], loss), biases
+        return plan_cost(facts, candidates, updates, biases, options["optimizer"], loss, options["lean_backward"]), biases
 
     if strategy == "last-k":
         count = options.get("layers", 1)
@@ -113,12 +175,13 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
     else:
         pool = [pool[i] for i in rng.permutation(len(pool))]
     limit = options.get("layers")
+    paper = paper_loop(options)
     for candidate in pool:
         if limit is not None and len(updates) >= limit:
             break
-        added = _fit_layer(options, facts, candidate, updates, potentials, rng, cost_of, fits)
-        if added is None and strategy == "static":
-            break  # MCUNetV3 updates a contiguous tail of layers
+        added = _fit_layer(options, facts, candidate, updates, potentials, rng, cost_of, fits, paper)
+        if added is None and (paper or strategy == "static"):
+            break  # the budget is spent (Algorithm 1); MCUNetV3 updates a contiguous tail of layers
         if added is not None:
             updates[candidate.position] = added
     if not updates:
@@ -128,11 +191,11 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
 
 
 def _fit_layer(options: Mapping[str, Any], facts: ModelFacts, candidate: Candidate, updates: dict[int, Update], potentials: Potentials | None,
-               rng: np.random.Generator, cost_of: Any, fits: Any) -> Update | None:
+               rng: np.random.Generator, cost_of: Any, fits: Any, paper: bool) -> Update | None:
     ratios = [1.0]
     if candidate.sliceable:
         ratios, ratio = [], options["channel_ratio"]
-        while ratio >= options["min_channel_ratio"] - 1e-12:
+        while ratio >= options["min_channel_ratio"] - 1e-12 and not (paper and ratios):
             ratios.append(ratio)
             ratio /= 2
     for ratio in ratios:
@@ -147,7 +210,7 @@ def _update(options: Mapping[str, Any], facts: ModelFacts, c: Candidate, ratio: 
             rng: np.random.Generator) -> Update:
     if ratio >= 1.0 or not c.sliceable:
         return Update(c)
-    axis = "input" if c.kind == "depthwise" or options["axis"] == "input" else "output"
+    axis = channel_axis(options, c)
     total = c.slice_channels if axis == "input" else c.channels
     count = max(1, round(ratio * total))
     if count >= total:

@@ -13,13 +13,14 @@ import time
 from typing import Any
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.plugin_api import RecipeError, load_schema
+from edgeplug.plugin_api import RecipeError, forward_shapes, load_schema
 
 from . import split
 from .candidates import find_candidates, model_facts
 from .costs import Update, plan_cost, trained_biases
 from .criterion import Potentials, fisher_potentials
-from .selection import feasible, select
+from .lean import LeanResult, lean_frozen_path
+from .selection import feasible, needs_input_potentials, paper_loop, select
 
 
 class SparseUpdatePass(Pass):
@@ -39,16 +40,23 @@ class SparseUpdatePass(Pass):
         if not candidates:
             raise RecipeError("sparse-update: no trainable Conv/Gemm/MatMul layer with an initializer weight on the output's path")
         ranks = {name: len(shape) for name, shape in facts.shapes.items()}
-        pool = feasible(options, facts, candidates, context.loss)
+        feasibility = feasible(options, facts, candidates, context.loss)
+        pool = feasibility.kept
         potentials: Potentials | None = None
         if pool and (options["strategy"] == "tinytrain" or options["channels"] == "fisher"):
             if context.calibration is None:
                 raise RecipeError("sparse-update: the Fisher criterion needs the support set: "
                                   "edgeplug rewrite ... --calibration-data support.npz (or rewrite(..., calibration=arrays))")
-            potentials = fisher_potentials(facts, pool, context.loss, context.calibration, options["calibration_batch"])
+            potentials = fisher_potentials(facts, pool, context.loss, context.calibration, options["calibration_batch"],
+                                           needs_input_potentials(options, pool))
         chosen_at = time.perf_counter()
         selection = select(options, facts, candidates, potentials, context.loss, pool)
         model, trainable = split.rewrite(state.model, candidates, selection.updates, selection.biases, ranks)
+        lean: LeanResult | None = None
+        if options["lean_backward"]:
+            data_inputs = {v.name for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}}
+            lean = lean_frozen_path(model, trainable, forward_shapes(model, data_inputs, options["batch_size"])[0])
+            model = lean.model
         selection_seconds = time.perf_counter() - started
 
         everything = {c.position: Update(c) for c in candidates}
@@ -69,12 +77,16 @@ class SparseUpdatePass(Pass):
                 "potential": float(potentials.output[position].sum()) if potentials and position in potentials.output else None,
             })
         ranking = sorted(selection.scores, key=lambda p: -selection.scores[p])
+        budgets = {"memory_bytes": options.get("memory_budget_bytes"), "backward_macs": options.get("backward_macs_budget"),
+                   "batch_size": options["batch_size"], "optimizer": options["optimizer"]}
         self._details = {
             "strategy": options["strategy"],
-            "budgets": {"memory_bytes": options.get("memory_budget_bytes"), "backward_macs": options.get("backward_macs_budget"),
-                        "batch_size": options["batch_size"], "optimizer": options["optimizer"]},
+            "loop": "paper" if paper_loop(options) else ("contiguous" if options["strategy"] == "static" else "greedy"),
+            "budgets": budgets,
             "candidates": len(candidates),
             "feasible": len(pool),
+            "probe": {**feasibility.summary(candidates, budgets), "probed": len(pool) if potentials else 0,
+                      "input_probes": bool(potentials and potentials.input)},
             "layers": layers,
             "bias_only": [candidates[p].node for p in sorted(selection.biases) if p not in selection.updates],
             "trainable": sorted(trainable),
@@ -84,6 +96,7 @@ class SparseUpdatePass(Pass):
             "predicted_all_layers": full.to_dict(),
             "score_ranking": [{"node": candidates[p].node, "score": selection.scores[p]} for p in ranking[:10]],
             "calibration_samples": potentials.samples if potentials else 0,
+            "lean_backward": None if lean is None else {"matmul_convs": len(lean.matmul_convs)},
             "probe_graph": {"tail_nodes": potentials.tail_nodes, "prefix_nodes": potentials.prefix_nodes} if potentials else None,
             "seconds": {
                 "selection_total": round(selection_seconds, 4),
