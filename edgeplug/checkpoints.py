@@ -100,4 +100,11 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
 
 
 def _complete(path: Path) -> bool:
-    return not path.is_symlink() and path.is_dir() and (path / PROGRESS).is_file() and (path / STATE).exists()
+    """A checkpoint folder with its progress file and its state: a regular file, or a folder of them
+    (staged). A FIFO or device in their place would block or never end the read."""
+    state = path / STATE
+    if path.is_symlink() or not path.is_dir() or not (path / PROGRESS).is_file():
+        return False
+    if state.is_dir() and not state.is_symlink():
+        return all(part.is_file() for part in state.iterdir())
+    return state.is_file()

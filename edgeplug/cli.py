@@ -128,6 +128,8 @@ def _profile(args: argparse.Namespace) -> int:
     from edgeplug.profiling import profile
     from edgeplug.profiling.render import format_profile, plot_profile
 
+    if args.nodes < 0:
+        raise EdgeplugError(f"--nodes must be 0 or more, not {args.nodes}")
     result = profile(args.artifacts, args.batch_size, args.steps, args.warmup, measured=not args.static_only)
     print(format_profile(result, nodes=args.nodes))
     if args.json:

@@ -12,6 +12,7 @@ from edgeplug import _ort
 from edgeplug.artifacts import read_report, stage_folders
 from edgeplug.checkpoints import STATE, latest_checkpoint, state_file
 from edgeplug.errors import EdgeplugError, ModelError
+from edgeplug.files import check_regular_file
 from edgeplug.layout import CHECKPOINT, FORWARD_MODEL
 from edgeplug.modelio import save_model
 
@@ -77,15 +78,15 @@ def _checkpoint_folder(artifact_dir: Path, checkpoint: str | Path | None) -> Pat
     path = path.parent if path.name == STATE else path
     if not (path / STATE).is_dir():
         raise EdgeplugError(f"checkpoint not found: {checkpoint} (a staged folder's checkpoint is a checkpoints/step-N folder)")
+    for state in sorted((path / STATE).iterdir()):
+        check_regular_file(state, "checkpoint")
     return path
 
 
 def _state_path(artifact_dir: Path, checkpoint: str | Path | None) -> Path:
     if checkpoint is not None:
         path = Path(checkpoint)
-        path = path / STATE if (path / STATE).exists() else path
-        if not path.exists():
-            raise EdgeplugError(f"checkpoint not found: {checkpoint}")
-        return path
+        path = path / STATE if path.is_dir() else path
+        return check_regular_file(path, "checkpoint")  # onnxruntime would block forever on a FIFO
     latest = latest_checkpoint(artifact_dir)
     return latest / STATE if latest else artifact_dir / CHECKPOINT

@@ -175,6 +175,13 @@ def pass_timeout_from_environment() -> float | None:
     return seconds or None
 
 
+def check_pass_timeout(seconds: float) -> float:
+    """A pass time limit given in code or on the command line: 0 (no limit) or a finite positive number."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise EdgeplugError(f"pass timeout (--pass-timeout) must be 0 (no limit) or a positive number of seconds, not {seconds!r}")
+    return float(seconds)
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
     """Raise PassTimeout in the block after `seconds` (main thread with SIGALRM only; else no limit)."""

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError, Message
 
 from edgeplug.atomic import atomic_file
 from edgeplug.errors import ModelError
+from edgeplug.files import check_regular_file
 
 # onnxruntime-training 1.19.2 loads IR version <= 10 only (see docs/architecture.md).
 MAX_IR_VERSION = 10
@@ -26,9 +27,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Load an ONNX file and its external data, refusing data outside its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+    path = check_regular_file(path, "model file", ModelError)  # a FIFO or /dev/zero would hang onnx.load
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:

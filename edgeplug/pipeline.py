@@ -34,6 +34,7 @@ from edgeplug.guard import (
     PassTimeout,
     check_artifacts_budget,
     check_forward_budget,
+    check_pass_timeout,
     parse_size,
     pass_timeout_from_environment,
     time_limit,
@@ -73,7 +74,7 @@ from edgeplug.passes import (
     fill_defaults,
 )
 from edgeplug.plugins import PluginHost, default_host
-from edgeplug.recipe import PassSpec, Recipe, load_recipe
+from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
 from edgeplug.validation import first_error, load_schema
 
 T = TypeVar("T")
@@ -113,7 +114,7 @@ def rewrite(
     """
     host = host or default_host()
     budget = parse_size(max_memory) if max_memory is not None else None
-    timeout = pass_timeout_from_environment() if pass_timeout is None else (pass_timeout or None)
+    timeout = pass_timeout_from_environment() if pass_timeout is None else (check_pass_timeout(pass_timeout) or None)
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     loaded = model if isinstance(model, onnx.ModelProto) else load_model(model)
     check_model(loaded)
@@ -121,6 +122,8 @@ def rewrite(
         recipe = Recipe(passes=())
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, host=host)
+    else:  # built in Python: the same checks as a recipe file (finite numbers, schema)
+        check_recipe(recipe)
     passes = _instantiate(recipe, host, timeout)
     output_name = _output_name(loaded, recipe)
 
@@ -158,8 +161,8 @@ def rewrite(
             entries.append(_report_entry(info, instance, timings[info.name], timeout))
         report = _report(source, loaded, forward, recipe, output_name, trainable, entries, stage)
         _check_report(report)
-        (stage / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (stage / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (stage / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         check_artifacts_budget(stage, 1, budget, baseline=RUNTIME_FOOTPRINT,
                                when="train fewer parameters or layers (the 'trainable' pass) or use sgd")
     return RewriteResult(output_dir, report)
@@ -557,8 +560,8 @@ def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], cont
                                passes_on=stage.passes_on, label=f"stage {stage.name!r}: ")
         stage_report = _report(source, original, forward, recipe, stage.output, trainable, [], folder, data_inputs=passed)
         _check_report(stage_report)
-        (folder / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (folder / REPORT_FILE).write_text(json.dumps(stage_report, indent=2) + "\n", encoding="utf-8")
+        (folder / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (folder / REPORT_FILE).write_text(json.dumps(stage_report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         stage_reports.append(stage_report)
         passed |= set(stage.passes_on)
 
@@ -590,8 +593,8 @@ def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], cont
     for number in range(len(state.stages)):
         report["artifacts"].update(_artifact_sizes(out / stage_dir(number), prefix=f"{stage_dir(number)}/"))
     _check_report(report)
-    (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     check_artifacts_budget(out, 1, budget, baseline=RUNTIME_FOOTPRINT,
                            when="split the model into fewer stages, train fewer parameters or use sgd")
     return report

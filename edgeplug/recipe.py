@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ from typing import Any
 import yaml
 
 from edgeplug.errors import EdgeplugError, RecipeError
+from edgeplug.files import read_limited
 from edgeplug.optimizers import DEFAULT_LR
 from edgeplug.passes import fill_defaults
 from edgeplug.plugins import PluginHost, default_host
-from edgeplug.validation import first_error, load_schema
+from edgeplug.validation import field_path, first_error, load_schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,23 +62,61 @@ class Recipe:
         return document
 
 
+MAX_RECIPE_BYTES = 2**20
+"""Largest recipe file read: real recipes are a few hundred bytes."""
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+"""A recipe nests at most MAX_DEPTH levels and holds at most MAX_NODES values (YAML aliases counted
+each time they are used: a 'billion laughs' document is refused, not expanded)."""
+
+
 def load_recipe(path: str | Path, host: PluginHost | None = None) -> Recipe:
-    """Read and validate a recipe file (.json, .yaml or .yml)."""
+    """Read and validate a recipe file (.json, .yaml or .yml): a regular file of at most 1 MiB."""
     path = Path(path)
-    if not path.exists() or path.is_dir():
-        raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_limited(path, "recipe file", MAX_RECIPE_BYTES, RecipeError).decode("utf-8", errors="replace")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise RecipeError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_one_line(error)}") from None
+        document = json.loads(text, parse_constant=_refuse_constant) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, ValueError) as error:
+        raise RecipeError(f"{path} is not valid {kind}: {_one_line(error)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path} nests too deep to be a recipe (more than {MAX_DEPTH} levels)") from None
     return recipe_from_dict(document, host=host, source=str(path))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
+
+
+def check_plain_document(document: Any, source: str) -> None:
+    """JSON values only, finite numbers, at most MAX_DEPTH levels and MAX_NODES values; else RecipeError.
+
+    Runs before the schema: jsonschema accepts NaN for `exclusiveMinimum: 0` (every comparison
+    with NaN is false) and recurses once per level.
+    """
+    pending: list[tuple[Any, tuple[Any, ...]]] = [(document, ())]
+    seen = 0
+    while pending:
+        value, path = pending.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise RecipeError(f"{source}: holds more than {MAX_NODES:,} values (YAML aliases count each use); "
+                              "that is not a recipe")
+        if len(path) > MAX_DEPTH:
+            raise RecipeError(f"{source}: {field_path(path[:MAX_DEPTH])}: nests too deep (more than {MAX_DEPTH} levels)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{source}: {field_path(path)}: {value} is not a finite number")
+        if isinstance(value, dict):
+            pending.extend((item, (*path, str(key))) for key, item in value.items())
+        elif isinstance(value, list):
+            pending.extend((item, (*path, index)) for index, item in enumerate(value))
 
 
 def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str = "recipe") -> Recipe:
     """Validate a recipe document against the recipe schema and each pass's own schema."""
     if document is None:
         document = {}
+    check_plain_document(document, source)
     problem = first_error(document, load_schema("recipe"))
     if problem:
         raise RecipeError(f"{source}: {problem}")
@@ -109,3 +149,12 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """A Recipe built in Python passes the checks a recipe file does (finite numbers, the schema)."""
+    document = recipe.to_dict()
+    check_plain_document(document, "recipe")
+    problem = first_error(document, load_schema("recipe"))
+    if problem:
+        raise RecipeError(f"recipe: {problem}")

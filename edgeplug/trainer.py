@@ -43,6 +43,7 @@ from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
 from edgeplug.layout import CHECKPOINT, RECIPE_FILE
 from edgeplug.locking import output_lock, remove_stale_staging_in
+from edgeplug.optimizers import DEFAULT_LR, check_learning_rate
 from edgeplug.passes import RuntimeContext, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
 from edgeplug.schedules import make_schedule
@@ -130,8 +131,14 @@ class Trainer:
         self.max_memory = parse_size(max_memory) if max_memory is not None else None
         self.report = read_report(self.artifact_dir)
         self.recipe = json.loads((self.artifact_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise EdgeplugError(f"the seed (--seed) must be a whole number, 0 or more, not {seed!r}")
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise EdgeplugError(f"checkpoint_every (--checkpoint-every) must be at least 1 step, not {checkpoint_every!r}")
         self.seed = seed
-        self.lr = lr if lr is not None else float(self.recipe.get("optimizer", {}).get("lr", 1e-3))
+        self.lr = check_learning_rate(lr if lr is not None else float(self.recipe.get("optimizer", {}).get("lr", DEFAULT_LR)),
+                                      "the learning rate (--lr)" if lr is not None else f"{self.artifact_dir}/{RECIPE_FILE}: optimizer.lr")
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints
         self.checkpoints = checkpoints  # False: no resume, nothing written (benchmarks measure the steps alone)

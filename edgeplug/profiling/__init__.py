@@ -48,6 +48,10 @@ class Profile:
 
 def profile(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, warmup: int = 3, *, measured: bool = True) -> Profile:
     """Count and (unless `measured=False`) measure the cost of one training step."""
+    for value, least, what in ((batch_size, 1, "batch size (--batch-size)"), (steps, 1, "timed steps (--steps)"),
+                               (warmup, 0, "warm-up steps (--warmup)")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise EdgeplugError(f"{what} must be a whole number, at least {least}, not {value!r}")
     counted = static_profile(artifact_dir, batch_size)
     timing = measure(artifact_dir, batch_size, steps, warmup) if measured else None
     return Profile(str(artifact_dir), counted, timing)

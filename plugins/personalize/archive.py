@@ -7,14 +7,13 @@ carry arrays and a validated description but never code.
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeplug.plugin_api import DataError, atomic_file, first_error, load_schema
+from edgeplug.plugin_api import DataError, atomic_file, first_error, load_npz, load_schema
 
 META = "__meta__"
 
@@ -32,13 +31,13 @@ def write_archive(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapp
 def read_archive(path: str | Path, schema: str, what: str, made_by: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays and validated meta of an archive; any defect is one DataError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{what} not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
-        raise DataError(f"{path} is not a {what} (not a readable .npz archive); make it with {made_by}") from None
+    try:  # anchors come from devices: headers, sizes and memory are checked before anything is inflated
+        arrays = load_npz(path)
+    except DataError as error:
+        raise DataError(f"{path} is not a readable {what} ({str(error).removeprefix(str(path)).lstrip(': ')}); "
+                        f"make it with {made_by}") from None
     raw = arrays.pop(META, None)
     if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
         raise DataError(f"{path} is not a {what} (no {META} entry); make it with {made_by}")
