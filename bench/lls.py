@@ -60,6 +60,21 @@ def digits(image: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     return {"x": np.ascontiguousarray(x_train), "y": y_train}, {"x": np.ascontiguousarray(x_test), "y": y_test}
 
 
+def hapt_data() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """UCI HAPT, UCI's own split: windows of the 21 training users to train, of the 9 others to test."""
+    sys.path.insert(0, str(BENCH))
+    import hapt
+    import hapt_model
+
+    windows = hapt.load()
+    train, test = windows.select(users=hapt_model.SOURCE_USERS), windows.select(users=hapt_model.NEW_USERS)
+    return {"x": train.x, "y": train.y}, {"x": test.x, "y": test.y}
+
+
+def load_data(workload: str, image: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    return hapt_data() if workload == "hapt" else digits(image)
+
+
 def build_cnn(image: int, seed: int, width: int, depth: int, norm: bool) -> Any:
     """VGG-style CNN: `depth` conv(-norm)-ReLU of `width` channels, pool, `depth` of 2 x `width`, pool, linear.
 
@@ -137,7 +152,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     import edgeplug
     from edgeplug import _ort
 
-    train, test = digits(job["image"])
+    train, test = load_data(job.get("workload", "digits"), job["image"])
     # epoch-end checkpoints on: export reads the trained weights from the newest one
     trainer = edgeplug.Trainer(job["artifacts"], seed=job["seed"], progress=False, host=host())
     before = vmhwm()
@@ -146,8 +161,16 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     history = [{"epoch": e.epoch, "train_loss": e.train.loss, "train_accuracy": e.train.accuracy} for e in fit.epochs]
     exported = Path(job["artifacts"]) / "exported.onnx"
     edgeplug.export(job["artifacts"], exported)
-    session = _ort.inference_runtime().InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"x": test["x"]})[0]
+    model = __import__("onnx").load(str(exported))
+    if any(node.op_type == "BatchNormalization" for node in model.graph.node):
+        # onnxruntime-training normalises with batch statistics and leaves the running ones as initialised:
+        # every row's exported model gets its statistics re-estimated on the training data (precise BN)
+        sys.path.insert(0, str(BENCH))
+        import hapt_model
+
+        model = hapt_model.precise_bn(model, train["x"])
+    session = _ort.inference_runtime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([session.run(None, {"x": test["x"][i:i + 1024]})[0] for i in range(0, len(test["x"]), 1024)])
     return {"accuracy": float((logits.argmax(1) == test["y"]).mean()), "median_step_seconds": fit.median_step_seconds,
             "rss_before_training_bytes": before, "train_peak_rss_bytes": peak, "history": history,
             "exported_nodes": [node.op_type for node in __import__("onnx").load(str(exported)).graph.node]}
@@ -186,7 +209,7 @@ def counted(folder: Path, batch_size: int) -> dict[str, Any]:
 def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Train `build_cnn`'s model with LLS in PyTorch (the reference's training loop) and by backprop.
 
-    Same data, initial weights, optimizer (AdamW, weight decay 0.01 as onnxruntime's),
+    Same data, initial weights, optimizer (AdamW with onnxruntime-training's defaults: weight decay 0, eps 1e-6),
     cosine schedule, batch and epochs as the edgeplug rows. Reports, per block,
     the test accuracy of its own fixed head and the mean L2 norm of its output:
     where accuracy is lost, and what scale the last classifier sees."""
@@ -223,7 +246,7 @@ def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     for mode in ("backprop", "lls"):
         blocks = split(build_cnn(args.image, seed, args.width, args.depth, args.norm).train())
         groups = [nn.ModuleList(blocks)] if mode == "backprop" else blocks
-        optimizers = [torch.optim.AdamW(g.parameters(), lr=args.lr, weight_decay=0.01) for g in groups]
+        optimizers = [torch.optim.AdamW(g.parameters(), lr=args.lr, weight_decay=0.0, eps=1e-6) for g in groups]
         steps = args.epochs * math.ceil(len(y) / args.batch_size)
         schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
         order = torch.Generator().manual_seed(seed)
@@ -284,12 +307,25 @@ def torch_check_markdown(args: argparse.Namespace, checks: list[dict[str, Any]],
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     base = result["rows"]["backprop"]
+    if s.get("workload") == "hapt":
+        setting = [
+            "# lls: local learning with fixed-basis heads vs backprop (UCI HAPT, from scratch)", "",
+            f"`python bench/lls.py{result['command_args']}`: UCI HAPT 2.56 s x 6-channel windows, UCI's split: "
+            f"{s['train']} windows of the 21 training users / {s['test']} of the 9 test users; the HAPT 1D-CNN "
+            f"(bench/hapt_model.py: 3 x [Conv1d k5 {s['width']}/{2 * s['width']}/{2 * s['width']} + BatchNorm + ReLU + MaxPool 2], "
+            f"GAP, linear: 4 LLS blocks, heads on the activation before the pool), AdamW lr {s['lr']} cosine, batch "
+            f"{s['batch_size']}, {s['epochs']} epochs, seeds {s['seeds']}. BatchNorm trains with batch statistics; every row's "
+            "exported model gets its running statistics re-estimated on the training windows (precise BN). "
+            "Accuracy: that model in plain onnxruntime on the test users' windows (mean over seeds). "]
+    else:
+        setting = [
+            "# lls: local learning with fixed-basis heads vs backprop (digits, from scratch)", "",
+            f"`python bench/lls.py{result['command_args']}`: {s['image']}x{s['image']} digits ({s['train']} train / {s['test']} test), "
+            f"VGG-style CNN ({s['depth']} x conv{s['width']}{'-norm' if s.get('norm') else ''}-ReLU, pool, {s['depth']} x conv{2 * s['width']}{'-norm' if s.get('norm') else ''}-ReLU, pool, linear: {2 * s['depth'] + 1} LLS blocks), AdamW lr {s['lr']} cosine, batch {s['batch_size']}, {s['epochs']} epochs, "
+            f"seeds {s['seeds']}. Accuracy: the exported inference model in plain onnxruntime on the test images (mean over seeds). "]
     lines = [
-        "# lls: local learning with fixed-basis heads vs backprop (digits, from scratch)",
-        "",
-        f"`python bench/lls.py{result['command_args']}`: {s['image']}x{s['image']} digits ({s['train']} train / {s['test']} test), "
-        f"VGG-style CNN ({s['depth']} x conv{s['width']}{'-norm' if s.get('norm') else ''}-ReLU, pool, {s['depth']} x conv{2 * s['width']}{'-norm' if s.get('norm') else ''}-ReLU, pool, linear: {2 * s['depth'] + 1} LLS blocks), AdamW lr {s['lr']} cosine, batch {s['batch_size']}, {s['epochs']} epochs, "
-        f"seeds {s['seeds']}. Accuracy: the exported inference model in plain onnxruntime on the test images (mean over seeds). "
+        *setting[:-1],
+        setting[-1] +
         f"Training peak: VmHWM of the training process at batch {s['batch_size']}. Controlled: `edgeplug.profiling.measure` at batch "
         f"{s['measure_batch']} (fresh processes; overhead = training peak minus the runtime alone). 2 shared CPU cores: times are "
         "noisy, compare ratios from this one run.",
@@ -335,7 +371,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for axis in axes:
         axis.set_ylabel("test accuracy (exported model)")
         axis.grid(alpha=0.3)
-    fig.suptitle(f"lls vs backprop: digits {s['image']}x{s['image']}, {s['epochs']} epochs")
+    what = "UCI HAPT 1D-CNN" if s.get("workload") == "hapt" else f"digits {s['image']}x{s['image']}"
+    fig.suptitle(f"lls vs backprop: {what}, {s['epochs']} epochs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -343,6 +380,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=["digits", "hapt"], default="digits",
+                        help="hapt: UCI HAPT windows, the HAPT 1D-CNN (bench/hapt_model.py; --width sets its channels), "
+                        "UCI's train/test users")
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--width", type=int, default=16, help="channels of the first convolutions (then twice that)")
     parser.add_argument("--depth", type=int, default=4, help="conv-ReLU layers per resolution")
@@ -378,18 +418,27 @@ def main(argv: list[str]) -> int:
     from edgeplug.profiling import measure
 
     args.work.mkdir(parents=True, exist_ok=True)
-    train, test = digits(args.image)
+    train, test = load_data(args.workload, args.image)
     names = args.only.split(",") if args.only else list(ROWS)
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         runs = []
         for seed in range(args.seeds):
-            model = args.work / f"cnn-{args.image}-{args.width}-{args.depth}-{'norm' if args.norm else 'plain'}-{seed}.onnx"
-            if not model.exists():
-                export_cnn(model, args.image, seed, args.width, args.depth, args.norm)
+            if args.workload == "hapt":
+                model = args.work / f"hapt-cnn-{args.width}-{seed}.onnx"
+                if not model.exists():
+                    sys.path.insert(0, str(BENCH))
+                    import hapt_model
+
+                    __import__("onnx").save(hapt_model.build_cnn(args.width, seed=seed), str(model))
+            else:
+                model = args.work / f"cnn-{args.image}-{args.width}-{args.depth}-{'norm' if args.norm else 'plain'}-{seed}.onnx"
+                if not model.exists():
+                    export_cnn(model, args.image, seed, args.width, args.depth, args.norm)
             folder = args.work / f"{name}-{seed}"
             report = rewrite(model, folder, ROWS[name], args.lr)
             run = run_child({"tag": f"{name}-{seed}", "artifacts": str(folder), "image": args.image, "seed": seed,
+                             "workload": args.workload,
                              "epochs": args.epochs, "batch_size": args.batch_size}, args.work)
             run["stages"] = len(report.get("stages", [])) or 1
             runs.append(run)
@@ -425,7 +474,7 @@ def main(argv: list[str]) -> int:
                      "its projection is additions and subtractions only, counted here as MACs)")
     command_args = "" if not argv else " " + " ".join(argv)
     result = {
-        "settings": {"image": args.image, "width": args.width, "depth": args.depth, "norm": args.norm, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
+        "settings": {"workload": args.workload, "image": args.image, "width": args.width, "depth": args.depth, "norm": args.norm, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
                      "measure_batch": args.measure_batch, "measure_steps": args.measure_steps,
                      "train": int(len(train["y"])), "test": int(len(test["y"]))},
         "command_args": command_args, "rows": rows, "notes": notes,

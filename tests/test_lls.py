@@ -237,3 +237,30 @@ def test_generated_mlps_split_into_one_stage_per_layer_and_train(tmp_path_factor
     data = classification_data((6,), classes, n=32, seed=seed)
     result = edgeplug.Trainer(out, host=lls_host(), progress=False, checkpoints=False).fit(data, epochs=1, batch_size=16)
     assert result.steps_run == 2 and np.isfinite(result.epochs[-1].train.loss)
+
+
+def _pooled_cnn() -> onnx.ModelProto:
+    """The bench's HAPT 1D-CNN at width 4: blocks end in MaxPool."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import hapt_model
+
+    return hapt_model.build_cnn(width=4)
+
+
+@pytest.mark.parametrize("head_input,reads", [("before-pool", "relu"), ("block-output", "pool")])
+def test_heads_read_before_the_pool_as_the_reference(tmp_path: Path, head_input: str, reads: str) -> None:
+    report = rewrite(_pooled_cnn(), tmp_path / "out", head_input=head_input)
+    blocks = [b for b in report["passes"][-1]["details"]["stages"] if b.get("head")]
+    assert [b["cut"] for b in blocks] == ["pool0", "pool1", "pool2"]
+    assert [b["head_reads"] for b in blocks] == [f"{reads}{i}" for i in range(3)]
+    # 4 cells of the 128-sample activation vs of the 64-sample pooled output: same D, other values
+    assert blocks[0]["head"]["features"] == 4 * 4
+
+
+def test_lls_mxm_starts_like_the_reference(tmp_path: Path) -> None:
+    rewrite(cnn((4, 8), 3, image=8, batch_norm=False), tmp_path / "out", variant="lls-mxm")
+    forward = onnx.load(str(tmp_path / "out/stages/0" / FORWARD_MODEL))
+    (mixing,) = [numpy_helper.to_array(t) for t in forward.graph.initializer if "class_mixing" in t.name]
+    assert mixing.shape == (3, 3) and not np.allclose(mixing, np.eye(3)) and 0.001 < np.abs(mixing).max() < 0.05

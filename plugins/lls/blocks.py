@@ -25,11 +25,14 @@ POOLS = frozenset({"MaxPool", "AveragePool"})
 
 @dataclasses.dataclass(frozen=True)
 class Cut:
-    """Block boundary: nodes up to `position` (in graph order) are before it; `tensor` crosses it."""
+    """Block boundary: nodes up to `position` (in graph order) are before it; `tensor` crosses it.
+    `activation` is the activation output the cut was moved past a pool from (None otherwise): the
+    reference LLS code puts the head on it, before the pooling."""
 
     position: int
     tensor: str
     node: str
+    activation: str | None = None
 
 
 def auto_cuts(model: onnx.ModelProto) -> list[Cut]:
@@ -44,11 +47,11 @@ def auto_cuts(model: onnx.ModelProto) -> list[Cut]:
         if node.op_type in LAYERS and any(name in parameters for name in node.input):
             layer_seen = True
         elif node.op_type in ACTIVATIONS and layer_seen:
-            cut_node, tensor = node, node.output[0]
+            cut_node, tensor, activation = node, node.output[0], None
             readers = index.consumers.get(tensor, [])
             if len(readers) == 1 and readers[0][0].op_type in POOLS:
-                cut_node, tensor = readers[0][0], readers[0][0].output[0]
-            cut = Cut(position[cut_node.name], tensor, cut_node.name)
+                cut_node, tensor, activation = readers[0][0], readers[0][0].output[0], tensor
+            cut = Cut(position[cut_node.name], tensor, cut_node.name, activation)
             if is_clean(nodes, cut, model):
                 cuts.append(cut)
                 layer_seen = False

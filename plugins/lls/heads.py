@@ -95,7 +95,7 @@ def append_head(model: onnx.ModelProto, tensor: str, shape: tuple[int, ...], spe
             scale = parameter("class_scale", 0.01 * rng.standard_normal(spec.classes))
             logits = editor.node("Mul", [logits, scale], f"{prefix}/logits")
         elif spec.variant == "lls-mxm":
-            mixing = parameter("class_mixing", np.eye(spec.classes))
+            mixing = parameter("class_mixing", 0.01 * rng.standard_normal((spec.classes, spec.classes)))  # as the reference code
             logits = editor.node("MatMul", [logits, mixing], f"{prefix}/logits")
     model.graph.node.extend(editor.take_nodes())
     model.graph.initializer.extend(parameters)

@@ -61,11 +61,12 @@ class LocalLearningPass(Pass):
                 continue
             spec = HeadSpec(self.options["variant"], self.options["basis"], pools[min(number, len(pools) - 1)],
                             float(self.options["temperature"]), classes, int(self.options["seed"]) + number)
-            head = append_head(stage_model, outgoing.tensor, _feature_shape(shapes, outgoing), spec, f"lls{number}")
+            read = outgoing.activation if self.options["head_input"] == "before-pool" and outgoing.activation else outgoing.tensor
+            head = append_head(stage_model, read, _feature_shape(shapes, read), spec, f"lls{number}")
             stage_model.graph.output.append(_value_info(shapes, outgoing.tensor))
             stages.append(Stage(f"block{number}", stage_model, frozenset(own | set(head.parameters)), head.logits,
                                 (outgoing.tensor,)))
-            blocks_report.append({"nodes": [chosen[0].name, chosen[-1].name], "cut": outgoing.tensor,
+            blocks_report.append({"nodes": [chosen[0].name, chosen[-1].name], "cut": outgoing.tensor, "head_reads": read,
                                   "head": {"pool": spec.pool, "features": head.features, "parameters": head.parameter_values},
                                   "parameters": len(own)})
         self._details = {
@@ -109,10 +110,10 @@ def _value_info(shapes: dict[str, onnx.ValueInfoProto], name: str) -> onnx.Value
     return value
 
 
-def _feature_shape(shapes: dict[str, onnx.ValueInfoProto], cut: Cut) -> tuple[int, ...]:
-    dims = _value_info(shapes, cut.tensor).type.tensor_type.shape.dim
+def _feature_shape(shapes: dict[str, onnx.ValueInfoProto], tensor: str) -> tuple[int, ...]:
+    dims = _value_info(shapes, tensor).type.tensor_type.shape.dim
     if len(dims) < 2 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
-        raise ModelError(f"lls: block output {cut.tensor!r} needs a fixed shape after the batch axis; export the model "
+        raise ModelError(f"lls: block output {tensor!r} needs a fixed shape after the batch axis; export the model "
                          "with a fixed input size")
     return tuple(int(d.dim_value) for d in dims[1:])
 
