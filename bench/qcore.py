@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 from edgeplug_plugins.qcore.backprop import backprop_calibrate
-from edgeplug_plugins.qcore.build import build, read_options
-from edgeplug_plugins.qcore.calibrate import Calibrator
+from edgeplug_plugins.qcore.build import DriftData, build, read_options, rebuild
+from edgeplug_plugins.qcore.calibrate import Calibrator, refresh_norms
 from edgeplug_plugins.qcore.coreset import Coreset, draw, recount
 from edgeplug_plugins.qcore.qmodel import QuantizedRunner, QuantState
 from onnx import TensorProto, helper, numpy_helper
@@ -38,7 +38,10 @@ import edgeplug
 
 SUBJECTS = 10
 CHUNK = 40
+HAPT_CHUNK = 60
+HAPT_DRIFT_USERS = (26, 27, 28, 29, 30)  # training users whose windows only feed the flip networks' targets
 METHODS = ["none", "qcore", "qcore_noflip", "backprop", "replay"]
+BENCH = Path(__file__).resolve().parent
 
 
 def cnn(seed: int = 0) -> onnx.ModelProto:
@@ -109,19 +112,86 @@ def make_data(seed: int) -> dict[str, Any]:
         data["chunks"].append((distort(images[picked], params, rng)[:, None], labels[picked]))
         data["tests"].append((distort(images[test], params, rng)[:, None], labels[test]))
         data["params"].append(params)
+    # the flip networks learn from drifts like the deployed ones: 6 other subjects' distortions of training images
+    drift_rng = np.random.default_rng(seed + 1000)
+    xs, ys, domains = [], [], []
+    for j in range(6):
+        params = subject_params(int(drift_rng.integers(1, SUBJECTS + 1)), drift_rng)
+        picked = drift_rng.choice(1000, 100, replace=False)
+        xs.append(distort(images[train][picked], params, drift_rng)[:, None])
+        ys.append(labels[train][picked])
+        domains.append(np.full(100, j))
+    data["drift"] = DriftData(np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(domains))
     return data
 
 
-def prepare(bits: int, data: dict[str, Any], work: Path, epochs: int) -> Path:
+def make_hapt_data(seed: int) -> dict[str, Any]:
+    """UCI HAPT: the float model trains on UCI's 21 training users (every 5th labelled stretch held out as the
+    original users' test set), except HAPT_DRIFT_USERS, whose windows are the flip networks' drift data (real
+    people the float model never saw, like the deployed drift); each of the 9 new users is one chunk of HAPT_CHUNK labelled windows drawn from
+    its first recording, and its test set is its other recording(s) (no window shared or overlapping)."""
+    sys.path.insert(0, str(BENCH))
+    import hapt
+    import hapt_model
+
+    windows = hapt.load()
+    train, held = hapt_model.source_split(windows, [u for u in hapt_model.SOURCE_USERS if u not in HAPT_DRIFT_USERS])
+    drift = windows.select(users=HAPT_DRIFT_USERS)
+    rng = np.random.default_rng(seed)
+    data: dict[str, Any] = {"train": (train.x, train.y), "test0": (held.x, held.y), "chunks": [], "tests": [], "params": [],
+                            "drift": DriftData(drift.x, drift.y, drift.users)}
+    for user in hapt_model.NEW_USERS:
+        first, rest = windows.select(users=[user], experiments=[0]), windows.select(users=[user])
+        rest = rest.take(rest.experiments > 0)
+        picked = rng.choice(len(first), min(HAPT_CHUNK, len(first)), replace=False)
+        data["chunks"].append((first.x[picked], first.y[picked]))
+        data["tests"].append((rest.x, rest.y))
+        data["params"].append({"user": user, "chunk": int(len(picked)), "test": len(rest)})
+    return data
+
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "digits": {"results": "qcore", "epochs": 10, "batch_size": 32, "title": "a drifting digits stream"},
+    "hapt": {"results": "qcore_hapt", "epochs": 15, "batch_size": 64, "title": "new users of UCI HAPT"},
+}
+
+
+def workload_model(workload: str) -> onnx.ModelProto:
+    if workload == "hapt":
+        sys.path.insert(0, str(BENCH))
+        import hapt_model
+
+        return hapt_model.build_cnn()
+    return cnn()
+
+
+def prepare(bits: int, data: dict[str, Any], work: Path, epochs: int, workload: str = "digits", batch_size: int = 32,
+            records_from: Path | None = None, reflip: bool = False) -> Path:
+    """Rewrite + `edgeplug quantize` at `bits`. With `records_from` (a folder built at another bit-width), the
+    float model and forgetting records are taken from it and only quantization, coreset and flip networks
+    are redone (`rebuild`): every bit-width then starts from the same float model. `reflip`: rebuild in place."""
     folder = work / f"bits{bits}"
+    echo = lambda t: print(f"  [{bits} bits] {t}", flush=True)  # noqa: E731
+    x, y = data["train"]
+    drift = data.get("drift")
+    if reflip and (folder / "qcore" / "records.npz").is_file():
+        summary = rebuild(folder, {"x": x, "y": y}, echo=echo, drift_data=drift)
+        (work / f"build{bits}.json").write_text(json.dumps(summary), encoding="utf-8")
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = {"version": 1, "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01},
+    lr = 0.003 if workload == "hapt" else 0.01
+    recipe = {"version": 1, "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": lr},
               "passes": [{"name": "qcore", "options": {"bits": bits, "coreset_size": 0.02, **({"backprop_lr": 0.05} if bits == 2 else {})}}]}
     (work / f"recipe{bits}.yaml").write_text(json.dumps(recipe), encoding="utf-8")
-    edgeplug.rewrite(cnn(), work / f"recipe{bits}.yaml", folder)
-    x, y = data["train"]
-    summary = build(folder, {"x": x, "y": y}, epochs=epochs, batch_size=32, echo=lambda t: print(f"  [{bits} bits] {t}", flush=True))
+    edgeplug.rewrite(workload_model(workload), work / f"recipe{bits}.yaml", folder)
+    if records_from is not None:
+        (folder / "qcore").mkdir()
+        for name in ("float.onnx", "records.npz"):
+            shutil.copy(records_from / "qcore" / name, folder / "qcore" / name)
+        summary = rebuild(folder, {"x": x, "y": y}, echo=echo, drift_data=drift)
+    else:
+        summary = build(folder, {"x": x, "y": y}, epochs=epochs, batch_size=batch_size, echo=echo, drift_data=drift)
     (work / f"build{bits}.json").write_text(json.dumps(summary), encoding="utf-8")
     return folder
 
@@ -160,7 +230,11 @@ class Method:
             self.calibrator.step(x, y, chunk)
             return
         pool = self.coreset.pooled(x, y, chunk)
-        self.runner.refresh_norm_stats(pool.x, float(self.options["norm_momentum"]))
+        # the same guarded statistics step as QCore (held-out rows drawn the same way), then backprop on everything
+        share = float(self.options["guard_split"])
+        held = np.sort(self.rng.choice(len(y), size=min(len(y) - 1, int(round(share * len(y)))), replace=False))
+        check = self.coreset.pooled(x[held], y[held], chunk) if len(held) else pool
+        refresh_norms(self.runner, pool, check, chunk, float(self.options["norm_momentum"]), bool(self.options["flip_guard"]))
         tuned = backprop_calibrate(self.model, self.state, pool.x, pool.y, epochs=int(self.options["backprop_epochs"]),
                                    lr=float(self.options["backprop_lr"]), seed=chunk)
         self.state.codes.update(tuned.codes)
@@ -234,16 +308,37 @@ def measure_memory(folder: Path, data: dict[str, Any], work: Path) -> dict[str, 
     return out
 
 
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of a - b with a 95% t interval over the paired items (chunks = new subjects)."""
+    from scipy import stats
+
+    diff = np.asarray(a) - np.asarray(b)
+    if len(diff) < 2:
+        return float(diff.mean()), float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
+    return float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half)
+
+
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# QCore: continual calibration on a drifting digits stream", "",
-             f"Command: `{result['command']}`. {SUBJECTS} chunks of {CHUNK} labelled images, one per new subject; "
-             f"training data {result['train_examples']} images of subject 0; coreset/buffer {result['buffer']} examples "
-             f"({result['buffer'] / result['train_examples']:.1%} of the training data). Accuracy = mean over the 10 chunks, "
-             "measured after each chunk's calibration on the new subject's 397 held-out images and on subject 0's. "
+    workload = result.get("workload", "digits")
+    subjects = len(result["subjects"])
+    if workload == "hapt":
+        setting = (f"UCI HAPT, 1D-CNN (bench/hapt_model.py) trained by `edgeplug quantize` on UCI's 21 training users "
+                   f"({result['train_examples']} windows); {subjects} new users arrive one after the other, each as one chunk of "
+                   f"labelled windows from its first recording; accuracy after its calibration on its other recording(s) "
+                   f"(new user) and on held-out stretches of the 21 training users (original)")
+    else:
+        setting = (f"{subjects} chunks of {CHUNK} labelled images, one per new subject; training data {result['train_examples']} "
+                   "images of subject 0; accuracy measured after each chunk's calibration on the new subject's 397 held-out "
+                   "images and on subject 0's")
+    lines = [f"# QCore: continual calibration on {WORKLOADS[workload]['title']}", "",
+             f"Command: `{result['command']}`. {setting}; coreset/buffer {result['buffer']} examples "
+             f"({result['buffer'] / result['train_examples']:.1%} of the training data). Accuracy = mean over the chunks. "
+             "Paired differences: mean over chunks (new subjects) with a 95% t interval. "
              "Times: median per calibration in one process, side by side (2 shared cores, noisy); backprop and replay include "
              "building their training artifacts (rewrite) and exporting, as a device would have to. Peak RSS: one calibration "
              "of chunk 1 in a fresh subprocess per method, high-water mark reset after loading the model and data "
-             "(the 'none' row is that loaded process). 2 bits: backprop_lr 0.05 (0.005 moves no 2-bit weight).", ""]
+             "(the 'none' row is that loaded process).", ""]
     for bits, block in result["bits"].items():
         lines += [f"## {bits} bits", "", f"Quantized model {block['build']['quantized_bytes']} bytes vs float {block['build']['float_bytes']} bytes "
                   f"({block['build']['quantized_bytes'] / block['build']['float_bytes']:.1%}); float-model records at "
@@ -255,9 +350,20 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['mean_new']:.3f} | {r['mean_original']:.3f} | {r['median_seconds']:.3f} | "
                          + (f"{mem['peak_rss'] / 2**20:.0f} | {(mem['peak_rss'] - mem['loaded_rss']) / 2**20:.1f}" if mem else "- | -") + " |")
         ran = [m for m in METHODS if m in block["stream"]]
+        if "qcore" in ran:
+            lines += ["", "| qcore minus | new subject: mean [95% CI] | original: mean [95% CI] |", "|---|---|---|"]
+            q = block["stream"]["qcore"]["chunks"]
+            for other in [m for m in ran if m != "qcore"]:
+                o = block["stream"][other]["chunks"]
+                cells = []
+                for key in ("new", "original"):
+                    mean, low, high = paired_interval([r[key] for r in q], [r[key] for r in o])
+                    cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+                lines.append(f"| {other} | {cells[0]} | {cells[1]} |")
         lines += ["", "Per chunk, accuracy on the new subject:", "", "| chunk | " + " | ".join(ran) + " |", "|---" * (len(ran) + 1) + "|"]
-        for k in range(SUBJECTS):
-            lines.append(f"| {k + 1} | " + " | ".join(f"{block['stream'][m]['chunks'][k]['new']:.3f}" for m in ran) + " |")
+        for k in range(subjects):
+            label = result["subjects"][k].get("user", k + 1) if workload == "hapt" else k + 1
+            lines.append(f"| {label} | " + " | ".join(f"{block['stream'][m]['chunks'][k]['new']:.3f}" for m in ran) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -285,10 +391,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
+    parser.add_argument("--epochs", type=int, default=None, help="float-model epochs (default: the workload's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--reuse", action="store_true", help="reuse the quantized folders in --work (skip rewrite + quantize)")
+    parser.add_argument("--reflip", action="store_true", help="keep the float models and records in --work, redo quantization, "
+                        "coreset and flip networks (edgeplug quantize --reuse-records)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-qcore"))
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "FOLDER", "DATA"), help=argparse.SUPPRESS)
@@ -296,21 +405,29 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    data = make_data(args.seed)
-    result: dict[str, Any] = {"command": "python bench/qcore.py " + " ".join(sys.argv[1:]), "train_examples": len(data["train"][1]),
-                              "subjects": data["params"], "bits": {}}
+    spec = WORKLOADS[args.workload]
+    data = make_hapt_data(args.seed) if args.workload == "hapt" else make_data(args.seed)
+    result: dict[str, Any] = {"command": "python bench/qcore.py " + " ".join(sys.argv[1:]), "workload": args.workload,
+                              "train_examples": len(data["train"][1]), "subjects": data["params"], "bits": {}}
+    first: Path | None = None
     for bits in args.bits:
-        folder = args.work / f"bits{bits}" if args.reuse else prepare(bits, data, args.work, args.epochs)
+        if args.reuse:
+            folder = args.work / f"bits{bits}"
+        else:
+            folder = prepare(bits, data, args.work, args.epochs or spec["epochs"], args.workload, spec["batch_size"],
+                             records_from=first, reflip=args.reflip)
+        first = first or folder
         build_summary = json.loads((args.work / f"build{bits}.json").read_text())
         result["buffer"] = build_summary["coreset_size"]
         stream = run_stream(bits, folder, data, args.seed, args.methods)
         memory = measure_memory(folder, data, args.work)
         result["bits"][str(bits)] = {"build": build_summary, "stream": stream, "memory": memory}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "qcore.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.results / "qcore.md").write_text(markdown(result), encoding="utf-8")
-    plot(result, args.results / "qcore.png")
-    print((args.results / "qcore.md").read_text())
+    stem = spec["results"]
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.results / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, args.results / f"{stem}.png")
+    print((args.results / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ draw the coreset and train the bit-flip networks. Everything lands in OUT/qcore/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -17,6 +18,7 @@ from edgeplug.plugin_api import DataError, RecipeError, atomic_directory, fill_d
 
 from .backprop import backprop_calibrate
 from .calibrate import device_features
+from .signals import channel_means
 from .coreset import Coreset, coreset_size, draw, forgetting_counts
 from .flipnet import train_flipnet
 from .layers import find_layers
@@ -31,6 +33,11 @@ from .quantize import activation_grid
 
 QCORE_DIR = "qcore"
 CONFIG = "config.json"
+
+
+def _output_classes(model: onnx.ModelProto) -> int:
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
 
 
 def read_options(artifact_dir: Path) -> dict[str, Any]:
@@ -67,13 +74,28 @@ def distort(x: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndar
     return (x * gain + offset + noise).astype(x.dtype)
 
 
+def reference_class_means(runner: QuantizedRunner, x: np.ndarray, y: np.ndarray, classes: int) -> dict[str, np.ndarray]:
+    """Class means of every hidden layer's aligned output on the training data (see `signals`)."""
+    sums: dict[str, np.ndarray] = {}
+    counts = np.bincount(y, minlength=classes).astype(np.float64)
+    for start in range(0, len(y), 1024):
+        _, _, outputs = runner.forward_all(x[start:start + 1024])
+        for name, value in outputs.items():
+            means = channel_means(value).astype(np.float64)
+            total = sums.setdefault(name, np.zeros((classes, means.shape[1])))
+            np.add.at(total, y[start:start + 1024], means)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: (total / counts[:, None]).astype(np.float32) for name, total in sums.items()}
+
+
 def flip_examples(float_model: onnx.ModelProto, state: QuantState, reference: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                  x: np.ndarray, y: np.ndarray, options: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                  x: np.ndarray, y: np.ndarray, options: Mapping[str, Any],
+                  class_means: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Features (as the device computes them) and backprop-calibration targets on (x, y), per layer."""
     drifted = state.copy()
     runner = QuantizedRunner(float_model, drifted)
     runner.refresh_norm_stats(x, float(options["norm_momentum"]))
-    features = device_features(runner, reference, x, y)
+    features = device_features(runner, reference, x, y, class_means)
     tuned = backprop_calibrate(float_model, drifted, x, y, epochs=int(options["backprop_epochs"]),
                                lr=float(options["backprop_lr"]), seed=int(options["seed"]))
     targets = {name: np.clip(tuned.codes[name].astype(np.int16) - drifted.codes[name], -1, 1).ravel().astype(np.float32)
@@ -81,7 +103,43 @@ def flip_examples(float_model: onnx.ModelProto, state: QuantState, reference: Ma
     return features, targets
 
 
-def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: Callable[[str], None]) -> dict[str, Any]:
+def drift_pools(coreset: Coreset, x: np.ndarray, y: np.ndarray, drift_data: DriftData | None, options: Mapping[str, Any],
+                rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """The (x, y) pools the flip networks' targets come from: coreset + a chunk of each drift.
+
+    With drift data (examples grouped by domain, e.g. people the float model was not trained on),
+    each drift is a chunk of one domain as the device will see it; otherwise a synthetic
+    per-channel gain/offset/noise drift of training examples, growing in strength."""
+    count, size = int(options["drifts"]), int(options["drift_chunk"])
+    pools = []
+    if drift_data is not None:
+        domains = rng.permutation(np.unique(drift_data.domain))
+        for k in range(count):
+            domain = domains[k % len(domains)]
+            rows = np.flatnonzero(drift_data.domain == domain)
+            picked = rng.choice(rows, size=min(size, len(rows)), replace=False)
+            pools.append((np.concatenate([coreset.x, drift_data.x[picked]]), np.concatenate([coreset.y, drift_data.y[picked]]),
+                          f"domain {domain}"))
+        return pools
+    for k in range(count):
+        picked = rng.choice(len(y), size=min(size, len(y)), replace=False)
+        strength = float(options["drift_strength"]) * (k + 1) / count
+        pools.append((distort(np.concatenate([coreset.x, x[picked]]), rng, strength), np.concatenate([coreset.y, y[picked]]),
+                      f"synthetic {strength:.2f}"))
+    return pools
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftData:
+    """Labelled examples grouped by domain (one integer per example) for the flip networks' targets."""
+
+    x: np.ndarray
+    y: np.ndarray
+    domain: np.ndarray
+
+
+def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: Callable[[str], None],
+          drift_data: DriftData | None = None) -> dict[str, Any]:
     """Train with records, quantize, draw the coreset, train the flip networks; returns the summary."""
     from edgeplug import Trainer, export
 
@@ -109,6 +167,36 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
                 records[i, t] = QuantizedRunner(float_model, quantize(float_model, calib, bits, options["activation_percentile"])).correct(x, y)
             echo(f"record {t + 1}/{len(record_epochs)} (epoch {epoch}): accuracy " + ", ".join(
                 f"{b} bits {records[i, t].mean():.3f}" for i, b in enumerate(record_bits)))
+    return finish(artifact_dir, float_model, x, y, records, record_epochs, options, echo=echo, drift_data=drift_data,
+                  started=started)
+
+
+def rebuild(artifact_dir: Path, data: Any, *, echo: Callable[[str], None], drift_data: DriftData | None = None) -> dict[str, Any]:
+    """Redo everything after the float training (quantization, coreset, flip networks) from the trained
+    float model and forgetting records a previous `build` left in OUT/qcore/ (options re-read)."""
+    from edgeplug.trainer import Trainer
+
+    options = read_options(artifact_dir)
+    folder = artifact_dir / QCORE_DIR
+    if not (folder / "records.npz").is_file():
+        raise DataError(f"{folder} has no records.npz; run 'edgeplug quantize' first")
+    dataset = Trainer(artifact_dir, seed=int(options["seed"]), echo=echo).dataset(data)
+    x, y = next(iter(dataset.inputs.values())), dataset.labels
+    with np.load(folder / "records.npz", allow_pickle=False) as archive:
+        records, record_epochs = archive["records"], [int(e) for e in archive["epochs"]]
+    float_model = onnx.load(str(folder / "float.onnx"))
+    return finish(artifact_dir, float_model, x, y, records, record_epochs, options, echo=echo, drift_data=drift_data,
+                  started=time.perf_counter())
+
+
+def finish(artifact_dir: Path, float_model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, records: np.ndarray,
+           record_epochs: list[int], options: Mapping[str, Any], *, echo: Callable[[str], None],
+           drift_data: DriftData | None, started: float) -> dict[str, Any]:
+    """Quantize the trained float model, draw the coreset from the records, train the flip networks, write OUT/qcore/."""
+    rng = np.random.default_rng(int(options["seed"]) + 1)
+    calib = x[rng.permutation(len(y))[: int(options["calibration_samples"])]]
+    size = coreset_size(options["coreset_size"], len(y))
+    record_bits = [int(b) for b in options["record_bits"]]
     never = int(options.get("never_learned") or len(record_epochs))
     counts = forgetting_counts(records, never)
     chosen = draw(counts, size, rng)
@@ -119,18 +207,17 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
     coreset = Coreset(x[chosen], y[chosen], counts[chosen], runner.correct(x[chosen], y[chosen]), np.zeros(size, np.int64))
     echo(f"coreset: {size} of {len(y)} examples ({size / len(y):.2%}), {int((counts > 0).sum())} ever forgotten")
 
+    classes = int(max(int(y.max()) + 1, _output_classes(float_model)))
+    class_means = reference_class_means(runner, x, y, classes)
     features: dict[str, list[np.ndarray]] = {layer.node: [] for layer in runner.layers}
     targets: dict[str, list[np.ndarray]] = {layer.node: [] for layer in runner.layers}
-    for k in range(int(options["drifts"])):
-        picked = rng.choice(len(y), size=min(int(options["drift_chunk"]), len(y)), replace=False)
-        pool_x = distort(np.concatenate([coreset.x, x[picked]]), rng, float(options["drift_strength"]) * (k + 1) / int(options["drifts"]))
-        pool_y = np.concatenate([coreset.y, y[picked]])
-        f, g = flip_examples(float_model, state, reference, pool_x, pool_y, options)
+    for k, (pool_x, pool_y, what) in enumerate(drift_pools(coreset, x, y, drift_data, options, rng)):
+        f, g = flip_examples(float_model, state, reference, pool_x, pool_y, options, class_means)
         for name in features:
             features[name].append(f[name])
             targets[name].append(g[name])
         moved = sum(int(np.count_nonzero(v)) for v in g.values())
-        echo(f"flip targets {k + 1}/{options['drifts']}: backprop calibration moved {moved} weights")
+        echo(f"flip targets {k + 1}/{options['drifts']} ({what}): backprop calibration moved {moved} weights")
 
     summary: dict[str, Any] = {"bits": bits, "record_bits": record_bits, "record_epochs": record_epochs,
                                "record_accuracy": records.mean(axis=2).round(4).tolist(),
@@ -148,7 +235,9 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
         state.save(staged / "state.npz")
         state.save(staged / "state.initial.npz")
         coreset.save(staged / "coreset.npz")
+        np.savez(staged / "records.npz", records=records, epochs=np.asarray(record_epochs, np.int64))
         stats: dict[str, Any] = {f"mean/{k}": v[0] for k, v in reference.items()} | {f"std/{k}": v[1] for k, v in reference.items()}
+        stats |= {f"class_mean/{k}": v for k, v in class_means.items()}
         np.savez(staged / "reference.npz", **stats)
         quantized = export_model(float_model, state)
         save_model(quantized, staged / f"model.int{bits}.onnx")

@@ -30,6 +30,7 @@ from .flipnet import (
     load_normalisation,
 )
 from .qmodel import QuantizedRunner, QuantState, channel_stats
+from .signals import alignment_signal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ChunkResult:
     flips_kept: int
     coreset_from_stream: int
     seconds: float
+    rounds: int = 0
+    norms_kept: bool = False
 
 
 def load_reference(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -52,15 +55,56 @@ def load_reference(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {k.split("/", 1)[1]: (archive[k], archive["std/" + k.split("/", 1)[1]]) for k in archive.files if k.startswith("mean/")}
 
 
+def load_class_means(path: Path) -> dict[str, np.ndarray]:
+    """Hidden layers' reference class means (absent in folders quantized before they existed: no hidden signal)."""
+    with np.load(path, allow_pickle=False) as archive:
+        return {k.split("/", 1)[1]: archive[k] for k in archive.files if k.startswith("class_mean/")}
+
+
 def device_features(runner: QuantizedRunner, reference: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                    x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-    """Flip-network features of every layer from one forward pass over (x, y)."""
-    logits, inputs = runner.logits_and_inputs(x)
+                    x: np.ndarray, y: np.ndarray, class_means: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Flip-network features of every layer from one forward pass over (x, y).
+
+    The signal feature is the exact cross-entropy descent direction for a last Gemm/MatMul and the
+    class-mean alignment signal (`signals`) for hidden layers that have reference class means."""
+    logits, inputs, outputs = runner.forward_all(x)
     current = {name: channel_stats(layer, inputs[name]) for name, layer in ((layer.node, layer) for layer in runner.layers)}
-    last = runner.layers[-1]
-    error = None if last.op_type == "Conv" else error_correlation(logits, y, inputs[last.node])
-    return {layer.node: layer_features(layer, runner.state, reference[layer.node], current[layer.node],
-                                       error if layer is last else None) for layer in runner.layers}
+    signal: dict[str, np.ndarray | None] = {}
+    for layer in runner.layers:
+        if layer.last:
+            signal[layer.node] = None if layer.op_type == "Conv" else error_correlation(logits, y, inputs[layer.node])
+        elif class_means and layer.node in class_means and layer.node in outputs:
+            signal[layer.node] = alignment_signal(layer, runner.nodes[layer.node], inputs[layer.node], outputs[layer.node], y,
+                                                  class_means[layer.node], runner.norm_gain(layer.node))
+        else:
+            signal[layer.node] = None
+    return {layer.node: layer_features(layer, runner.state, reference[layer.node], current[layer.node], signal[layer.node])
+            for layer in runner.layers}
+
+
+def losses(runner: QuantizedRunner, pool: Coreset, old: np.ndarray) -> tuple[float, float]:
+    """Cross-entropy on the old (coreset) part and on the new chunk part of `pool`."""
+    logits = runner.logits(pool.x).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    values = -log_probabilities[np.arange(len(pool.y)), pool.y]
+    return float(values[old].mean()) if old.any() else 0.0, float(values[~old].mean()) if (~old).any() else 0.0
+
+
+def refresh_norms(runner: QuantizedRunner, pool: Coreset, check: Coreset, chunk: int, momentum: float, guard: bool) -> bool:
+    """Batch-norm statistics of coreset + chunk (`pool`); with `guard`, kept only if they lower the summed
+    cross-entropy of `check` (coreset + the chunk's held-out rows): statistics from ~100 examples of a
+    skewed class mix can hurt more than the drift they follow. Returns whether they were kept."""
+    if not runner.norms:
+        return False
+    previous = {k: (m.copy(), v.copy()) for k, (m, v) in runner.state.norm_stats.items()}
+    old = check.origin != chunk
+    before = sum(losses(runner, check, old)) if guard else 0.0
+    runner.refresh_norm_stats(pool.x, momentum)
+    if guard and sum(losses(runner, check, old)) >= before:
+        runner.state.norm_stats.update(previous)
+        return False
+    return True
 
 
 class Calibrator:
@@ -78,6 +122,7 @@ class Calibrator:
         self.coreset = coreset if coreset is not None else Coreset.load(qcore_dir / "coreset.npz")
         self.size = len(self.coreset)
         self.reference = load_reference(qcore_dir / "reference.npz")
+        self.class_means = load_class_means(qcore_dir / "reference.npz")
         build = json.loads((qcore_dir / "build.json").read_text(encoding="utf-8"))
         self.never_learned = int(build["never_learned_count"])
         self.flipnets = {name: FlipNet(qcore_dir / "flipnet" / f"{name}.onnx", *load_normalisation(info))
@@ -92,29 +137,45 @@ class Calibrator:
         started = time.perf_counter()
         before = self.accuracy(x, y)
         pool = self.coreset.pooled(x, y, chunk)
-        self.runner.refresh_norm_stats(pool.x, float(self.options["norm_momentum"]))
-        proposed, kept = self._flip(pool, chunk)
+        guard = self._guard_rows(len(y))
+        fit = np.setdiff1d(np.arange(len(y)), guard)
+        check = self.coreset.pooled(x[guard], y[guard], chunk) if len(guard) else pool
+        norms_kept = self._refresh_norms(pool, check, chunk)
+        proposed, kept, rounds = self._flip(self.coreset.pooled(x[fit], y[fit], chunk), check, chunk)
         correct = self.runner.correct(pool.x, pool.y)
         new = pool.origin == chunk
         after = float(correct[new].mean())
         pool = recount(pool, correct, new, self.never_learned)
         self.coreset = pool.subset(draw(pool.counts, self.size, self.rng))
         return ChunkResult(chunk, source, len(y), before, after, proposed, kept,
-                           int(np.count_nonzero(self.coreset.origin > 0)), time.perf_counter() - started)
+                           int(np.count_nonzero(self.coreset.origin > 0)), time.perf_counter() - started, rounds, norms_kept)
 
-    def _flip(self, pool: Coreset, chunk: int) -> tuple[int, int]:
-        """Rounds of flips from the flip networks, each from fresh forward statistics.
+    def _guard_rows(self, n: int) -> np.ndarray:
+        """The chunk's rows held out for the guard (`guard_split` of it; none for a chunk of one example)."""
+        share = float(self.options.get("guard_split", 0.0))
+        count = min(n - 1, int(round(share * n))) if self.options["flip_guard"] and n > 1 else 0
+        if count <= 0:
+            return np.zeros(0, np.int64)
+        return np.sort(self.rng.choice(n, size=count, replace=False))
 
-        With `flip_guard`, each layer's flips are kept only if they lower the
-        cross-entropy on the chunk without raising it on the coreset (forward passes);
-        the rounds stop when a round keeps nothing.
+    def _refresh_norms(self, pool: Coreset, check: Coreset, chunk: int) -> bool:
+        return refresh_norms(self.runner, pool, check, chunk, float(self.options["norm_momentum"]), bool(self.options["flip_guard"]))
+
+    def _flip(self, pool: Coreset, check: Coreset, chunk: int) -> tuple[int, int, int]:
+        """Rounds of flips from the flip networks, each from fresh forward statistics on coreset + chunk.
+
+        With `flip_guard`, each layer's flips are kept only if they lower the cross-entropy on
+        the chunk's rows in `check` (held out of `pool` when `guard_split` > 0) without raising it
+        on the coreset (forward passes); the rounds stop when a round keeps nothing, or after
+        `flip_rounds`. Returns flips proposed, flips kept, rounds run.
         """
         start = {name: codes.copy() for name, codes in self.state.codes.items()}
-        old = pool.origin != chunk
-        best = self._losses(pool, old)
-        proposed = 0
+        check_old = check.origin != chunk
+        best = self._losses(check, check_old)
+        proposed = rounds = 0
         for _ in range(int(self.options["flip_rounds"])):
-            features = device_features(self.runner, self.reference, pool.x, pool.y)
+            rounds += 1
+            features = device_features(self.runner, self.reference, pool.x, pool.y, self.class_means)
             kept_this_round = 0
             for layer in reversed(self.runner.layers):
                 flips = self.flipnets[layer.node].steps(features[layer.node]).reshape(self.state.codes[layer.node].shape)
@@ -125,7 +186,7 @@ class Calibrator:
                 if moved == 0:
                     continue
                 if self.options["flip_guard"]:
-                    losses = self._losses(pool, old)
+                    losses = self._losses(check, check_old)
                     if losses[0] > best[0] or losses[1] >= best[1]:
                         self.state.codes[layer.node] = previous
                         continue
@@ -134,15 +195,10 @@ class Calibrator:
             if kept_this_round == 0:
                 break
         kept = sum(int(np.count_nonzero(self.state.codes[k] != start[k])) for k in start)
-        return proposed, kept
+        return proposed, kept, rounds
 
     def _losses(self, pool: Coreset, old: np.ndarray) -> tuple[float, float]:
-        """Cross-entropy on the coreset part and on the new chunk of the pool."""
-        logits = self.runner.logits(pool.x).astype(np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        losses = -log_probabilities[np.arange(len(pool.y)), pool.y]
-        return float(losses[old].mean()) if old.any() else 0.0, float(losses[~old].mean())
+        return losses(self.runner, pool, old)
 
     def save(self) -> None:
         """Write the updated coreset, then the state (each file whole or not at all)."""

@@ -22,6 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     quantize.add_argument("--data", type=Path, required=True, help="training .npz (x, y)")
     quantize.add_argument("--epochs", type=int, default=10, help="float training epochs (total target; records every record_every epochs)")
     quantize.add_argument("--batch-size", type=int, default=32)
+    quantize.add_argument("--drift-data", type=Path, help="labelled examples grouped by domain (.npz: x, y, domain) the flip "
+                          "networks learn from, e.g. people the float model is not trained on; default: synthetic drifts")
+    quantize.add_argument("--reuse-records", action="store_true", help="keep the trained float model and forgetting records of "
+                          "an earlier run in OUT/qcore/ and redo only quantization, coreset and flip networks (e.g. after "
+                          "changing bits or flip options)")
     quantize.add_argument("--no-progress", action="store_true", help="no progress lines")
     quantize.set_defaults(run=run_quantize)
     calibrate = commands.add_parser("calibrate", help="qcore: recalibrate the quantized model on a stream of chunks, forward passes only")
@@ -33,18 +38,45 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .build import build
+    from .build import build, rebuild
 
     if args.epochs < 1 or args.batch_size < 1:
         raise DataError("--epochs and --batch-size must be at least 1")
     echo = (lambda text: None) if args.no_progress else (lambda text: print(text, file=sys.stderr))
-    summary = build(args.artifacts, args.data, epochs=args.epochs, batch_size=args.batch_size, echo=echo)
+    drift = _drift_data(args.drift_data) if args.drift_data else None
+    if args.reuse_records:
+        summary = rebuild(args.artifacts, args.data, echo=echo, drift_data=drift)
+    else:
+        summary = build(args.artifacts, args.data, epochs=args.epochs, batch_size=args.batch_size, echo=echo, drift_data=drift)
     folder = args.artifacts / QCORE_DIR
     ratio = summary["quantized_bytes"] / summary["float_bytes"]
     print(f"wrote {folder}/: model.int{summary['bits']}.onnx {summary['quantized_bytes']} bytes "
           f"({ratio:.1%} of the float model's {summary['float_bytes']}), coreset {summary['coreset_size']} of "
           f"{summary['examples']} examples ({summary['coreset_share']:.2%}), {len(summary['flipnets'])} flip networks")
     return 0
+
+
+def _drift_data(path: Path) -> Any:
+    """--drift-data: x, y and an integer domain per example, checked before any training."""
+    import numpy as np
+
+    from .build import DriftData
+
+    if not path.is_file():
+        raise DataError(f"--drift-data {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("x", "y", "domain") if k not in archive.files]
+            if missing:
+                raise DataError(f"--drift-data {path}: missing arrays {missing} (needs x, y and domain)")
+            x, y, domain = archive["x"], archive["y"], archive["domain"]
+    except (OSError, ValueError) as error:
+        raise DataError(f"--drift-data {path}: not a readable .npz ({error})") from None
+    if not (len(x) == len(y) == len(domain)) or len(y) == 0:
+        raise DataError(f"--drift-data {path}: x, y and domain must have the same non-zero length ({len(x)}, {len(y)}, {len(domain)})")
+    if not np.issubdtype(y.dtype, np.integer) or not np.issubdtype(domain.dtype, np.integer) or y.ndim != 1 or domain.ndim != 1:
+        raise DataError(f"--drift-data {path}: y and domain must be 1-D integer arrays")
+    return DriftData(x.astype(np.float32), y.astype(np.int64), domain.astype(np.int64))
 
 
 def _chunks(artifacts: Path, paths: list[Path]) -> list[Dataset]:

@@ -5,9 +5,11 @@ Every weight of a layer is one row of features, computed forward only:
 0. its position on the grid, (q - zero_point) / 2**(bits-1);
 1. the shift of the mean of its input channel on the new data, in reference standard deviations;
 2. the log ratio of that channel's standard deviation to the reference one;
-3. for the last layer only (zero elsewhere), the error correlation mean((softmax - onehot) * input)
-   divided by the channel's weight scale: the negative gradient of the loss for that weight,
-   which needs the logits and the layer input, not a backward pass.
+3. a forward-only descent direction for that weight, divided by its channel's weight scale: for the
+   last layer the error correlation mean((onehot - softmax) * input), the exact negative gradient
+   of the cross-entropy; for hidden layers the class-mean alignment signal (`signals`), the
+   descent direction of a local loss that moves each class's features back to their reference
+   means. Both need forward passes only, never a backward pass through other layers.
 
 The network scores the three steps {-1, 0, +1}; the best one is added to the integer
 weight, which is then clamped to the grid. It is trained offline (onnxruntime-training

@@ -184,7 +184,11 @@ class QuantizedRunner:
             raise ModelError(f"qcore: the model must have one data input, it has {len(data_inputs)}: {data_inputs}")
         self.input_name = data_inputs[0]
         self.output_name = model.graph.output[0].name
-        probes = [layer.input for layer in self.layers] + [bn.input[0] for bn in self.norms]
+        from .signals import aligned_outputs
+
+        self.nodes = {n.name: n for n in model.graph.node}
+        self.aligned = aligned_outputs(model, self.layers)
+        probes = [layer.input for layer in self.layers] + [bn.input[0] for bn in self.norms] + [a.tensor for a in self.aligned.values()]
         graph = _qdq_graph(model, state, bake=False, probes=probes)
         ort = inference_runtime()
         options = ort.SessionOptions()
@@ -233,6 +237,25 @@ class QuantizedRunner:
         """The output and every quantized layer's float input, from one pass."""
         logits, *values = self.run(x, [self.output_name, *(layer.input for layer in self.layers)])
         return logits, dict(zip([layer.node for layer in self.layers], values))
+
+    def forward_all(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The output, every quantized layer's float input and every hidden layer's aligned output, from one pass."""
+        names = [layer.input for layer in self.layers] + [a.tensor for a in self.aligned.values()]
+        logits, *values = self.run(x, [self.output_name, *names])
+        count = len(self.layers)
+        inputs = dict(zip([layer.node for layer in self.layers], values[:count]))
+        outputs = dict(zip(list(self.aligned), values[count:]))
+        return logits, inputs, outputs
+
+    def norm_gain(self, layer: str) -> np.ndarray | float:
+        """d(aligned output)/d(layer output) per channel under the current statistics."""
+        from .signals import norm_gain
+
+        aligned = self.aligned[layer]
+        if aligned.norm is None:
+            return 1.0
+        node = self.nodes[aligned.norm]
+        return norm_gain(node, initializer_array(self.model, node.input[1]), self.state.norm_stats[aligned.norm][1])
 
     def layer_inputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip([layer.node for layer in self.layers], self.run(x, [layer.input for layer in self.layers])))
