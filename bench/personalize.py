@@ -172,7 +172,7 @@ def fine_tune(art: Path, folder: Path, job: dict[str, Any], *, with_statistics: 
         stats = {}
         shutil.copytree(art, copy, ignore=shutil.ignore_patterns("checkpoints"))
     trainer = edgeplug.Trainer(copy, progress=False, lr=job["fta_lr"], seed=0)
-    trainer.fit({"image": data["x"], "y": data["y"]}, epochs=job["fta_epochs"], batch_size=job["fta_batch"])
+    trainer.fit({job.get("input", "image"): data["x"], "y": data["y"]}, epochs=job["fta_epochs"], batch_size=job["fta_batch"])
     edgeplug.export(copy, folder / f"{name}.onnx")
     manifest, _ = load_manifest(art)
     names = {s.name for s in manifest.parameter_slots()}
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fta-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 source, 3 target domains, 300 steps")
+    parser.add_argument("--workload", choices=["digits", "hapt"], default="digits",
+                        help="hapt: UCI HAPT, source domains = UCI's 21 training users, targets = the 9 others")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-personalize"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--name", default="personalize")
@@ -216,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.source_domains, args.target_domains, args.steps, args.fta_epochs = 12, 3, 300, 10
-    run(args)
+    if args.workload == "hapt":
+        run_hapt(args)
+    else:
+        run(args)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -301,6 +306,92 @@ def run(args: argparse.Namespace) -> None:
     write_results(result, args.results, args.name)
 
 
+# -- UCI HAPT: real people as domains ----------------------------------------------------------------
+
+def run_hapt(args: argparse.Namespace) -> None:
+    """Source domains = UCI's 21 training users (the base model was pretrained on them); target domains = the 9
+    held-out users. Per target user the device holds up to --device-samples unlabelled windows of its first
+    recording; its test set is its other recording(s)."""
+    from edgeplug_plugins.personalize.device import DeviceModel, accuracy
+    from edgeplug_plugins.personalize.generator import Generator, GeneratorOptions, load_domains, train_generator
+
+    import edgeplug
+
+    sys.path.insert(0, str(BENCH))
+    import hapt
+    import hapt_model
+
+    started = time.perf_counter()
+    work = args.work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    windows = hapt.load()
+    base = hapt_model.pretrained(echo=lambda text: print("  " + text, flush=True))
+    art = work / "art"
+    edgeplug.rewrite(base, recipe(PERSONALIZE_RECIPE, args.fta_lr), art, force=True)
+    device = DeviceModel(art)
+    source = windows.select(users=hapt_model.SOURCE_USERS)
+    arrays = {"x": source.x, "y": source.y, "domain": source.users}
+    options = GeneratorOptions(steps=args.steps, device_samples=args.device_samples, count=args.count, seed=args.seed, lr=1e-3)
+    cloud_started = time.perf_counter()
+    info = train_generator(art, load_domains(arrays, device, "domains"), work / "generator", options, force=True,
+                           echo=lambda text: print("  " + text, flush=True))
+    generator_seconds = time.perf_counter() - cloud_started
+    generator = Generator(work / "generator")
+    rng = np.random.default_rng(args.seed)
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    targets = []
+    for user in hapt_model.NEW_USERS:
+        folder = work / f"user-{user}"
+        folder.mkdir()
+        first, rest = windows.select(users=[user], experiments=[0]), windows.select(users=[user])
+        rest = rest.take(rest.experiments > 0)
+        picked = np.sort(rng.choice(len(first), min(args.device_samples, len(first)), replace=False))
+        np.savez(folder / "device.npz", x=first.x[picked])
+        np.savez(folder / "device-labelled.npz", x=first.x[picked], y=first.y[picked])
+        targets.append({"user": user, "device_windows": int(len(picked)), "test_windows": len(rest)})
+        line = []
+        for method in METHODS:
+            entry = personalise(method, device, art, folder, work, generator, args, rest.x, rest.y, int(first.x[picked].nbytes),
+                                input_name=hapt_model.INPUT)
+            entry["domain"] = user
+            rows[method].append(entry)
+            line.append(f"{method} {entry['accuracy']:.3f}")
+        print(f"user {user}: " + ", ".join(line), flush=True)
+    clean = float(np.mean([r["accuracy"] for r in rows["none"]]))
+    result = summarise(args, rows, info, generator_seconds, clean, time.perf_counter() - started, targets)
+    result["workload"] = "hapt"
+    write_results(result, args.results, args.name)
+
+
+def personalise(method: str, device: Any, art: Path, folder: Path, work: Path, generator: Any, args: argparse.Namespace,
+                x_test: np.ndarray, y_test: np.ndarray, raw_bytes: int, input_name: str = "image") -> dict[str, Any]:
+    """One row for one target domain: run the device side in a child, evaluate the resulting slots."""
+    from edgeplug_plugins.personalize.anchors import read_anchors
+    from edgeplug_plugins.personalize.device import accuracy
+    from edgeplug_plugins.personalize.slotfile import read_slots
+
+    entry: dict[str, Any] = {}
+    slots: dict[str, np.ndarray] = {}
+    if method != "none":
+        job = {"method": method, "artifacts": str(art), "folder": str(folder), "generator": str(work / "generator"),
+               "fta_epochs": args.fta_epochs, "fta_lr": args.fta_lr, "fta_batch": args.fta_batch, "input": input_name}
+        measured = run_child(job, work)
+        entry.update(device_seconds=measured["seconds"], device_peak_rss=measured["peak_rss"])
+    if method in ("stats", "prototype", "fta", "fta_stats"):
+        slots = read_slots(folder / f"{method}.npz", device.manifest)[0]
+    if method == "generated":
+        packed, meta = read_anchors(folder / "anchors.npz", device.manifest.fingerprint)
+        cloud = time.perf_counter()
+        generated = generator.generate(packed, meta)
+        entry["cloud_seconds"] = time.perf_counter() - cloud
+        slots = {**read_slots(folder / "device-stats.npz", device.manifest)[0], **generated}
+        entry.update(upload_bytes=(folder / "anchors.npz").stat().st_size, raw_bytes=raw_bytes,
+                     download_bytes=sum(v.nbytes for v in generated.values()))
+    entry["accuracy"] = accuracy(device.logits(x_test, slots), y_test)
+    return entry
+
+
 def summarise(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], info: dict[str, Any], generator_seconds: float,
               clean: float, seconds: float, target_domains: list[dict[str, Any]]) -> dict[str, Any]:
     table = {}
@@ -314,7 +405,12 @@ def summarise(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], i
                 summary[key + "_median"] = float(statistics.median(values))
         table[method] = summary
     generated = table["generated"]
+    paired = {}
+    for method in rows:
+        if method != "generated":
+            paired[method] = paired_interval([e["accuracy"] for e in rows["generated"]], [e["accuracy"] for e in rows[method]])
     return {
+        "paired_generated_minus": paired,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "clean_accuracy": clean, "seconds": seconds, "generator_training_seconds": generator_seconds,
@@ -329,6 +425,15 @@ def summarise(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], i
     }
 
 
+def paired_interval(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean of a - b over the paired target domains with a 95% t interval."""
+    from scipy import stats
+
+    diff = np.asarray(a) - np.asarray(b)
+    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"mean": float(diff.mean()), "low": float(diff.mean() - half), "high": float(diff.mean() + half), "n": int(len(diff))}
+
+
 def write_results(result: dict[str, Any], folder: Path, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -339,13 +444,21 @@ def write_results(result: dict[str, Any], folder: Path, name: str) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
+    if result.get("workload") == "hapt":
+        head = ["# personalize: backprop-free personalisation of unseen people (UCI HAPT)", "",
+                f"`nice python bench/personalize.py --workload hapt` — base model: the HAPT 1D-CNN pretrained with edgeplug "
+                f"on UCI's 21 training users (bench/hapt_model.py); the generator trains over those 21 users as source domains; "
+                f"the 9 held-out users are the target domains: per user up to {s['device_samples']} unlabelled windows of its "
+                f"first recording on the device, its other recording(s) the test set. "
+                f"Run took {result['seconds']:.0f} s on {result['machine']['cpus']} shared cores (load {result['machine']['load_average'][0]:.1f}).", ""]
+    else:
+        head = ["# personalize: backprop-free personalisation on distorted digits", "",
+                f"`nice python bench/personalize.py` — {s['source_domains']} source domains (generator training), "
+                f"{s['target_domains']} unseen target domains; per target domain {s['device_samples']} unlabelled device images, "
+                f"the remaining target-half images are the test set. Base CNN clean accuracy {result['clean_accuracy']:.3f}. "
+                f"Run took {result['seconds']:.0f} s on {result['machine']['cpus']} shared cores (load {result['machine']['load_average'][0]:.1f}).", ""]
     lines = [
-        "# personalize: backprop-free personalisation on distorted digits", "",
-        f"`nice python bench/personalize.py` — {s['source_domains']} source domains (generator training), "
-        f"{s['target_domains']} unseen target domains; per target domain {s['device_samples']} unlabelled device images, "
-        f"the remaining target-half images are the test set. Base CNN clean accuracy {result['clean_accuracy']:.3f}. "
-        f"Run took {result['seconds']:.0f} s on {result['machine']['cpus']} shared cores (load {result['machine']['load_average'][0]:.1f}).",
-        "",
+        *head,
         "| method | target accuracy (mean ± std over domains) | device time (median) | device peak RSS (median) | upload |",
         "|---|---|---|---|---|",
     ]
@@ -356,6 +469,10 @@ def markdown(result: dict[str, Any]) -> str:
                   if "upload_bytes_median" in row else ("none; labels + backprop on device" if method.startswith("fta") else "-"))
         lines.append(f"| {row['label']} | {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | {seconds} | {rss} | {upload} |")
     t, g = result["targets"], result["generator"]
+    if "paired_generated_minus" in result:
+        lines += ["", "| generated minus | mean difference [95% t interval] over target domains |", "|---|---|"]
+        for method, d in result["paired_generated_minus"].items():
+            lines.append(f"| {result['rows'][method]['label']} | {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] (n = {d['n']}) |")
     lines += [
         "",
         f"- generated beats no adaptation and both forward-only baselines: **{t['beats_none_and_forward_only']}**",
