@@ -187,7 +187,8 @@ class Calibrator:
                     continue
                 if self.options["flip_guard"]:
                     losses = self._losses(check, check_old)
-                    if losses[0] > best[0] or losses[1] >= best[1]:
+                    margin = float(self.options.get("guard_margin", 0.0))
+                    if losses[0] > best[0] or losses[1] >= best[1] * (1.0 - margin):
                         self.state.codes[layer.node] = previous
                         continue
                     best = losses
