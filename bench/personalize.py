@@ -426,12 +426,12 @@ def summarise(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], i
 
 
 def paired_interval(a: list[float], b: list[float]) -> dict[str, float]:
-    """Mean of a - b over the paired target domains with a 95% t interval."""
-    from scipy import stats
+    """Mean of a - b over the paired target domains with a 95% t interval (bench.protocol.stats)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.protocol.stats import paired_t
 
-    diff = np.asarray(a) - np.asarray(b)
-    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return {"mean": float(diff.mean()), "low": float(diff.mean() - half), "high": float(diff.mean() + half), "n": int(len(diff))}
+    d = paired_t(a, b)
+    return {"mean": d.mean, "low": d.low, "high": d.high, "n": d.n, "p_value": d.p_value}
 
 
 def write_results(result: dict[str, Any], folder: Path, name: str) -> None:

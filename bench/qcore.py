@@ -309,14 +309,12 @@ def measure_memory(folder: Path, data: dict[str, Any], work: Path) -> dict[str, 
 
 
 def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Mean of a - b with a 95% t interval over the paired items (chunks = new subjects)."""
-    from scipy import stats
+    """Mean of a - b with a 95% t interval over the paired items (chunks = new subjects): bench.protocol.stats."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.protocol.stats import paired_t
 
-    diff = np.asarray(a) - np.asarray(b)
-    if len(diff) < 2:
-        return float(diff.mean()), float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
-    return float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half)
+    d = paired_t(a, b)
+    return d.mean, d.low, d.high
 
 
 def markdown(result: dict[str, Any]) -> str:

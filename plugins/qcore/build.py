@@ -174,7 +174,7 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
 def rebuild(artifact_dir: Path, data: Any, *, echo: Callable[[str], None], drift_data: DriftData | None = None) -> dict[str, Any]:
     """Redo everything after the float training (quantization, coreset, flip networks) from the trained
     float model and forgetting records a previous `build` left in OUT/qcore/ (options re-read)."""
-    from edgeplug.trainer import Trainer
+    from edgeplug import Trainer
 
     options = read_options(artifact_dir)
     folder = artifact_dir / QCORE_DIR

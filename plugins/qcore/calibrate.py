@@ -152,7 +152,7 @@ class Calibrator:
 
     def _guard_rows(self, n: int) -> np.ndarray:
         """The chunk's rows held out for the guard (`guard_split` of it; none for a chunk of one example)."""
-        share = float(self.options.get("guard_split", 0.0))
+        share = float(self.options["guard_split"])
         count = min(n - 1, int(round(share * n))) if self.options["flip_guard"] and n > 1 else 0
         if count <= 0:
             return np.zeros(0, np.int64)
@@ -187,7 +187,7 @@ class Calibrator:
                     continue
                 if self.options["flip_guard"]:
                     losses = self._losses(check, check_old)
-                    margin = float(self.options.get("guard_margin", 0.0))
+                    margin = float(self.options["guard_margin"])
                     if losses[0] > best[0] or losses[1] >= best[1] * (1.0 - margin):
                         self.state.codes[layer.node] = previous
                         continue
