@@ -37,6 +37,7 @@ from edgeplug.errors import (
 )
 from edgeplug.graph import GraphIndex
 from edgeplug.passes import (
+    CarriedState,
     ForwardState,
     Pass,
     PassContext,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # imported on first use (they load onnxruntime, jsonschema, y
 __version__ = "0.1.0"
 
 __all__ = [
+    "CarriedState",
     "DataError",
     "EdgeplugError",
     "FitResult",

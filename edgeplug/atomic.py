@@ -87,3 +87,9 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as stream:
                 os.fsync(stream.fileno())
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    """Write a file atomically."""
+    with atomic_file(target) as staging:
+        staging.write_bytes(data)

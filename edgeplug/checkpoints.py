@@ -2,9 +2,15 @@
 
 Layout: ``out/checkpoints/step-00000042/`` holds ``state`` (onnxruntime-training
 checkpoint with optimizer state), ``trainer.json`` (where in the data the run
-was) and ``hooks/`` (state of pass runtime hooks). ``out/checkpoints/LATEST``
+was), ``carried_state.safetensors`` (step-carried state, when the folder has any)
+and ``hooks/`` (state of pass runtime hooks). ``out/checkpoints/LATEST``
 names the newest complete one. In a staged folder ``state`` is a folder with one
 onnxruntime-training checkpoint per stage (``state/0``, ``state/1``, ...).
+
+Runtimes that cannot save onnxruntime checkpoints (the JavaScript runtime) write
+``training_state.safetensors`` instead of ``state``: parameters and optimizer state
+of every artifact set (docs/device-runtime.md), and name themselves in
+``trainer.json`` (``"runtime": "node"``). `edgeplug export` reads both.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edgeplug import tensorfile
 from edgeplug.atomic import atomic_directory, write_text
 from edgeplug.errors import OutputError
 
@@ -24,6 +33,8 @@ LATEST = "LATEST"
 STATE = "state"
 PROGRESS = "trainer.json"
 HOOKS = "hooks"
+DEVICE_STATE = "training_state.safetensors"
+"""Parameters and optimizer state written by a runtime without onnxruntime checkpoint saving."""
 _NAME = re.compile(r"step-\d{8,}")
 
 
@@ -99,12 +110,30 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
     return progress
 
 
+def checkpoint_runtime(checkpoint: Path) -> str:
+    """Which runtime wrote a checkpoint: "python" (onnxruntime checkpoint in `state`) or e.g. "node"."""
+    if (checkpoint / STATE).exists():
+        return "python"
+    return str(read_progress(checkpoint).get("runtime") or "node")
+
+
+def device_parameters(path: Path, artifact_set: int) -> dict[str, np.ndarray]:
+    """The parameters a runtime without onnxruntime checkpoints saved for artifact set `artifact_set`:
+    from `path`, a training_state.safetensors file or the checkpoint folder holding it."""
+    tensors, _ = tensorfile.load(path / DEVICE_STATE if path.is_dir() else path)
+    prefix = f"{artifact_set}:param:"
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
 def _complete(path: Path) -> bool:
     """A checkpoint folder with its progress file and its state: a regular file, or a folder of them
-    (staged). A FIFO or device in their place would block or never end the read."""
+    (staged), or the training_state file of a runtime without onnxruntime checkpoints. A FIFO or
+    device in their place would block or never end the read."""
     state = path / STATE
     if path.is_symlink() or not path.is_dir() or not (path / PROGRESS).is_file():
         return False
+    if not state.exists() and not state.is_symlink():
+        return (path / DEVICE_STATE).is_file() and not (path / DEVICE_STATE).is_symlink()
     if state.is_dir() and not state.is_symlink():
         return all(part.is_file() for part in state.iterdir())
     return state.is_file()

@@ -93,6 +93,12 @@ def _size_line(artifacts: dict[str, int]) -> str:
 def _train(args: argparse.Namespace) -> int:
     from edgeplug.trainer import Trainer
 
+    if args.runtime == "node":
+        from edgeplug.node_runtime import train_with_node
+
+        return train_with_node(args)
+    if args.threads is not None:
+        raise EdgeplugError("--threads applies to --runtime node; the Python runtime uses onnxruntime's default")
     trainer = Trainer(
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, echo=print, checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
@@ -106,6 +112,14 @@ def _train(args: argparse.Namespace) -> int:
         from edgeplug.atomic import write_text
 
         write_text(Path(args.metrics), json.dumps(_fit_json(result), indent=2) + "\n")
+    return 0
+
+
+def _pack_data(args: argparse.Namespace) -> int:
+    from edgeplug.node_runtime import pack_data
+
+    path, count = pack_data(args.artifacts, args.data, args.output)
+    print(f"wrote {path}: {count} samples ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -200,7 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_argument("--metrics", type=Path, help="write per-epoch metrics as JSON here")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated training step needs more, e.g. 512M, 2G")
+    sub.add_argument("--runtime", choices=("python", "node"), default="python",
+                     help="python: onnxruntime-training here; node: the JavaScript runtime (onnxruntime-web, WebAssembly) in runtimes/web")
+    sub.add_argument("--threads", type=int, metavar="N", help="WebAssembly threads of --runtime node (default 1)")
     sub.set_defaults(run=_train)
+
+    sub = commands.add_parser("pack-data", help="write .npz data as a safetensors file for device runtimes (the JavaScript runtime, the web page)")
+    sub.add_argument("artifacts", type=Path, help="artifact folder whose inputs the data must fit")
+    sub.add_argument("data", type=Path, help=".npz (or .safetensors) data")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="the .safetensors file to write")
+    sub.set_defaults(run=_pack_data)
 
     sub = commands.add_parser("export", help="write the inference model with trained weights")
     sub.add_argument("artifacts", type=Path)

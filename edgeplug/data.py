@@ -43,11 +43,16 @@ class TensorSpec:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read every array of an .npz file (pickles refused), with a DataError naming the file on failure.
+    """Read every array of an .npz file (pickles refused), or of a .safetensors file (the device runtimes'
+    format), with a DataError naming the file on failure.
 
     Headers are read first: declared sizes must match the archive and fit in memory
     before anything is inflated (see `NpzArchive`).
     """
+    if Path(path).suffix == ".safetensors":
+        from edgeplug import tensorfile
+
+        return tensorfile.load(path)[0]
     with NpzArchive(path) as archive:
         keys = archive.keys()
         archive.check_memory(keys)

@@ -10,7 +10,7 @@ import onnx
 
 from edgeplug import _ort
 from edgeplug.artifacts import read_report, stage_folders
-from edgeplug.checkpoints import STATE, latest_checkpoint, state_file
+from edgeplug.checkpoints import DEVICE_STATE, STATE, device_parameters, latest_checkpoint, state_file
 from edgeplug.errors import EdgeplugError, ModelError
 from edgeplug.files import check_regular_file
 from edgeplug.layout import CHECKPOINT, FORWARD_MODEL
@@ -30,7 +30,10 @@ def export(artifact_dir: str | Path, output: str | Path, *, checkpoint: str | Pa
     state_path = _state_path(artifact_dir, checkpoint)
     with tempfile.TemporaryDirectory(prefix="edgeplug-export-") as scratch, _ort.captured_native_stderr():
         try:
-            _, module, _ = _ort.open_artifacts(artifact_dir, state_path, optimizer=False)
+            device = state_path.suffix == ".safetensors"  # written by a runtime without onnxruntime checkpoints
+            state, module, _ = _ort.open_artifacts(artifact_dir, artifact_dir / CHECKPOINT if device else state_path, optimizer=False)
+            for name, value in (device_parameters(state_path, 0) if device else {}).items():
+                state.parameters[name] = value  # needs the module open: on a bare CheckpointState it crashes
             staged = Path(scratch) / "model.onnx"
             module.export_model_for_inferencing(str(staged), [report["training"]["output"]])
             model = onnx.load(str(staged))
@@ -53,8 +56,12 @@ def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | 
     api = _ort.training_api()
     with _ort.captured_native_stderr():
         for number, folder in enumerate(folders):
-            path = state_file(chosen, number) if chosen else folder / CHECKPOINT
+            device = chosen is not None and (chosen.suffix == ".safetensors" or not (chosen / STATE).exists())
+            path = (chosen if device else state_file(chosen, number)) if chosen else folder / CHECKPOINT
             try:
+                if device:
+                    trained.update(device_parameters(path, number))
+                    continue
                 state = api.CheckpointState.load_checkpoint(str(path))
                 # trained values only: a later stage's frozen copy of a weight must not overwrite the trained one
                 trained.update({name: np.array(parameter.data) for name, parameter in state.parameters
@@ -71,14 +78,17 @@ def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | 
 
 
 def _checkpoint_folder(artifact_dir: Path, checkpoint: str | Path | None) -> Path | None:
-    """A staged checkpoint folder (holding state/<i>): the one given, else the newest, else None (untrained)."""
+    """A staged checkpoint folder (holding state/<i> or training_state.safetensors) or a training_state file:
+    the one given, else the newest, else None (untrained)."""
     if checkpoint is None:
         return latest_checkpoint(artifact_dir)
     path = Path(checkpoint)
+    if path.suffix == ".safetensors" and path.is_file():  # parameters saved by the JavaScript runtime
+        return path
     path = path.parent if path.name == STATE else path
-    if not (path / STATE).is_dir():
+    if not (path / STATE).is_dir() and not (path / DEVICE_STATE).is_file():
         raise EdgeplugError(f"checkpoint not found: {checkpoint} (a staged folder's checkpoint is a checkpoints/step-N folder)")
-    for state in sorted((path / STATE).iterdir()):
+    for state in sorted((path / STATE).iterdir()) if (path / STATE).is_dir() else [path / DEVICE_STATE]:
         check_regular_file(state, "checkpoint")
     return path
 
@@ -86,7 +96,11 @@ def _checkpoint_folder(artifact_dir: Path, checkpoint: str | Path | None) -> Pat
 def _state_path(artifact_dir: Path, checkpoint: str | Path | None) -> Path:
     if checkpoint is not None:
         path = Path(checkpoint)
-        path = path / STATE if path.is_dir() else path
+        if path.is_dir():
+            path = path / STATE if (path / STATE).exists() or not (path / DEVICE_STATE).exists() else path / DEVICE_STATE
         return check_regular_file(path, "checkpoint")  # onnxruntime would block forever on a FIFO
     latest = latest_checkpoint(artifact_dir)
-    return latest / STATE if latest else artifact_dir / CHECKPOINT
+    if latest is None:
+        return artifact_dir / CHECKPOINT
+    return latest / STATE if (latest / STATE).exists() else latest / DEVICE_STATE
+

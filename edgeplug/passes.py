@@ -78,13 +78,42 @@ class ForwardState:
     stages: tuple[Stage, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class CarriedState:
+    """A tensor the training graph carries from one step to the next, declared instead of a Python hook.
+
+    Before every training step a runtime feeds the current value to graph input `input`
+    (and to the eval model, when that takes it too); after the step it keeps graph output
+    `output` as the next value, when the step's batch matched (see `batch_axis`) and the
+    output is finite. The value starts at `initial`, is saved with every checkpoint and
+    restored on resume. Any runtime can do this without Python (docs/device-runtime.md).
+
+    `batch_axis`: the axis whose length is the batch size (None: the state does not
+    depend on it). A batch of another size (the last, partial one) is fed the
+    substitute `other_batch` ("identity": a 2-D identity of the batch's shape,
+    "zeros") instead, and leaves the state unchanged.
+    """
+
+    input: str
+    output: str
+    initial: np.ndarray
+    batch_axis: int | None = None
+    other_batch: str = "identity"
+
+
+OTHER_BATCH_RULES = ("identity", "zeros")
+
+
 @dataclasses.dataclass
 class TrainingModels:
-    """The three models onnxruntime-training generated; parameter names must not change."""
+    """The three models onnxruntime-training generated; parameter names must not change.
+
+    `carried` lists the step-carried state the passes declared (`CarriedState`)."""
 
     training: onnx.ModelProto
     eval: onnx.ModelProto
     optimizer: onnx.ModelProto
+    carried: tuple[CarriedState, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

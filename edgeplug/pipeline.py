@@ -19,6 +19,7 @@ import onnx
 
 from edgeplug import __version__, _ort
 from edgeplug.atomic import atomic_directory
+from edgeplug.device_contract import check_carried, device_runtime, write_device_files
 from edgeplug.errors import (
     EdgeplugError,
     ModelError,
@@ -40,13 +41,16 @@ from edgeplug.guard import (
     time_limit,
 )
 from edgeplug.layout import (
+    CARRIED_STATE_FILE,
     CHECKPOINT,
     EVAL_MODEL,
     FORWARD_MODEL,
+    GRADIENTS_MODEL,
     LABELS_INPUT,
     NOMINAL_CHECKPOINT,
     OPERATOR_CONFIGS,
     OPTIMIZER_MODEL,
+    OPTIMIZER_STEP_MODEL,
     ORT_MODELS,
     RECIPE_FILE,
     REPORT_FILE,
@@ -155,11 +159,13 @@ def rewrite(
         trainable = sorted(state.trainable)
         if not trainable:
             raise RecipeError("no parameter is trainable after the passes ran; widen the 'trainable' pass's selection")
-        _write_training_models(forward, trainable, output_name, stage, passes, context, timings, recipe,
-                               timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint)
+        device = _write_training_models(forward, trainable, output_name, stage, passes, context, timings, recipe,
+                                        timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint)
         for info, instance in passes:
             entries.append(_report_entry(info, instance, timings[info.name], timeout))
         report = _report(source, loaded, forward, recipe, output_name, trainable, entries, stage)
+        report["training"]["carried_state"] = device["carried_state"]
+        report["device_runtime"] = device_runtime(report, recipe.to_dict(), [device])
         _check_report(report)
         (stage / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (stage / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -229,6 +235,9 @@ def _check_training(info: PassInfo, models: object) -> None:
             onnx.checker.check_model(_runtime_gradient_ops_apart(proto) if label == "training" else proto)
         except onnx.checker.ValidationError as error:
             raise PassError(info.name, "rewrite_training", f"returned an invalid {label} model: {str(error).splitlines()[0]}") from None
+    problem = check_carried(models.carried, models)
+    if problem:
+        raise PassError(info.name, "rewrite_training", problem)
 
 
 def _runtime_gradient_ops_apart(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -438,7 +447,7 @@ def _report(source: str, original: onnx.ModelProto, forward: onnx.ModelProto, re
 
 def _artifact_sizes(folder: Path, prefix: str = "") -> dict[str, int]:
     names = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT, NOMINAL_CHECKPOINT,
-             *ORT_MODELS.values(), *OPERATOR_CONFIGS.values())
+             *ORT_MODELS.values(), *OPERATOR_CONFIGS.values(), GRADIENTS_MODEL, OPTIMIZER_STEP_MODEL, CARRIED_STATE_FILE)
     return {prefix + name: (folder / name).stat().st_size for name in names if (folder / name).is_file()}
 
 
@@ -488,8 +497,10 @@ def _check_stages(info: PassInfo, state: ForwardState, original: onnx.ModelProto
 def _write_training_models(forward: onnx.ModelProto, trainable: list[str], output_name: str, folder: Path,
                            passes: list[tuple[PassInfo, Pass]], context: PassContext, timings: dict[str, float],
                            recipe: Recipe, *, timeout: float | None, budget: int | None, ort_format: bool,
-                           nominal_checkpoint: bool, passes_on: tuple[str, ...] = (), label: str = "") -> None:
-    """One artifact set in `folder`: gradient check, budget, generation, every pass's rewrite_training, smoke load."""
+                           nominal_checkpoint: bool, passes_on: tuple[str, ...] = (), label: str = "",
+                           relative_dir: str = ".") -> dict[str, Any]:
+    """One artifact set in `folder`: gradient check, budget, generation, every pass's rewrite_training, the device
+    runtime's files, smoke load. Returns the set's entry of report.json `device_runtime.artifact_sets`."""
     check_trainable_widths(forward, output_name, trainable, label)
     missing = missing_gradients(forward, set(trainable), output_name)
     if missing:
@@ -507,10 +518,13 @@ def _write_training_models(forward: onnx.ModelProto, trainable: list[str], outpu
     for name, proto in zip((TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL), (models.training, models.eval, models.optimizer), strict=True):
         save_model(proto, folder / name)
     save_model(forward, folder / FORWARD_MODEL)
+    device = write_device_files(folder, models, {t.name for t in forward.graph.initializer}, trainable, output=output_name,
+                                passes_on=passes_on, relative_dir=relative_dir)
     _smoke_load(folder)
     if ort_format:
         _convert_to_ort(folder)
         _smoke_load(folder, ort_format=True)
+    return device
 
 
 def check_trainable_widths(forward: onnx.ModelProto, output_name: str, trainable: list[str], label: str = "") -> None:
@@ -550,15 +564,18 @@ def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], cont
     """One regular artifact set per stage under stages/<i>/, the inference model and report.json on top."""
     passed: set[str] = set()
     stage_reports: list[dict[str, Any]] = []
+    devices: list[dict[str, Any]] = []
     for number, stage in enumerate(state.stages):
         folder = out / stage_dir(number)
         folder.mkdir(parents=True)
         forward = _prune_to_output(stage.model, stage.output, stage.passes_on)
         trainable = sorted(stage.trainable)
-        _write_training_models(forward, trainable, stage.output, folder, passes, context, timings, recipe,
-                               timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint,
-                               passes_on=stage.passes_on, label=f"stage {stage.name!r}: ")
+        devices.append(_write_training_models(forward, trainable, stage.output, folder, passes, context, timings, recipe,
+                                              timeout=timeout, budget=budget, ort_format=ort_format,
+                                              nominal_checkpoint=nominal_checkpoint, passes_on=stage.passes_on,
+                                              label=f"stage {stage.name!r}: ", relative_dir=stage_dir(number)))
         stage_report = _report(source, original, forward, recipe, stage.output, trainable, [], folder, data_inputs=passed)
+        stage_report["training"]["carried_state"] = devices[-1]["carried_state"]
         _check_report(stage_report)
         (folder / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (folder / REPORT_FILE).write_text(json.dumps(stage_report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -592,6 +609,8 @@ def _write_stages(state: ForwardState, passes: list[tuple[PassInfo, Pass]], cont
     ]
     for number in range(len(state.stages)):
         report["artifacts"].update(_artifact_sizes(out / stage_dir(number), prefix=f"{stage_dir(number)}/"))
+    report["training"]["carried_state"] = []
+    report["device_runtime"] = device_runtime(report, recipe.to_dict(), devices)
     _check_report(report)
     (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")

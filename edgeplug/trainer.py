@@ -32,12 +32,15 @@ from edgeplug import _ort
 from edgeplug.artifacts import output_shape, read_report, stage_folders
 from edgeplug.checkpoints import (
     HOOKS,
+    checkpoint_runtime,
     checkpoints_dir,
+    device_parameters,
     latest_checkpoint,
     read_progress,
     state_file,
     write_checkpoint,
 )
+from edgeplug.carried import carried_feeds, carried_update, load_carried_state, save_carried_state
 from edgeplug.data import Dataset, TensorSpec, load_dataset
 from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
@@ -75,6 +78,8 @@ class _Session:
     passes_on: tuple[str, ...]
     eval_input_names: list[str] | None = None  # of the eval model (None: the training model's)
     eval_output_names: list[str] | None = None
+    carried: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # step-carried state by input name
+    carried_specs: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # report.json's carried_state entries
 
     def names(self) -> tuple[list[str], list[str]]:
         """Input and output names of the model the module runs now: the eval model may take fewer
@@ -108,6 +113,8 @@ class FitResult:
     resumed_from_step: int | None
     median_step_seconds: float | None
     peak_rss_bytes: int
+    step_losses: list[float] = dataclasses.field(default_factory=list)
+    """The loss of every step this call ran, in order (for comparing runtimes step by step)."""
 
 
 class Trainer:
@@ -150,6 +157,8 @@ class Trainer:
         self.input_specs = [TensorSpec(i["name"], i["dtype"], i["shape"]) for i in training["inputs"]]
         self._api = _ort.training_api()
         self._folders = stage_folders(self.artifact_dir, self.report)
+        self._carried_specs = [list(entry.get("carried_state", [])) for entry in
+                               self.report.get("device_runtime", {}).get("artifact_sets", [])] or [[] for _ in self._folders]
         self._staged = bool(self.report.get("stages"))
         self._passes_on = [tuple(stage["passes_on"]) for stage in self.report.get("stages", [])] or [()]
         handed_on = {name for names in self._passes_on for name in names}
@@ -160,6 +169,7 @@ class Trainer:
         self._position = (0, 0)  # (epoch, global step) the current weights are at
         self._checkpoint: Path | None = None  # the checkpoint the session was opened from
         self._hooks_active = False
+        self._step_losses: list[float] = []
         self._optimizer: Any = None
         self._state: Any = None
 
@@ -198,14 +208,20 @@ class Trainer:
         self._sessions = []
         for number, (folder, passes_on) in enumerate(zip(self._folders, self._passes_on, strict=True)):
             index = number if self._staged else None
-            state_path = state_file(checkpoint, index) if checkpoint else folder / CHECKPOINT
+            foreign = checkpoint is not None and checkpoint_runtime(checkpoint) != "python"  # parameters only: evaluate
+            state_path = state_file(checkpoint, index) if checkpoint and not foreign else folder / CHECKPOINT
             with _ort.captured_native_stderr():
                 state, module, optimizer = open_stage(folder, state_path) if self._staged else _ort.open_artifacts(folder, state_path)
+            if foreign:
+                for name, value in device_parameters(checkpoint, number).items():
+                    state.parameters[name] = value
             train_names = (list(module.input_names()), list(module.output_names()))
             module.eval()
             eval_names = (list(module.input_names()), list(module.output_names()))
             module.train()
-            self._sessions.append(_Session(state, module, optimizer, *train_names, passes_on, *eval_names))
+            specs = self._carried_specs[number]
+            carried = load_carried_state(checkpoint, number, folder, specs)
+            self._sessions.append(_Session(state, module, optimizer, *train_names, passes_on, *eval_names, carried, specs))
         last = self._sessions[-1]  # what step hooks see as `step.module`
         self._state, self._module, self._optimizer = last.state, last.module, last.optimizer
 
@@ -217,11 +233,14 @@ class Trainer:
         """
         feeds = {**batch, **extra}
         values: dict[str, np.ndarray] = {}
+        size = len(batch["labels"])
         for number, session in enumerate(self._sessions):
-            values = self._run_session(session, feeds)
+            fed, matched = carried_feeds(session.carried, session.carried_specs, size)
+            values = self._run_session(session, {**feeds, **fed})
             if train:
                 session.optimizer.step()
                 session.module.lazy_reset_grad()
+                session.carried.update(carried_update(session.carried_specs, values, matched))
             for name in [name for name in feeds if self._last_reader.get(name, -1) == number]:
                 del feeds[name]  # a block output no later stage reads: free it before the next stage runs
             feeds.update({name: values[name] for name in session.passes_on})
@@ -301,6 +320,9 @@ class Trainer:
         checkpoint = latest_checkpoint(self.artifact_dir) if resume else None
         if not resume:
             shutil.rmtree(checkpoints_dir(self.artifact_dir), ignore_errors=True)
+        if checkpoint is not None and checkpoint_runtime(checkpoint) != "python":
+            raise EdgeplugError(f"checkpoint {checkpoint.name} was written by the {checkpoint_runtime(checkpoint)} runtime, whose optimizer "
+                                f"state this runtime cannot load; continue with --runtime {checkpoint_runtime(checkpoint)} or pass --restart")
         self._open(checkpoint)
         progress: dict[str, Any] = read_progress(checkpoint) if checkpoint else {"epoch": 0, "batch": 0, "step": 0, "history": []}
         # Read now: training prunes old checkpoints, the resumed one included.
@@ -325,11 +347,12 @@ class Trainer:
         history = [EpochResult(h["epoch"], Metrics(**h["train"]), Metrics(**h["eval"]) if h.get("eval") else None, h["seconds"]) for h in progress["history"]]
         median = statistics.median(step_times) if step_times else None
         peak = peak_rss_bytes()
-        return FitResult(history, initial, len(step_times), resumed_from, median, peak)
+        return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses))
 
     def _epochs(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, steps_per_epoch: int,
                 schedule: Callable[[int], float], progress: dict[str, Any]) -> list[float]:
         step_times: list[float] = []
+        self._step_losses = []
         self._set_mode(True)
         while progress["epoch"] < epochs:
             epoch = progress["epoch"]
@@ -351,6 +374,7 @@ class Trainer:
                     step.outputs = self._run(batch, step.extra_inputs, train=True)
                     step_times.append(time.perf_counter() - tick)
                     loss = float(_loss(step.outputs))
+                    self._step_losses.append(loss)
                     if not np.isfinite(loss):
                         raise EdgeplugError(f"the loss became {loss} at step {progress['step']}; lower the learning rate (--lr)")
                     self.host.after_step(step, loss)
@@ -381,10 +405,11 @@ class Trainer:
     def _save(self, progress: dict[str, Any], train_set: Dataset, batch_size: int) -> None:
         if not self.checkpoints:
             return
-        record = {**progress, "num_samples": len(train_set), "batch_size": batch_size, "seed": self.seed}
+        record = {**progress, "num_samples": len(train_set), "batch_size": batch_size, "seed": self.seed, "runtime": "python"}
         api = self._api
 
         def save_state(path: Path) -> None:
+            save_carried_state(path.parent, [session.carried for session in self._sessions])
             if not self._staged:
                 api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=True)
                 return

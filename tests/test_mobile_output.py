@@ -16,9 +16,11 @@ from edgeplug.layout import (
     CHECKPOINT,
     EVAL_MODEL,
     FORWARD_MODEL,
+    GRADIENTS_MODEL,
     NOMINAL_CHECKPOINT,
     OPERATOR_CONFIGS,
     OPTIMIZER_MODEL,
+    OPTIMIZER_STEP_MODEL,
     ORT_MODELS,
     TRAINING_MODEL,
 )
@@ -76,7 +78,7 @@ def test_flags_write_ort_models_nominal_checkpoint_and_sizes(mobile: Path) -> No
 
     report = json.loads((mobile / "report.json").read_text())
     expected = {TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT, NOMINAL_CHECKPOINT,
-                *ORT_MODELS.values(), *OPERATOR_CONFIGS.values()}
+                *ORT_MODELS.values(), *OPERATOR_CONFIGS.values(), GRADIENTS_MODEL, OPTIMIZER_STEP_MODEL}
     assert set(report["artifacts"]) == expected
     for name, size in report["artifacts"].items():
         assert (mobile / name).stat().st_size == size > 0
@@ -135,7 +137,8 @@ def test_nominal_checkpoint_is_filled_from_the_full_one(mobile: Path) -> None:
 
 def test_default_rewrite_writes_no_mobile_files(tmp_path: Path) -> None:
     result = rewrite(mlp(), recipe_from_dict(RECIPE), tmp_path / "out")
-    assert set(result.report["artifacts"]) == {TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT}
+    assert set(result.report["artifacts"]) == {TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT,
+                                               GRADIENTS_MODEL, OPTIMIZER_STEP_MODEL}
     assert not list((tmp_path / "out").glob("*.ort")) and not (tmp_path / "out" / NOMINAL_CHECKPOINT).exists()
 
 

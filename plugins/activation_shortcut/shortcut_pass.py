@@ -10,6 +10,7 @@ are carried between steps by runtime hooks (hooks.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -119,7 +120,7 @@ class ActivationShortcutPass(Pass):
         self._details = self._report(results, skipped, choice, after, training, time.perf_counter() - started)
         # The eval model stays as generated: the trainer reads each model's own input names, so the
         # factor inputs (training-only) need not be declared there.
-        return TrainingModels(training, models.eval, models.optimizer)
+        return dataclasses.replace(models, training=training)
 
     def _plans(self, layers: list[Layer], training: onnx.ModelProto, context: PassContext
                ) -> tuple[list[build.Plan], dict[tuple[str, int], np.ndarray], dict[str, Any]]:
