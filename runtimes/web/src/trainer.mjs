@@ -286,6 +286,7 @@ export class Trainer {
     this.store = options.checkpoints ?? null;
     this.echo = options.echo ?? (() => {});
     this.onStep = options.onStep ?? (() => {});
+    this.onEpoch = options.onEpoch ?? (() => {});
     this.now = options.now ?? (() => performance.now() / 1000);
     this.sets = null;
   }
@@ -436,6 +437,7 @@ export class Trainer {
       const evalMetrics = evalSet ? await this.evaluate(evalSet) : null;
       const seconds = this.now() - started;
       progress.history.push({epoch: epoch + 1, train: trainMetrics, eval: evalMetrics, seconds: Math.round(seconds * 1000) / 1000});
+      await this.onEpoch(progress.history.at(-1));
       delete progress.running;
       progress.epoch += 1;
       progress.batch = 0;
