@@ -40,6 +40,7 @@ async function main(argv) {
     checkpoints: o['no-checkpoints'] ? null : new FileStore(artifacts, integer('keep-checkpoints', o['keep-checkpoints'], 1)),
     echo: (line) => console.log(line),
   });
+  await trainer.contract(); // a folder this runtime cannot train is refused before the data is read
   const read = (file) => {
     if (!fs.existsSync(file)) throw new EdgeplugError(`data file not found: ${file}`);
     return fs.readFileSync(file);

@@ -7,6 +7,7 @@
 // same optimizer op with tensor inputs). It keeps the parameters and optimizer state itself, loads the
 // updated parameters back after each step, and saves everything in its own checkpoints.
 
+import {readCheckpointParameters} from './checkpoint.mjs';
 import {epochOrder} from './order.mjs';
 import {parseSafetensors, serializeSafetensors} from './safetensors.mjs';
 import {makeSchedule} from './schedule.mjs';
@@ -120,24 +121,25 @@ class ArtifactSet {
     this.size = this.trainable.reduce((n, p) => n + product(p.shape), 0);
   }
 
-  async open(folder, initial) {
+  async open(folder, saved) {
     const {ort, spec} = this;
     const read = (file) => folder.read(join(spec.dir, file));
+    const checkpoint = await read(spec.checkpoint);
+    // the initial values come from the file: onnxruntime-web's getContiguousParameters corrupts its heap
+    const initial = readCheckpointParameters(checkpoint, join(spec.dir, spec.checkpoint));
     this.session = await ort.TrainingSession.create({
-      checkpointState: await read(spec.checkpoint),
+      checkpointState: checkpoint,
       trainModel: await read(spec.portable.training_model),
       evalModel: await read(spec.eval_model),
     });
     this.stepper = await ort.InferenceSession.create(await read(spec.portable.optimizer_step_model));
-    const flat = (await this.session.getContiguousParameters(true)).data;
     this.state = {};
     for (const name of spec.portable.state) {
-      let offset = 0;
       this.state[name] = this.trainable.map((p) => {
-        const count = product(p.shape);
-        const data = name === 'params' ? flat.slice(offset, offset + count) : new Float32Array(count);
-        offset += count;
-        return data;
+        if (name !== 'params') return new Float32Array(product(p.shape));
+        const value = initial[p.name];
+        if (!value || value.data.length !== product(p.shape)) throw new EdgeplugError(`${join(spec.dir, spec.checkpoint)} lacks parameter '${p.name}'; rewrite the folder`);
+        return value.data;
       });
     }
     this.steps = 0; // optimizer steps taken (the optimizer op's step input is this + 1)
@@ -146,7 +148,7 @@ class ArtifactSet {
       const {tensors} = parseSafetensors(await read(spec.carried_state_file), `${join(spec.dir, spec.carried_state_file)}`);
       for (const s of spec.carried_state) this.carried[s.input] = tensors[s.input];
     }
-    if (initial) await this.restore(initial);
+    if (saved) await this.restore(saved);
   }
 
   /** Restore parameters, optimizer state and carried state saved by `save`. */
@@ -216,13 +218,7 @@ class ArtifactSet {
   async train(values, batch, lr) {
     const {ort, spec, session} = this;
     const {feeds: carriedFeeds, matched} = this.carriedFeeds(batch, false);
-    const feeds = {...carriedFeeds};
-    for (const name of session.trainingInputNames) {
-      if (feeds[name]) continue;
-      if (!values[name]) throw new EdgeplugError(`the training model needs input '${name}', which neither the data nor an earlier stage provides`);
-      feeds[name] = this.tensor(values[name]);
-    }
-    const outputs = await session.runTrainStep(feeds);
+    const outputs = await session.runTrainStep(this.ordered(session.trainingInputNames, carriedFeeds, values, 'training'));
     const portable = spec.portable;
     const step = {};
     for (const scalar of portable.scalar_inputs) {
@@ -250,12 +246,19 @@ class ArtifactSet {
 
   async evaluate(values, batch) {
     const {feeds} = this.carriedFeeds(batch, true);
-    for (const name of this.session.evalInputNames) {
-      if (feeds[name]) continue;
-      if (!values[name]) throw new EdgeplugError(`the eval model needs input '${name}', which neither the data nor an earlier stage provides`);
-      feeds[name] = this.tensor(values[name]);
+    return this.session.runEvalStep(this.ordered(this.session.evalInputNames, feeds, values, 'eval'));
+  }
+
+  /** Feeds in the model's input order: onnxruntime-web 1.19.2 passes training feeds by position, in
+   * the order of the object's keys, whatever their names. */
+  ordered(names, carried, values, model) {
+    const feeds = {};
+    for (const name of names) {
+      if (carried[name]) feeds[name] = carried[name];
+      else if (values[name]) feeds[name] = this.tensor(values[name]);
+      else throw new EdgeplugError(`the ${model} model needs input '${name}', which neither the data nor an earlier stage provides`);
     }
-    return this.session.runEvalStep(feeds);
+    return feeds;
   }
 
   async release() {

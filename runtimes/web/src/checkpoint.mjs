@@ -1,0 +1,66 @@
+// Reads the parameters out of an onnxruntime-training checkpoint (a flatbuffer, file identifier "ODTC";
+// schema onnxruntime/core/flatbuffers/schema/ort_training_checkpoint.fbs and ort.fbs). onnxruntime-web
+// 1.19.2's getContiguousParameters frees a stack address and corrupts the WebAssembly heap (a later
+// step crashed with "unaligned access"), so this runtime reads the initial values from the file instead.
+
+const FLOAT = 1; // onnxruntime.fbs.TensorDataType.FLOAT
+
+class Reader {
+  constructor(bytes) {
+    this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    this.bytes = bytes;
+  }
+  u32(at) { return this.view.getUint32(at, true); }
+  /** Position of field `slot` of the table at `table`, or null when absent. */
+  field(table, slot) {
+    const vtable = table - this.view.getInt32(table, true);
+    const size = this.view.getUint16(vtable, true);
+    const entry = 4 + 2 * slot;
+    if (entry >= size) return null;
+    const offset = this.view.getUint16(vtable + entry, true);
+    return offset ? table + offset : null;
+  }
+  ref(at) { return at + this.u32(at); }
+  table(table, slot) { const at = this.field(table, slot); return at === null ? null : this.ref(at); }
+  vector(table, slot) {
+    const at = this.table(table, slot);
+    return at === null ? {start: 0, length: 0} : {start: at + 4, length: this.u32(at)};
+  }
+  tables(table, slot) {
+    const {start, length} = this.vector(table, slot);
+    return Array.from({length}, (_, i) => this.ref(start + 4 * i));
+  }
+  string(table, slot) {
+    const at = this.table(table, slot);
+    return at === null ? '' : new TextDecoder().decode(this.bytes.subarray(at + 4, at + 4 + this.u32(at)));
+  }
+  scalar(table, slot, read, fallback) { const at = this.field(table, slot); return at === null ? fallback : read(at); }
+}
+
+/** {name: {dims, data: Float32Array (a copy), trainable}} of every parameter in the checkpoint. */
+export function readCheckpointParameters(bytes, label = 'checkpoint') {
+  const view = ArrayBuffer.isView(bytes) ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) : new Uint8Array(bytes);
+  if (view.byteLength < 8 || new TextDecoder().decode(view.subarray(4, 8)) !== 'ODTC') {
+    throw new Error(`${label} is not an onnxruntime-training checkpoint (no ODTC identifier)`);
+  }
+  const r = new Reader(view);
+  const root = r.ref(0);
+  const module = r.table(root, 1);
+  if (module === null) throw new Error(`${label} holds no module state`);
+  if (r.scalar(module, 2, (at) => r.view.getUint8(at), 0)) throw new Error(`${label} is a nominal checkpoint (no parameter values)`);
+  if (r.scalar(module, 3, (at) => r.view.getUint8(at), 0)) throw new Error(`${label} keeps its data in an external file, which this runtime does not read`);
+  const parameters = {};
+  for (const [slot, trainable] of [[0, true], [1, false]]) {
+    for (const tensor of r.tables(module, slot)) {
+      const name = r.string(tensor, 0);
+      const dims = (() => { const {start, length} = r.vector(tensor, 2); return Array.from({length}, (_, i) => Number(r.view.getBigInt64(start + 8 * i, true))); })();
+      const type = r.scalar(tensor, 3, (at) => r.view.getInt32(at, true), 0);
+      if (type !== FLOAT) throw new Error(`${label}: parameter '${name}' is not float32 (data type ${type})`);
+      const {start, length} = r.vector(tensor, 4);
+      const data = new Float32Array(length / 4);
+      new Uint8Array(data.buffer).set(view.subarray(start, start + length));
+      parameters[name] = {dims, data, trainable};
+    }
+  }
+  return parameters;
+}
