@@ -115,6 +115,8 @@ class FitResult:
     peak_rss_bytes: int
     step_losses: list[float] = dataclasses.field(default_factory=list)
     """The loss of every step this call ran, in order (for comparing runtimes step by step)."""
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    """The time of every step this call ran (forward, backward and optimizer of every stage)."""
 
 
 class Trainer:
@@ -347,7 +349,8 @@ class Trainer:
         history = [EpochResult(h["epoch"], Metrics(**h["train"]), Metrics(**h["eval"]) if h.get("eval") else None, h["seconds"]) for h in progress["history"]]
         median = statistics.median(step_times) if step_times else None
         peak = peak_rss_bytes()
-        return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses))
+        return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses),
+                         [round(t, 6) for t in step_times])
 
     def _epochs(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, steps_per_epoch: int,
                 schedule: Callable[[int], float], progress: dict[str, Any]) -> list[float]:

@@ -452,6 +452,7 @@ export class Trainer {
     return {
       epochs: progress.history, initial_eval: initial, steps_run: stepTimes.length, resumed_from_step: resumedFrom,
       median_step_seconds: median, peak_rss_bytes: 0, step_losses: stepLosses,
+      step_seconds: stepTimes.map((t) => Math.round(t * 1e6) / 1e6),
     };
   }
 

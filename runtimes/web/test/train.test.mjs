@@ -60,7 +60,7 @@ test('the command line: same lines and metrics file as edgeplug train, one-line 
   assert.match(out, /^epoch 2\/2 {2}train_loss .* eval_acc \d\.\d{3} {2}\(\d+\.\d s\)$/m);
   assert.match(out, /^done: 4 steps, median step [\d.]+ ms, peak memory \d+ MiB$/m);
   const result = JSON.parse(fs.readFileSync(metrics, 'utf8'));
-  assert.deepEqual(Object.keys(result).sort(), ['epochs', 'initial_eval', 'median_step_seconds', 'peak_rss_bytes', 'resumed_from_step', 'step_losses', 'steps_run']);
+  assert.deepEqual(Object.keys(result).sort(), ['epochs', 'initial_eval', 'median_step_seconds', 'peak_rss_bytes', 'resumed_from_step', 'step_losses', 'step_seconds', 'steps_run']);
   assert.equal(result.step_losses.length, 4);
   assert.ok(fs.existsSync(path.join(artifacts, 'checkpoints', 'step-00000004', 'training_state.safetensors')));
 
