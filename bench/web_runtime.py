@@ -233,8 +233,8 @@ def markdown(parity: list[dict[str, Any]], costs: list[dict[str, Any]], meta: di
     lines = ["# JavaScript runtime (onnxruntime-web 1.19.2, WebAssembly in Node) vs Python (onnxruntime-training 1.19.2)", "",
              f"`python bench/web_runtime.py {' '.join(meta['argv'])}` — {meta['date']}, Node {meta['node']}, 2 cores shared "
              f"with other jobs (load averages per table below). Parity runs: one WebAssembly thread, {meta['epochs']} epochs "
-             f"at batch {meta['batch']} on the 50-image support set (5 per class), exported models scored on the "
-             f"{meta['query']}-image query set.", "",
+             f"(digits CNN) / {meta['effnet_epochs']} (EfficientNet-Lite0, 224 px) at batch {meta['batch']} on a 50-image "
+             f"support set (5 per class), exported models scored on the {meta['query']}-image query set.", "",
              "## Parity: the same folder trained by both runtimes", "",
              "| model | recipe | sets | steps | loss first → last | max rel. loss diff | max abs. loss diff | max param diff (rel.) | exported acc. Python | exported acc. Node |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -262,9 +262,11 @@ def markdown(parity: list[dict[str, Any]], costs: list[dict[str, Any]], meta: di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--effnet", type=Path, help="EfficientNet-Lite0 ONNX (eval export, 10 classes, 224 px)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="parity epochs on the digits CNN")
+    parser.add_argument("--effnet-epochs", type=int, default=1, help="parity epochs on EfficientNet-Lite0")
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each cost run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each cost run (digits)")
+    parser.add_argument("--effnet-repeats", type=int, default=2, help="interleaved repeats of each EfficientNet cost run")
     parser.add_argument("--quick", action="store_true", help="fewer rows and repeats (a smoke run)")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
@@ -283,7 +285,8 @@ def main() -> int:
             rows = DIGITS_ROWS if name == "digits CNN" else EFFNET_ROWS
             for label, recipe, calibration in (rows[:2] if args.quick else rows) if not args.skip_parity else []:
                 started = time.perf_counter()
-                row = parity_row(name, label, recipe, calibration, model, input_name, support, query, work, args.epochs, args.batch)
+                epochs = args.epochs if name == "digits CNN" else args.effnet_epochs
+                row = parity_row(name, label, recipe, calibration, model, input_name, support, query, work, epochs, args.batch)
                 row["seconds"] = round(time.perf_counter() - started, 1)
                 print(json.dumps(row), flush=True)
                 parity.append(row)
@@ -295,10 +298,11 @@ def main() -> int:
             if args.effnet:
                 model, _, support, _ = workloads["EfficientNet-Lite0"]
                 for label, recipe, _ in (EFFNET_ROWS[0], EFFNET_ROWS[-1]):
-                    costs.append(cost_rows("EfficientNet-Lite0", label, recipe, model, support, work, 16, 1, repeats))
+                    costs.append(cost_rows("EfficientNet-Lite0", label, recipe, model, support, work, 16, 1,
+                                           1 if args.quick else args.effnet_repeats))
                     print(json.dumps(costs[-1]), flush=True)
     meta = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "node": node,
-            "epochs": args.epochs, "batch": args.batch, "query": query_size}
+            "epochs": args.epochs, "effnet_epochs": args.effnet_epochs, "batch": args.batch, "query": query_size}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps({"meta": meta, "parity": parity, "cost": costs}, indent=1) + "\n")
     args.output.with_suffix(".md").write_text(markdown(parity, costs, meta))

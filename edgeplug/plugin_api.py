@@ -3,7 +3,7 @@
 Built-in plugins import from here (and from `edgeplug`) only, like third-party
 ones; the other modules of `edgeplug` are internal and may change. Groups:
 
-- the pass contract: `Pass`, `ForwardState`, `Stage`, `TrainingModels`,
+- the pass contract: `Pass`, `ForwardState`, `Stage`, `TrainingModels`, `CarriedState`,
   `PassContext`, `PassReport`, `RuntimeContext`, `hookimpl`, `fill_defaults`;
 - errors the user can fix: `EdgeplugError` and its subclasses;
 - reading graphs: `GraphIndex`, `Layer`, `WEIGHT_OPS`, `LAYER_OPS`, `FLOAT_TYPES`,
@@ -78,6 +78,7 @@ from edgeplug.modelio import (
 from edgeplug.onnx_edit import GraphEditor, remove_unused_initializers, replace_nodes, tensor_value
 from edgeplug.optimizers import OPTIMIZER_STATES, OPTIMIZER_TYPES
 from edgeplug.passes import (
+    CarriedState,
     ForwardState,
     Pass,
     PassContext,
@@ -94,6 +95,7 @@ from edgeplug.validation import first_error, load_schema
 
 __all__ = [
     "CHECKPOINT",
+    "CarriedState",
     "EVAL_MODEL",
     "FLOAT_TYPES",
     "FORWARD_MODEL",
