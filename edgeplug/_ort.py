@@ -160,6 +160,15 @@ def open_artifacts(folder: Path, state: Path | None = None, *, optimizer: bool =
     return checkpoint, module, api.Optimizer(model(OPTIMIZER_MODEL), module) if optimizer else None
 
 
+def seed_random_ops(seed: int) -> None:
+    """Seed onnxruntime's process-wide random generator: Dropout draws from it at every run, and ops such
+    as RandomUniformLike seed their own generator from it when their session opens."""
+    training_api()
+    from onnxruntime.capi import _pybind_state
+
+    _pybind_state.set_seed(int(seed))
+
+
 def quiet_logs() -> None:
     """Keep onnxruntime's own logging to errors; warnings go through our messages."""
     import onnxruntime

@@ -23,8 +23,25 @@ def read_report(artifact_dir: Path) -> dict[str, Any]:
     path = Path(artifact_dir) / REPORT_FILE
     if not path.is_file():
         raise EdgeplugError(f"{artifact_dir} is not an edgeplug artifact folder (no {REPORT_FILE}); run 'edgeplug rewrite' first")
-    report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # a folder copied onto a full disk, a hand edit
+        raise EdgeplugError(f"{path} is damaged ({type(error).__name__}); rewrite the artifact folder") from None
+    if not isinstance(report, dict) or not isinstance(report.get("training"), dict):
+        raise EdgeplugError(f"{path} is not an edgeplug report (no 'training' section); rewrite the artifact folder")
     return report
+
+
+def is_artifact_folder(path: Path) -> bool:
+    """A folder `edgeplug rewrite` wrote: its report.json is a JSON object naming the edgeplug version."""
+    report = Path(path) / REPORT_FILE
+    try:
+        if not Path(path).is_dir() or not report.is_file() or report.stat().st_size > 2**26:
+            return False
+        document = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and "edgeplug_version" in document and "training" in document
 
 
 def stage_folders(artifact_dir: Path, report: Mapping[str, Any]) -> list[Path]:

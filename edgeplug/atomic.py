@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgeplug.errors import OutputError
@@ -27,12 +27,23 @@ def _check_parent_writable(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `target` only if the block succeeds."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        if not target.is_dir() or any(target.iterdir()):
-            raise OutputError(f"{target} already exists; pass --force to replace it")
+def atomic_directory(target: Path, *, overwrite: bool = False, replaceable: Callable[[Path], bool] | None = None,
+                     replaceable_kind: str = "") -> Iterator[Path]:
+    """Yield a temporary folder that replaces `target` only if the block succeeds.
+
+    `target` is made absolute first: `.` or `sub/..` have no usable name of their own.
+    With `overwrite`, an existing non-empty `target` is replaced only if `replaceable(target)`
+    says so (when given): `--force` must not delete a folder of someone else's files.
+    """
+    target = Path(os.path.abspath(target))
+    if target.parent == target:
+        raise OutputError(f"cannot write {target}: it is the root of the file system; choose a folder below it")
+    empty = target.is_dir() and not any(target.iterdir())
+    if target.exists() and not overwrite and not empty:
+        raise OutputError(f"{target} already exists; pass --force to replace it")
+    if (target.exists() or target.is_symlink()) and overwrite and replaceable is not None and not empty and not replaceable(target):
+        raise OutputError(f"{target} exists and is not {replaceable_kind}; --force replaces only {replaceable_kind}, "
+                          "never other files: move it away or choose another output path")
     parent = _check_parent_writable(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
     os.chmod(staging, 0o777 & ~_umask())

@@ -100,6 +100,14 @@ def latest_checkpoint(artifact_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def complete_checkpoints(artifact_dir: Path) -> list[Path]:
+    """Every complete checkpoint, newest first (the order a resume tries them in)."""
+    folder = checkpoints_dir(artifact_dir)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return [p for p in sorted(folder.glob("step-*"), reverse=True) if _NAME.fullmatch(p.name) and _complete(p)]
+
+
 def state_file(checkpoint: Path, stage: int | None = None) -> Path:
     """The onnxruntime-training checkpoint inside a checkpoint folder; `stage` for staged folders."""
     return checkpoint / STATE if stage is None else checkpoint / STATE / str(stage)

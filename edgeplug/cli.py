@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeplug import __version__
-from edgeplug.errors import EdgeplugError
+from edgeplug.errors import DiskFullError, EdgeplugError, disk_full_detail, is_disk_full
 from edgeplug.terminal import EscapingWriter, escape
 
 INTERNAL_ERROR = 1
@@ -299,6 +299,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as error:
         if args.debug:
             raise
+        if is_disk_full(error):  # an OSError, or onnxruntime's RuntimeError saying the same
+            print(f"edgeplug: error: {_one_line(str(DiskFullError(disk_full_detail(error))))}", file=sys.stderr)
+            return DiskFullError.exit_code
         print(f"edgeplug: internal error: {type(error).__name__}: {_one_line(str(error))} (rerun with --debug for the traceback and report it)", file=sys.stderr)
         return INTERNAL_ERROR
 

@@ -3,6 +3,9 @@ message on one line and exits with status 2, without a traceback."""
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class EdgeplugError(Exception):
     """A problem the user can fix (bad model, recipe, data or path)."""
@@ -53,3 +56,33 @@ class PassError(PluginError):
 
 class NoGradientError(ModelError):
     """An op on the path from a trainable parameter to the loss has no gradient in onnxruntime-training."""
+
+
+class DiskFullError(OutputError):
+    """The disk (or quota, or file size limit) ran out while edgeplug wrote; nothing partial is published."""
+
+    def __init__(self, detail: str = "") -> None:
+        where = f" ({detail})" if detail else ""
+        super().__init__(f"no space left on the device{where}: free some space and run the same command again "
+                         "(nothing partial was published; train resumes from its last complete checkpoint)")
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError with ENOSPC/EDQUOT/EFBIG, or onnxruntime's error text for one (it raises RuntimeError)."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(error)
+    return any(marker in text for marker in _DISK_FULL_TEXTS)
+
+
+def disk_full_detail(error: BaseException) -> str:
+    """Which file the full disk stopped, when the error says so."""
+    name = getattr(error, "filename", None)
+    if name:
+        return f"writing {name}"
+    match = re.search(r"file: (\S+?)\.? error", " ".join(str(error).split()))  # onnxruntime's checkpoint writer
+    return f"writing {match.group(1)}" if match else ""

@@ -30,9 +30,15 @@ from edgeplug.errors import LockedError, OutputError
 STAGING_MARKERS = (".partial-", ".old-")
 
 
+def real_target(target: str | Path) -> Path:
+    """`target` with every symbolic link resolved (the folder itself too, when it is one): two paths to one
+    folder, `c1` and a link `c1_link` to it, must share one lock and one set of staging folders."""
+    return Path(os.path.realpath(target))
+
+
 def lock_path(target: Path) -> Path:
-    """The lock file of output folder `target`: `.<name>.lock` beside it."""
-    target = Path(os.path.abspath(target))
+    """The lock file of output folder `target`: `.<name>.lock` beside the real folder."""
+    target = real_target(target)
     return target.parent / f".{target.name}.lock"
 
 
@@ -82,7 +88,8 @@ def _acquire(path: Path, target: Path, purpose: str) -> int:
         except FileNotFoundError:
             same = False
         if same:  # the file was not removed by its previous holder between our open and our lock
-            _write_holder(descriptor, purpose)
+            with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk must not leak the lock file
+                _write_holder(descriptor, purpose)
             return descriptor
         os.close(descriptor)
         time.sleep(0.001)
@@ -105,7 +112,7 @@ def _read_holder(descriptor: int) -> str:
 
 def remove_stale_staging(target: str | Path) -> list[Path]:
     """Remove `.<name>.partial-*` / `.<name>.old-*` beside `target`. Call only while holding its lock."""
-    target = Path(os.path.abspath(target))
+    target = real_target(target)
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed

@@ -18,15 +18,19 @@ import numpy as np
 import onnx
 
 from edgeplug import __version__, _ort
+from edgeplug.artifacts import is_artifact_folder
 from edgeplug.atomic import atomic_directory
 from edgeplug.device_contract import check_carried, device_runtime, write_device_files
 from edgeplug.errors import (
+    DiskFullError,
     EdgeplugError,
     ModelError,
     NoGradientError,
     PassError,
     PluginError,
     RecipeError,
+    disk_full_detail,
+    is_disk_full,
 )
 from edgeplug.gradients import MissingGradient, missing_gradients
 from edgeplug.graph import GraphIndex, tensor_values
@@ -57,7 +61,7 @@ from edgeplug.layout import (
     TRAINING_MODEL,
     stage_dir,
 )
-from edgeplug.locking import output_lock
+from edgeplug.locking import output_lock, real_target
 from edgeplug.losses import LOSS_TYPES
 from edgeplug.modelio import (
     check_model,
@@ -131,9 +135,11 @@ def rewrite(
     passes = _instantiate(recipe, host, timeout)
     output_name = _output_name(loaded, recipe)
 
-    output_dir = Path(output_dir)
-    with output_lock(output_dir, purpose=f"edgeplug rewrite {source} -o {output_dir}"), \
-            atomic_directory(output_dir, overwrite=force) as stage:
+    shown = Path(output_dir)
+    output_dir = real_target(output_dir)  # `-o .`, `-o link`: the real folder, one lock, staging beside it
+    with output_lock(output_dir, purpose=f"edgeplug rewrite {source} -o {shown}"), \
+            atomic_directory(output_dir, overwrite=force, replaceable=is_artifact_folder,
+                             replaceable_kind="an edgeplug artifact folder") as stage:
         context = PassContext(work_dir=stage / "passes", output_name=output_name, loss=recipe.loss, calibration=calibration)
         index = GraphIndex(loaded)
         state = ForwardState(loaded, frozenset(index.parameters()))
@@ -154,7 +160,7 @@ def rewrite(
         if state.stages:
             report = _write_stages(state, passes, context, timings, recipe, source, loaded, output_name, stage,
                                    timeout=timeout, budget=budget, ort_format=ort_format, nominal_checkpoint=nominal_checkpoint)
-            return RewriteResult(output_dir, report)
+            return RewriteResult(shown, report)
         forward = _prune_to_output(state.model, output_name)
         trainable = sorted(state.trainable)
         if not trainable:
@@ -171,7 +177,7 @@ def rewrite(
         (stage / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         check_artifacts_budget(stage, 1, budget, baseline=RUNTIME_FOOTPRINT,
                                when="train fewer parameters or layers (the 'trainable' pass) or use sgd")
-    return RewriteResult(output_dir, report)
+    return RewriteResult(shown, report)
 
 
 def _instantiate(recipe: Recipe, host: PluginHost, timeout: float | None = None) -> list[tuple[PassInfo, Pass]]:
@@ -208,6 +214,10 @@ def _run_phase(info: PassInfo, phase: str, call: Callable[..., T], *args: Any, t
         if not isinstance(error, PassError):
             error.args = (f"pass '{info.name}': {error}",)
         raise
+    except OSError as error:
+        if is_disk_full(error):  # not the plugin's fault
+            raise DiskFullError(disk_full_detail(error)) from None
+        raise PassError(info.name, phase, f"raised {type(error).__name__}: {error} (plugin '{info.plugin}' {info.version})") from error
     except (Exception, SystemExit) as error:  # a plugin bug: name the pass and phase, keep the cause for --debug
         raise PassError(info.name, phase, f"raised {type(error).__name__}: {error} (plugin '{info.plugin}' {info.version})") from error
 
@@ -314,6 +324,8 @@ def _generate(forward: onnx.ModelProto, trainable: list[str], recipe: Recipe, ou
             error = caught
     if error is None:
         return
+    if is_disk_full(error):
+        raise DiskFullError(disk_full_detail(error)) from None
     text = str(error)
     match = _NO_GRADIENT.search(text + "\n" + "\n".join(native_log))
     if match:

@@ -39,6 +39,12 @@ def save(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[
 def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read every tensor and the string metadata; a broken file is a DataError naming it."""
     path = check_regular_file(path, "tensor file", DataError)  # a FIFO would block the read
+    from edgeplug.guard import available_memory_bytes, format_size
+
+    size, available = path.stat().st_size, available_memory_bytes()
+    if available is not None and 2 * size > available:  # the file's bytes, then the arrays copied out of them
+        raise DataError(f"{path} is {format_size(size)} and needs about {format_size(2 * size)} of memory to read, but only "
+                        f"{format_size(available)} is left to this process")
     raw = path.read_bytes()
     try:
         tensors = safetensors.numpy.load(raw)

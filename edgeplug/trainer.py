@@ -26,14 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from tqdm import tqdm
 
 from edgeplug import _ort
 from edgeplug.artifacts import output_shape, read_report, stage_folders
 from edgeplug.checkpoints import (
     HOOKS,
+    PROGRESS,
     checkpoint_runtime,
     checkpoints_dir,
+    complete_checkpoints,
     device_parameters,
     latest_checkpoint,
     read_progress,
@@ -44,7 +47,7 @@ from edgeplug.carried import carried_feeds, carried_update, load_carried_state, 
 from edgeplug.data import Dataset, TensorSpec, load_dataset
 from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
-from edgeplug.layout import CHECKPOINT, RECIPE_FILE
+from edgeplug.layout import CHECKPOINT, RECIPE_FILE, TRAINING_MODEL
 from edgeplug.locking import output_lock, remove_stale_staging_in
 from edgeplug.optimizers import DEFAULT_LR, check_learning_rate
 from edgeplug.passes import RuntimeContext, fill_defaults
@@ -139,7 +142,13 @@ class Trainer:
         self.artifact_dir = Path(artifact_dir)
         self.max_memory = parse_size(max_memory) if max_memory is not None else None
         self.report = read_report(self.artifact_dir)
-        self.recipe = json.loads((self.artifact_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+        try:
+            self.recipe = json.loads((self.artifact_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise EdgeplugError(f"{self.artifact_dir / RECIPE_FILE} is missing or damaged ({type(error).__name__}); "
+                                "rewrite the artifact folder") from None
+        if not isinstance(self.recipe, dict):
+            raise EdgeplugError(f"{self.artifact_dir / RECIPE_FILE} is not an edgeplug recipe; rewrite the artifact folder")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise EdgeplugError(f"the seed (--seed) must be a whole number, 0 or more, not {seed!r}")
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
@@ -319,14 +328,14 @@ class Trainer:
             return self._fit(train_set, eval_set, epochs, batch_size, resume)
 
     def _fit(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, resume: bool) -> FitResult:
-        checkpoint = latest_checkpoint(self.artifact_dir) if resume else None
         if not resume:
             shutil.rmtree(checkpoints_dir(self.artifact_dir), ignore_errors=True)
-        if checkpoint is not None and checkpoint_runtime(checkpoint) != "python":
-            raise EdgeplugError(f"checkpoint {checkpoint.name} was written by the {checkpoint_runtime(checkpoint)} runtime, whose optimizer "
-                                f"state this runtime cannot load; continue with --runtime {checkpoint_runtime(checkpoint)} or pass --restart")
+        checkpoint, progress = self._resume_point() if resume else (None, None)
+        progress = progress or {"epoch": 0, "batch": 0, "step": 0, "history": []}
+        _ort.seed_random_ops(step_seed(self.seed, int(progress["step"])))  # random ops seeded when sessions open
         self._open(checkpoint)
-        progress: dict[str, Any] = read_progress(checkpoint) if checkpoint else {"epoch": 0, "batch": 0, "step": 0, "history": []}
+        if checkpoint:
+            self._note_unreproducible_random_ops()
         # Read now: training prunes old checkpoints, the resumed one included.
         resumed_from = int(progress["step"]) if checkpoint else None
         if checkpoint and progress.get("num_samples") not in (None, len(train_set)):
@@ -352,6 +361,60 @@ class Trainer:
         return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses),
                          [round(t, 6) for t in step_times])
 
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The newest complete checkpoint that loads, and its progress; damaged ones are skipped with a note.
+
+        A checkpoint can be complete on disk and still damaged (a truncated copy, a bad
+        sector, a hand edit): the one before it is used instead, and only when every one
+        is damaged is that an error.
+        """
+        candidates = complete_checkpoints(self.artifact_dir)
+        problems = []
+        for candidate in candidates:
+            runtime = checkpoint_runtime(candidate)
+            if runtime != "python":
+                raise EdgeplugError(f"checkpoint {candidate.name} was written by the {runtime} runtime, whose optimizer "
+                                    f"state this runtime cannot load; continue with --runtime {runtime} or pass --restart")
+            problem = self._damage(candidate)
+            if problem is None:
+                return candidate, read_progress(candidate)
+            problems.append(f"{candidate.name}: {problem}")
+            self.echo(f"checkpoint {candidate.name} is damaged ({problem}); trying the one before it")
+        if candidates:
+            raise EdgeplugError(f"every checkpoint in {checkpoints_dir(self.artifact_dir)} is damaged ({'; '.join(problems)[:600]}); "
+                                "pass --restart to train from the initial weights")
+        return None, None
+
+    def _damage(self, checkpoint: Path) -> str | None:
+        """Why `checkpoint` cannot be resumed from (its progress or its runtime state does not load), or None."""
+        try:
+            progress = read_progress(checkpoint)
+            if not all(isinstance(progress.get(key), int) and progress[key] >= 0 for key in ("epoch", "batch", "step")) \
+                    or not isinstance(progress.get("history"), list):
+                return f"{PROGRESS} lacks epoch, batch, step or history"
+        except (OSError, ValueError, AttributeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f"{PROGRESS}: {type(error).__name__}"
+        for number in range(len(self._folders)):
+            path = state_file(checkpoint, number if self._staged else None)
+            try:
+                with _ort.captured_native_stderr():
+                    self._api.CheckpointState.load_checkpoint(str(path))
+            except Exception as error:  # noqa: BLE001 - onnxruntime raises RuntimeError/Fail for a bad file
+                return f"{path.relative_to(checkpoint)} does not load: {' '.join(str(error).split())[-120:]}"
+        return None
+
+    def _note_unreproducible_random_ops(self) -> None:
+        """Say so when the models draw random numbers whose generator state no checkpoint holds."""
+        found: list[str] = []
+        for folder in self._folders:
+            with contextlib.suppress(Exception):
+                model = onnx.load(str(folder / TRAINING_MODEL), load_external_data=False)
+                found += [f"{node.op_type} (node '{node.name}')" for node in model.graph.node if node.op_type in UNSEEDED_RANDOM_OPS]
+        if found:
+            self.echo(f"note: {', '.join(found[:3])} draw random numbers from a generator that onnxruntime-training "
+                      "neither reseeds per step nor checkpoints: this resumed run is not bit-identical to an "
+                      "uninterrupted one (Dropout is)")
+
     def _epochs(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, steps_per_epoch: int,
                 schedule: Callable[[int], float], progress: dict[str, Any]) -> list[float]:
         step_times: list[float] = []
@@ -373,6 +436,7 @@ class Trainer:
                     self.host.before_step(step)
                     for session in self._sessions:
                         session.optimizer.set_learning_rate(schedule(progress["step"]))
+                    _ort.seed_random_ops(step_seed(self.seed, progress["step"]))  # dropout masks: f(seed, step) only
                     tick = time.perf_counter()
                     step.outputs = self._run(batch, step.extra_inputs, train=True)
                     step_times.append(time.perf_counter() - tick)
@@ -483,6 +547,21 @@ def _return_freed_buffers() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+
+
+UNSEEDED_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
+                                 "Multinomial"})
+"""Ops whose kernels seed their own generator once, when the session opens: not reproducible across a resume."""
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The runtime's random seed for training step `step` of a run seeded `seed` (63 bits, well spread).
+
+    onnxruntime-training's Dropout draws from one process-wide generator; reseeding it
+    before every step makes each step's masks a function of (seed, step) alone, so a
+    resumed run draws exactly the masks an uninterrupted one would.
+    """
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def peak_rss_bytes() -> int:

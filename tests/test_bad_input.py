@@ -234,9 +234,15 @@ def test_output_exists(capsys: pytest.CaptureFixture[str], files: dict[str, Path
     expect_error(capsys, "rewrite", files["mlp"], "-o", out, names=(str(out), "--force"))
     assert (out / "keep.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    # --force replaces only artifact folders (#24): a folder of other files is refused, never emptied
+    expect_error(capsys, "rewrite", files["mlp"], "-o", out, "--force", names=(str(out), "not an edgeplug artifact folder"))
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    code, _, err = cli(capsys, "rewrite", files["mlp"], "-o", out)
+    assert code == 0, err
     code, _, err = cli(capsys, "rewrite", files["mlp"], "-o", out, "--force")
     assert code == 0, err
-    assert (out / "report.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "report.json").is_file()
 
 
 def test_output_exists_as_file(capsys: pytest.CaptureFixture[str], files: dict[str, Path]) -> None:

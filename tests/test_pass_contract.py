@@ -75,7 +75,7 @@ def test_a_raising_pass_is_named_with_its_phase_and_nothing_is_written(tmp_path:
 
 def test_a_failed_rewrite_keeps_the_previous_output(tmp_path: Path) -> None:
     previous = tmp_path / "out"
-    previous.mkdir()
+    rewrite(mlp(), None, previous)  # --force replaces only artifact folders
     (previous / "keep.txt").write_text("old artifacts")
     with pytest.raises(edgeplug.PassError):
         recipe = Recipe(passes=(PassSpec("broken", {}),))
