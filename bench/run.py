@@ -1,82 +1,107 @@
 #!/usr/bin/env python
-"""Run the edgeplug bench: every recipe in bench/recipes/ plus the PyTorch baselines, side by side.
+"""Run the few-shot benchmark of a family: every row on the same episodes, paired 95% intervals.
 
-Writes bench/results/<workload>.{md,json,png}. See bench/README.md.
+Writes bench/results/<name>.{md,json,png}. See bench/README.md.
 
-  python bench/run.py                         # both workloads, defaults (~15 min on 2 cores)
-  python bench/run.py --workload fewshot --image-size 224 --episodes 3
-  python bench/run.py --quick                 # smoke run: 2 episodes/seeds, 32x32, fewer epochs
+  python bench/run.py images --quick          # smoke run, a few minutes on 2 cores
+  python bench/run.py images                  # full mode: 30 episodes per domain
+  python bench/run.py images --image-size 224 --backbone lite1 --episodes 5 --name images-lite1-224
+  python bench/run.py images --report-only bench/results/images.json    # redo tables/plots from a run
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-import harness  # noqa: E402
-import workloads  # noqa: E402
+from bench.protocol import report  # noqa: E402
+from bench.protocol.driver import Settings, run_family, write_json  # noqa: E402
+from bench.protocol.episodes import EpisodeConfig  # noqa: E402
+from bench.protocol.rows import select_rows  # noqa: E402
+
+FAMILIES = {"images": "bench.images.family"}
+"""Family name -> module with add_arguments(parser) and build(args, work, settings, config, per_domain) -> Family."""
+RESULTS = ROOT / "bench" / "results"
+
+QUICK = {"episodes": 1, "steps": 6, "grid": "1e-4,1e-2", "ways": "2,3", "shots": "2,4", "query": 6}
+FULL = {"episodes": 30, "steps": 12, "grid": "1e-4,1e-3,1e-2", "ways": "2,5", "shots": "2,8", "query": 10}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", choices=["all", *workloads.WORKLOADS], default="all")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 episodes/seeds, 32x32 images, 3 epochs")
-    p.add_argument("--only", help="comma-separated row names (recipe file stems, torch_full, torch_last_layer; "
-                                  "former core_passes names are accepted too)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baselines")
-    p.add_argument("--baseline", default="full", help="row the ratio columns divide by (default: full)")
-    p.add_argument("--name", help="results file stem (default: the workload's name)")
-    p.add_argument("--results", type=Path, default=harness.RESULTS, help="output folder (default bench/results)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench"), help="scratch folder (models, data, artifacts)")
-    p.add_argument("--measure", action="store_true", help="also run edgeplug.profiling.measure per ORT row (slower)")
-    p.add_argument("--measure-steps", type=int, default=20)
-    p.add_argument("--checkpoints", action="store_true", help="keep Trainer's epoch-end checkpoints during ORT training")
-    few = p.add_argument_group("fewshot")
-    few.add_argument("--episodes", type=int, default=5)
-    few.add_argument("--ways", type=int, default=10)
-    few.add_argument("--shots", type=int, default=5)
-    few.add_argument("--image-size", type=int, default=64, help="multiple of 8; 224 is the real setting (~10x slower)")
-    few.add_argument("--epochs", type=int, default=8)
-    few.add_argument("--batch-size", type=int, default=10)
-    few.add_argument("--lr", type=float, default=1e-3)
-    scr = p.add_argument_group("scratch")
-    scr.add_argument("--seeds", type=int, default=5)
-    scr.add_argument("--scratch-epochs", type=int, default=10)
-    scr.add_argument("--scratch-batch-size", type=int, default=32)
-    scr.add_argument("--scratch-lr", type=float, default=1e-2)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("family", choices=sorted(FAMILIES))
+    p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    p.add_argument("--episodes", type=int, help=f"episodes per domain (full mode {FULL['episodes']})")
+    p.add_argument("--ways", help=f"range lo,hi (full mode {FULL['ways']})")
+    p.add_argument("--shots", help=f"shots per class, range lo,hi (full mode {FULL['shots']})")
+    p.add_argument("--query", type=int, help=f"query samples per class (full mode {FULL['query']})")
+    p.add_argument("--validation", type=float, default=0.25, help="share of the shots held out for the lr choice")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per training (whole epochs; full mode {FULL['steps']})")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grid", help=f"default learning-rate grid (full mode {FULL['grid']}); a row's lr_grid wins")
+    p.add_argument("--budget-kib", type=int, default=4096, help="backward-memory budget of the sparse schemes ($budget)")
+    p.add_argument("--threads", type=int, default=1, help="threads of every runtime in every row (pinned, recorded)")
+    p.add_argument("--jobs", type=int, default=1, help="row processes at once (2 on an idle 2-core machine; 1 on a shared one)")
+    p.add_argument("--query-all", action="store_true", help="also score every lr candidate on the query set (for the record)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated rows (see bench/recipes/ and bench/protocol/rows.py)")
+    p.add_argument("--skip", default="", help="comma-separated rows to leave out")
+    p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch row")
+    p.add_argument("--baseline", default="last_layer", help="row the paired differences are taken against (default last_layer)")
+    p.add_argument("--name", help="results file stem (default: the family, with -quick in quick mode)")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench"))
+    p.add_argument("--keep", action="store_true", help="keep each episode's data and artifacts under --work")
+    p.add_argument("--report-only", type=Path, help="rewrite the .md/.png of an existing results .json and stop")
+    for module in FAMILIES.values():
+        importlib.import_module(module).add_arguments(p)
     return p
 
 
+def _pair(text: str, flag: str) -> tuple[int, int]:
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise SystemExit(f"{flag}: give lo,hi")
+    return parts[0], parts[1]
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = parser()
-    args = p.parse_args(argv)
-    if args.quick:
-        explicit = set(argv if argv is not None else sys.argv[1:])
-        for flag, attr, value in (("--episodes", "episodes", 2), ("--seeds", "seeds", 2), ("--image-size", "image_size", 32),
-                                  ("--epochs", "epochs", 3), ("--scratch-epochs", "scratch_epochs", 3)):
-            if flag not in explicit and not any(a.startswith(flag + "=") for a in explicit):
-                setattr(args, attr, value)
+    args = parser().parse_args(argv)
+    name = args.name or (f"{args.family}-quick" if args.quick else args.family)
+    if args.report_only:
+        result = report.load(args.report_only)
+        report.write(result, args.results, name, baseline=args.baseline)
+        print(f"wrote {args.results}/{name}.{{md,png}}")
+        return
+    defaults = QUICK if args.quick else FULL
+    value = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key] for key in defaults}
+    settings = Settings(steps=value["steps"], batch_size=args.batch_size, grid=tuple(float(v) for v in str(value["grid"]).split(",")),
+                        budget_bytes=args.budget_kib * 1024, threads=args.threads, seed=args.seed)
+    config = EpisodeConfig(ways=_pair(str(value["ways"]), "--ways"), shots=_pair(str(value["shots"]), "--shots"),
+                           query=value["query"], validation=args.validation)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    skip = [n.strip() for n in args.skip.split(",") if n.strip()]
+    rows = select_rows(args.family, only, skip, torch=not args.no_torch)
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    family = importlib.import_module(FAMILIES[args.family]).build(args, work, settings, config, value["episodes"])
+    print(f"== {family.title}: {len(rows)} rows x {len(family.episodes)} episodes ({', '.join(r.name for r in rows)})", flush=True)
     started = time.perf_counter()
-    names = list(workloads.WORKLOADS) if args.workload == "all" else [args.workload]
-    for name in names:
-        rows = harness.select_rows(name, args.only, args.no_torch)
-        work = args.work / name
-        work.mkdir(parents=True, exist_ok=True)
-        exports = {row.export for row in rows if row.kind == "ort"} | ({"eval"} if any(r.kind == "torch" for r in rows) else set())
-        setup = workloads.WORKLOADS[name](work, args, exports)
-        print(f"== {name}: {len(rows)} rows x {len(setup.runs)} runs", flush=True)
-        result = harness.run_workload(setup, rows, work, args)
-        stem = args.name or name
-        if args.name and len(names) > 1:
-            stem = f"{args.name}-{name}"
-        harness.write_results(result, args.results, stem)
-        print(harness.markdown(result))
-        print(f"wrote {args.results}/{stem}.{{md,json,png}}", flush=True)
-    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    out = args.results / f"{name}.json"
+    result = run_family(family, rows, work, out=out, keep=args.keep, parallel=args.jobs, query_all=args.query_all, echo=lambda text: print(text, flush=True))
+    result["meta"]["quick"] = bool(args.quick)
+    write_json(result, out)
+    report.write(result, args.results, name, baseline=args.baseline)
+    print(report.markdown(result, baseline=args.baseline))
+    print(f"wrote {args.results}/{name}.{{md,json,png}} in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -138,9 +138,13 @@ class Trainer:
         echo: Callable[[str], None] | None = None,
         host: PluginHost | None = None,
         max_memory: int | str | None = None,
+        threads: int | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.max_memory = parse_size(max_memory) if max_memory is not None else None
+        if threads is not None and threads < 1:
+            raise EdgeplugError(f"threads must be at least 1, got {threads}")
+        self.threads = threads  # onnxruntime intra-op threads (None: onnxruntime's default, one per core)
         self.report = read_report(self.artifact_dir)
         try:
             self.recipe = json.loads((self.artifact_dir / RECIPE_FILE).read_text(encoding="utf-8"))
@@ -222,7 +226,8 @@ class Trainer:
             foreign = checkpoint is not None and checkpoint_runtime(checkpoint) != "python"  # parameters only: evaluate
             state_path = state_file(checkpoint, index) if checkpoint and not foreign else folder / CHECKPOINT
             with _ort.captured_native_stderr():
-                state, module, optimizer = open_stage(folder, state_path) if self._staged else _ort.open_artifacts(folder, state_path)
+                state, module, optimizer = (open_stage(folder, state_path, threads=self.threads) if self._staged
+                                            else _ort.open_artifacts(folder, state_path, session_options=_thread_options(self.threads)))
             if foreign:
                 for name, value in device_parameters(checkpoint, number).items():
                     state.parameters[name] = value
@@ -521,7 +526,17 @@ class Trainer:
         return registered
 
 
-def open_stage(folder: Path, state: Path | None = None) -> tuple[Any, Any, Any]:
+def _thread_options(threads: int | None) -> Any:
+    """Session options that pin onnxruntime's pools (None: its defaults)."""
+    if threads is None:
+        return None
+    options = _ort.inference_runtime().SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+def open_stage(folder: Path, state: Path | None = None, *, threads: int | None = None) -> tuple[Any, Any, Any]:
     """Open one stage of a staged folder (checkpoint state, module, optimizer): no memory arena, no spinning.
 
     Each session's arena would keep its stage's peak for good, so N stages would hold
@@ -534,6 +549,9 @@ def open_stage(folder: Path, state: Path | None = None) -> tuple[Any, Any, Any]:
     options.enable_cpu_mem_arena = False
     # idle stages must not spin: N sessions' thread pools would busy-wait against the running stage
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return _ort.open_artifacts(folder, state, session_options=options)
 
 

@@ -20,7 +20,13 @@ from bench.protocol.episodes import Domain, Episode, EpisodeConfig, sample_episo
 from bench.protocol.isolation import interleaved, run_fresh
 from bench.protocol.lr_search import Candidate, LrChoice, choose_lr, search_lr
 from bench.protocol.measure import MemoryProbe, ThreadPinning, pin_threads
-from bench.protocol.stats import PairedDifference, paired_bootstrap, paired_t, verdict, winner
+from bench.protocol.stats import (
+    PairedDifference,
+    paired_bootstrap,
+    paired_t,
+    verdict,
+    winner,
+)
 
 __all__ = [
     "Candidate", "Domain", "Episode", "EpisodeConfig", "LrChoice", "MemoryProbe", "PairedDifference", "ThreadPinning",

