@@ -134,7 +134,10 @@ class FlipNet:
     """One layer's flip network as a plain onnxruntime session (forward only), with its feature scaling."""
 
     def __init__(self, path: Path, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
-        self.session = inference_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort = inference_runtime()
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # see QuantizedRunner
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.mean, self.std = mean, std
 
     def steps(self, features: np.ndarray) -> np.ndarray:
