@@ -27,7 +27,7 @@ from edgeplug_plugins.qcore.quantize import (
     weight_grid,
     weight_limits,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -65,6 +65,7 @@ def test_quantize_dequantize_round_trip_is_exact_on_the_grid(matrix: np.ndarray,
 
 @settings(max_examples=30, deadline=None)
 @given(values=hnp.arrays(np.float32, st.integers(2, 50), elements=st.floats(-10, 10, width=32)), bits=bits_st)
+@example(values=np.array([0.0, 1e-45], np.float32), bits=2)  # a denormal range: its step underflowed to 0
 def test_activation_grid_holds_zero_and_spans_its_codes(values: np.ndarray, bits: int) -> None:
     grid = activation_grid(values, bits, 100.0)
     assert 0 <= grid.zero_point <= 2**bits - 1

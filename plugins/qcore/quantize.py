@@ -83,6 +83,7 @@ def activation_grid(values: np.ndarray, bits: int, percentile: float) -> Activat
     lo = min(float(np.percentile(flat, 100.0 - percentile)), 0.0)
     hi = max(float(np.percentile(flat, percentile)), 0.0)
     top = activation_limits(bits)[1]
-    scale = (hi - lo) / top if hi > lo else 1.0
+    # a range so small that its step underflows float32 (denormal activations) is no range: scale 1
+    scale = (hi - lo) / top if hi - lo > float(np.finfo(np.float32).tiny) * top else 1.0
     zero_point = int(np.clip(np.round(-lo / scale), 0, top))
     return ActivationGrid(float(np.float32(scale)), zero_point, bits)
