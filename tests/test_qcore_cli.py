@@ -152,3 +152,33 @@ def test_chunk_numbers_continue_across_calibrate_calls(built: Path, tmp_path: Pa
         assert cli.main(["calibrate", str(copy), "--stream", str(built / f"chunk_{k}.npz"), "--no-progress", "--json"]) == 0
         numbers.append(json.loads(capsys.readouterr().out)[0]["chunk"])
     assert numbers[1] > numbers[0]
+
+
+def test_drift_data_and_reuse_records_through_the_cli(built: Path, tmp_path: Path) -> None:
+    """--drift-data feeds the flip targets from labelled domains; --reuse-records redoes everything after the float
+    training from the saved records (same float model, same coreset candidates), here with real drift domains."""
+    import shutil
+
+    folder = tmp_path / "out"
+    shutil.copytree(built / "out", folder)
+    parts = [_digits(20, 20 + d, shift=0.2 * d) for d in (1, 2)]
+    np.savez(tmp_path / "drifts.npz", x=np.concatenate([p["x"] for p in parts]), y=np.concatenate([p["y"] for p in parts]),
+             domain=np.repeat([7, 9], 20))
+    float_before = (folder / "qcore" / "float.onnx").read_bytes()
+    status = cli.main(["quantize", str(folder), "--data", str(built / "train.npz"), "--drift-data", str(tmp_path / "drifts.npz"),
+                       "--reuse-records", "--no-progress"])
+    assert status == 0
+    assert (folder / "qcore" / "float.onnx").read_bytes() == float_before  # no retraining
+    with np.load(folder / "qcore" / "reference.npz") as reference:
+        assert {"class_mean/conv0", "class_mean/conv1"} <= set(reference.files)  # hidden layers' alignment targets
+    np.savez(tmp_path / "bad.npz", x=parts[0]["x"], y=parts[0]["y"])
+    assert cli.main(["quantize", str(folder), "--data", str(built / "train.npz"), "--drift-data", str(tmp_path / "bad.npz"),
+                     "--reuse-records", "--no-progress"]) == 2
+
+
+def test_calibrate_holds_out_part_of_each_chunk_for_the_guard(built: Path) -> None:
+    calibrator = Calibrator(built / "out" / "qcore", {**read_options(built / "out"), "guard_split": 0.5, "flip_rounds": 2})
+    chunk = _digits(20, 5, shift=0.3)
+    result = calibrator.step(chunk["x"], chunk["y"], 1)
+    assert result.rounds >= 1 and result.examples == 20
+    assert len(calibrator._guard_rows(20)) == 10 and len(calibrator._guard_rows(1)) == 0
