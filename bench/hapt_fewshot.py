@@ -18,7 +18,7 @@ difference whose interval holds zero names no winner. This is the workload other
 plug rows into (`ROWS`); the fresh-process memory/time columns come from the protocol's
 row runners.
 
-    python bench/hapt_fewshot.py --quick        # 2 episodes per user (~5 min on 2 shared cores)
+    python bench/hapt_fewshot.py --quick        # 1 episode per user (~5 min on 2 loaded cores)
     python bench/hapt_fewshot.py                # 30 episodes per user
 """
 
@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-domain", type=int, default=30, help="episodes per held-out user")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="2 episodes per user, 10 epochs")
+    parser.add_argument("--quick", action="store_true", help="1 episode per user, 10 epochs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-hapt-fewshot"))
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.per_domain, args.epochs = 2, 10
+        args.per_domain, args.epochs = 1, 10
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     base = hapt_model.pretrained(echo=print)

@@ -509,7 +509,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         right.annotate(n, (rows[n]["device_seconds_median"], rows[n]["device_peak_rss_median"] / 2**20))
     right.set_xlabel("device time per personalisation (s, fresh process)")
     right.set_ylabel("device peak RSS (MiB)")
-    fig.suptitle("personalize: digits under per-domain distortions")
+    fig.suptitle("personalize: unseen UCI HAPT users" if result.get("workload") == "hapt" else "personalize: digits under per-domain distortions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
