@@ -40,7 +40,15 @@ SUBJECTS = 10
 CHUNK = 40
 HAPT_CHUNK = 60
 HAPT_DRIFT_USERS = (26, 27, 28, 29, 30)  # training users whose windows only feed the flip networks' targets
-METHODS = ["none", "qcore", "qcore_noflip", "backprop", "replay"]
+METHODS = ["none", "qcore", "qcore_noflip", "qcore_fconly", "qcore_heldout", "backprop", "replay"]
+# QCore variants: option overrides (qcore_fconly also silences the hidden layers' flip networks)
+VARIANTS: dict[str, dict[str, Any]] = {"qcore": {}, "qcore_noflip": {"flip_rounds": 0}, "qcore_fconly": {},
+                                       "qcore_heldout": {"guard_split": 0.3}}
+
+
+class _NoFlips:
+    def steps(self, features: np.ndarray) -> np.ndarray:
+        return np.zeros(len(features), np.int8)
 BENCH = Path(__file__).resolve().parent
 
 
@@ -215,10 +223,14 @@ class Method:
             self.seen = len(train[1])
         self.coreset = core
         self.never = int(json.loads((qdir / "build.json").read_text())["never_learned_count"])
-        if name in ("qcore", "qcore_noflip"):
-            options = dict(self.options, **({"flip_rounds": 0} if name == "qcore_noflip" else {}))
+        if name in VARIANTS:
+            options = dict(self.options, **VARIANTS[name])
             self.calibrator = Calibrator(qdir, options, state=self.state, coreset=core)
             self.calibrator.runner = self.runner
+            if name == "qcore_fconly":  # ablation: only the last layer flips (what the review found the gain came from)
+                for layer in self.runner.layers:
+                    if not layer.last:
+                        self.calibrator.flipnets[layer.node] = _NoFlips()  # type: ignore[assignment]
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(self.runner.correct(x, y).mean())
@@ -226,7 +238,7 @@ class Method:
     def step(self, x: np.ndarray, y: np.ndarray, chunk: int) -> None:
         if self.name == "none":
             return
-        if self.name in ("qcore", "qcore_noflip"):
+        if self.name in VARIANTS:
             self.calibrator.step(x, y, chunk)
             return
         pool = self.coreset.pooled(x, y, chunk)
