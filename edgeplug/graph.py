@@ -7,8 +7,9 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 FLOAT_TYPES = frozenset(
     {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -64,8 +65,17 @@ class Layer:
     parameters: tuple[str, ...]
 
 
+IMPLICIT = -1
+"""The input slot `GraphIndex.consumers` gives a node whose If/Loop/Scan body reads the tensor."""
+
+
 class GraphIndex:
-    """Producer/consumer maps and tensor element types of one graph."""
+    """Producer/consumer maps and tensor element types of one graph.
+
+    A node whose subgraph (If branches, Loop and Scan bodies) reads a tensor of this
+    graph counts as its consumer, at slot IMPLICIT; such reads never make a
+    parameter (onnxruntime-training has no gradient for those ops).
+    """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -73,6 +83,7 @@ class GraphIndex:
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        self.implicit_inputs: dict[str, tuple[str, ...]] = {}
         for node in graph.node:
             for output in node.output:
                 if output:
@@ -80,12 +91,22 @@ class GraphIndex:
             for slot, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((node, slot))
+            captured = outer_names(node)
+            if captured:
+                self.implicit_inputs[node.name] = captured
+                for name in captured:
+                    self.consumers[name].append((node, IMPLICIT))
         self.elem_type: dict[str, int] = {}
         for value in list(graph.input) + list(graph.output) + list(graph.value_info):
             if value.type.HasField("tensor_type"):
                 self.elem_type[value.name] = value.type.tensor_type.elem_type
         for name, tensor in self.initializers.items():
             self.elem_type[name] = tensor.data_type
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer (None if `name` is not one): a dictionary lookup, not a scan."""
+        tensor = self.initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
 
     def is_float(self, name: str) -> bool:
         """Whether a tensor is floating point (unknown types count as float, to stay safe)."""
@@ -98,7 +119,7 @@ class GraphIndex:
             if tensor.data_type not in FLOAT_TYPES:
                 continue
             uses = self.consumers.get(name, [])
-            if any(slot not in NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ()) for node, slot in uses):
+            if any(slot != IMPLICIT and slot not in NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ()) for node, slot in uses):
                 names.append(name)
         return names
 
@@ -139,8 +160,32 @@ class GraphIndex:
             if node is None or node.name in reached:
                 continue
             reached.add(node.name)
-            frontier.extend(name for name in node.input if name)
+            frontier.extend(name for name in (*node.input, *self.implicit_inputs.get(node.name, ())) if name)
         return reached
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in a node's attributes (If branches, Loop and Scan bodies)."""
+    found: list[onnx.GraphProto] = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            found.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attribute.graphs)
+    return found
+
+
+def outer_names(node: onnx.NodeProto) -> tuple[str, ...]:
+    """Tensors of the enclosing graph(s) that a node's subgraphs read, in order of first use."""
+    read: dict[str, None] = {}
+    for graph in subgraphs(node):
+        local = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+        for inner in graph.node:
+            for name in (*inner.input, *outer_names(inner)):
+                if name and name not in local:
+                    read[name] = None
+            local.update(inner.output)
+    return tuple(read)
 
 
 def tensor_values(tensor: onnx.TensorProto) -> int:

@@ -12,8 +12,8 @@ from edgeplug.gradients import DECOMPOSABLE, missing_gradients
 from edgeplug.graph import GraphIndex, ensure_node_names, tensor_bytes, tensor_values
 from edgeplug.modelio import (
     MAX_IR_VERSION,
-    check_model,
     MAX_OPSET,
+    check_model,
     default_opset,
     load_model,
     unknown_ops,

@@ -66,22 +66,3 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[str, list[onnx.Node
         nodes.extend(replacements.get(node.name, [node]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-
-
-def tensor_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The value of an initializer (or None if `name` is not one)."""
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return numpy_helper.to_array(tensor)
-    return None
-
-
-def remove_unused_initializers(model: onnx.ModelProto) -> int:
-    """Drop initializers no node reads and no output names; return how many went."""
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    removed = len(model.graph.initializer) - len(kept)
-    if removed:
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-    return removed

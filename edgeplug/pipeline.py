@@ -83,6 +83,8 @@ from edgeplug.passes import (
 )
 from edgeplug.plugins import PluginHost, default_host
 from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
+from edgeplug.surgery import extract
+from edgeplug.trainability import check_runtime_support
 from edgeplug.validation import first_error, load_schema
 
 T = TypeVar("T")
@@ -226,7 +228,7 @@ def _check_forward(info: PassInfo, state: object) -> None:
     if not isinstance(state, ForwardState) or not isinstance(state.model, onnx.ModelProto):
         raise PassError(info.name, "rewrite_forward", f"returned {type(state).__name__}, expected ForwardState")
     try:
-        check_model(state.model)
+        check_model(state.model, full=True)
     except ModelError as error:
         raise PassError(info.name, "rewrite_forward", f"returned an invalid model: {error}") from None
     parameters = set(GraphIndex(state.model).parameters())
@@ -280,22 +282,9 @@ def _output_name(model: onnx.ModelProto, recipe: Recipe) -> str:
 
 
 def _prune_to_output(model: onnx.ModelProto, output_name: str, also: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """Keep only the trained output (and `also`, outputs a stage passes on) and the nodes they need."""
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    wanted = [output_name, *also]
-    needed = GraphIndex(pruned).ancestors(wanted)
-    kept_nodes = [node for node in pruned.graph.node if node.name in needed]
-    kept_outputs = sorted((value for value in pruned.graph.output if value.name in wanted), key=lambda v: wanted.index(v.name))
-    del pruned.graph.node[:]
-    pruned.graph.node.extend(kept_nodes)
-    del pruned.graph.output[:]
-    pruned.graph.output.extend(kept_outputs)
-    used = {name for node in kept_nodes for name in node.input} | set(wanted)
-    kept_inits = [t for t in pruned.graph.initializer if t.name in used]
-    del pruned.graph.initializer[:]
-    pruned.graph.initializer.extend(kept_inits)
-    return pruned
+    """Keep only the trained output (and `also`, outputs a stage passes on) and what computes them."""
+    return extract(model, [output_name, *also], [value.name for value in model.graph.input
+                                                 if value.name not in {t.name for t in model.graph.initializer}])
 
 
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered:\s*(\w+)(?: for node (\S*))?")
@@ -484,7 +473,7 @@ def _check_stages(info: PassInfo, state: ForwardState, original: onnx.ModelProto
             raise PassError(info.name, "rewrite_forward", f"{where}: stage names must be unique and not empty")
         names.add(stage.name)
         try:
-            check_model(stage.model)
+            check_model(stage.model, full=True)
         except ModelError as error:
             raise PassError(info.name, "rewrite_forward", f"{where} is an invalid model: {error}") from None
         parameters = set(GraphIndex(stage.model).parameters())
@@ -514,6 +503,7 @@ def _write_training_models(forward: onnx.ModelProto, trainable: list[str], outpu
     """One artifact set in `folder`: gradient check, budget, generation, every pass's rewrite_training, the device
     runtime's files, smoke load. Returns the set's entry of report.json `device_runtime.artifact_sets`."""
     check_trainable_widths(forward, output_name, trainable, label)
+    check_runtime_support(forward, output_name, trainable, label)
     missing = missing_gradients(forward, set(trainable), output_name)
     if missing:
         raise NoGradientError(label + missing[0].message() + (f" ({len(missing) - 1} more such ops)" if len(missing) > 1 else ""))

@@ -6,10 +6,13 @@ ones; the other modules of `edgeplug` are internal and may change. Groups:
 - the pass contract: `Pass`, `ForwardState`, `Stage`, `TrainingModels`, `CarriedState`,
   `PassContext`, `PassReport`, `RuntimeContext`, `hookimpl`, `fill_defaults`;
 - errors the user can fix: `EdgeplugError` and its subclasses;
-- reading graphs: `GraphIndex`, `Layer`, `WEIGHT_OPS`, `LAYER_OPS`, `FLOAT_TYPES`,
+- reading graphs: `GraphIndex` (producers, consumers, parameters, layers,
+  `value(name)` of an initializer), `Layer`, `WEIGHT_OPS`, `LAYER_OPS`, `FLOAT_TYPES`,
   `tensor_values`, `tensor_bytes`, `tensor_ranks`;
 - editing graphs: `GraphEditor` (unique names, Constant nodes), `replace_nodes`,
-  `tensor_value`, `remove_unused_initializers`, `ensure_node_names`;
+  `ensure_node_names`; through onnx-ir: `extract` (the part of a
+  model between tensors), `remove_unused` (dead nodes, initializers, functions),
+  `to_ir`/`to_proto`/`on_ir` for passes that want to edit an `onnx_ir.Model`;
 - models on disk: `load_model`, `save_model` (atomic, IR clamped), `check_model`,
   `clamp_ir_version`, `default_opset`, `MAX_IR_VERSION`, `MAX_OPSET`;
 - shapes and costs: `forward_shapes` (every tensor's shape at a batch size),
@@ -75,7 +78,7 @@ from edgeplug.modelio import (
     load_model,
     save_model,
 )
-from edgeplug.onnx_edit import GraphEditor, remove_unused_initializers, replace_nodes, tensor_value
+from edgeplug.onnx_edit import GraphEditor, replace_nodes
 from edgeplug.optimizers import OPTIMIZER_STATES, OPTIMIZER_TYPES
 from edgeplug.passes import (
     CarriedState,
@@ -91,6 +94,7 @@ from edgeplug.passes import (
 from edgeplug.plugins import hookimpl
 from edgeplug.profiling.macs import forward_macs
 from edgeplug.profiling.static import forward_shapes
+from edgeplug.surgery import extract, on_ir, remove_unused, to_ir, to_proto
 from edgeplug.validation import first_error, load_schema
 
 __all__ = [
@@ -138,6 +142,7 @@ __all__ = [
     "clamp_ir_version",
     "default_opset",
     "ensure_node_names",
+    "extract",
     "fill_defaults",
     "first_error",
     "forward_macs",
@@ -149,14 +154,16 @@ __all__ = [
     "load_model",
     "load_npz",
     "load_schema",
+    "on_ir",
     "open_artifacts",
-    "remove_unused_initializers",
+    "remove_unused",
     "replace_nodes",
     "save_model",
     "tensor_bytes",
     "tensor_ranks",
-    "tensor_value",
     "tensor_values",
+    "to_ir",
+    "to_proto",
     "training_api",
     "training_artifacts",
     "write_text",

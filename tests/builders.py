@@ -117,3 +117,46 @@ def write_plugin_distribution(site: Path, entry_name: str, module: str, code: st
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n", encoding="utf-8")
     (info / "entry_points.txt").write_text(f"[edgeplug]\n{entry_name} = {module}\n", encoding="utf-8")
+
+
+def with_subgraph(kind: str = "If", *, seed: int = 0, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x[N,8] -> fc0 -> Relu -> a If/Loop whose body alone reads `scaled` (= a0 * 2, made outside it)
+    -> fc1 -> logits[N,3]. Only the body reads `scaled`: its producer must survive pruning."""
+    rng = np.random.default_rng(seed)
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+
+    def init(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(array, dtype=np_dtype), name)
+
+    inits = [init("fc0.weight", rng.standard_normal((8, 16)) / 3), init("fc0.bias", np.zeros(16)),
+             init("fc1.weight", rng.standard_normal((16, 3)) / 4), init("fc1.bias", np.zeros(3)), init("two", np.array(2.0))]
+    nodes = [helper.make_node("Gemm", ["x", "fc0.weight", "fc0.bias"], ["h0"], name="fc0"),
+             helper.make_node("Relu", ["h0"], ["a0"], name="act0"),
+             helper.make_node("Mul", ["a0", "two"], ["scaled"], name="scale")]
+    body_value = helper.make_tensor_value_info
+    if kind == "If":
+        then_graph = helper.make_graph([helper.make_node("Identity", ["scaled"], ["then_out"], name="then_id")], "then", [],
+                                       [body_value("then_out", dtype, ["N", 16])])
+        else_graph = helper.make_graph([helper.make_node("Identity", ["a0"], ["else_out"], name="else_id")], "else", [],
+                                       [body_value("else_out", dtype, ["N", 16])])
+        nodes += [helper.make_node("Constant", [], ["flag"], name="flag", value=helper.make_tensor("flag_value", TensorProto.BOOL, [], [True])),
+                  helper.make_node("If", ["flag"], ["mixed"], name="branch", then_branch=then_graph, else_branch=else_graph)]
+    elif kind == "Loop":
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+             helper.make_node("Add", ["carried", "scaled"], ["carried_out"], name="accumulate")],
+            "body",
+            [body_value("i", TensorProto.INT64, []), body_value("cond_in", TensorProto.BOOL, []), body_value("carried", dtype, ["N", 16])],
+            [body_value("cond_out", TensorProto.BOOL, []), body_value("carried_out", dtype, ["N", 16])],
+        )
+        nodes += [helper.make_node("Constant", [], ["trips"], name="trips", value=helper.make_tensor("trips_value", TensorProto.INT64, [], [2])),
+                  helper.make_node("Constant", [], ["go"], name="go", value=helper.make_tensor("go_value", TensorProto.BOOL, [], [True])),
+                  helper.make_node("Loop", ["trips", "go", "a0"], ["mixed"], name="repeat", body=body)]
+    else:
+        raise ValueError(kind)
+    nodes.append(helper.make_node("Gemm", ["mixed", "fc1.weight", "fc1.bias"], ["logits"], name="fc1"))
+    graph = helper.make_graph(nodes, f"with_{kind.lower()}", [helper.make_tensor_value_info("x", dtype, ["N", 8])],
+                              [helper.make_tensor_value_info("logits", dtype, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeplug-tests")
+    model.ir_version = 8
+    return model

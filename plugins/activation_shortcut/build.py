@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug.plugin_api import GraphEditor, ModelError
+from edgeplug.plugin_api import GraphEditor, ModelError, remove_unused
 
 from . import tucker
 from .layers import Layer
@@ -451,7 +451,7 @@ def _conv_grad_node(model: onnx.ModelProto, layer: Layer) -> onnx.NodeProto:
 def apply(model: onnx.ModelProto, forward: dict[str, list[onnx.NodeProto]], replacements: dict[str, list[onnx.NodeProto]],
           removable: set[str], aliases: dict[str, str]) -> None:
     """Place forward nodes after their layer, replace gradient nodes, make the original forward nodes read
-    the layers' anchored outputs (`aliases`), then drop gradient helpers left unused."""
+    the layers' anchored outputs (`aliases`), then drop what is left unused (gradient helpers)."""
     for node in model.graph.node:
         if node.name not in removable:
             for slot, name in enumerate(node.input):
@@ -466,16 +466,4 @@ def apply(model: onnx.ModelProto, forward: dict[str, list[onnx.NodeProto]], repl
         placed.extend(forward.get(node.name, []))
     del model.graph.node[:]
     model.graph.node.extend(placed)
-    while True:
-        used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node if n.name in removable and not any(o and o in used for o in n.output)]
-        if not dead:
-            break
-        names = {n.name for n in dead}
-        kept = [n for n in model.graph.node if n.name not in names]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
-    used = {name for node in model.graph.node for name in node.input}
-    kept_inits = [t for t in model.graph.initializer if t.name in used or t.name in {o.name for o in model.graph.output}]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept_inits)
+    remove_unused(model)

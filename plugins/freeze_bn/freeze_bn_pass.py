@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.plugin_api import GraphEditor, ModelError, load_schema, remove_unused_initializers, replace_nodes, tensor_ranks, tensor_value
+from edgeplug.plugin_api import GraphEditor, GraphIndex, ModelError, load_schema, remove_unused, replace_nodes, tensor_ranks
 
 
 class FreezeBatchNormPass(Pass):
@@ -34,6 +34,7 @@ class FreezeBatchNormPass(Pass):
         model = onnx.ModelProto()
         model.CopyFrom(state.model)
         ranks = tensor_ranks(model)
+        initializers = GraphIndex(model)
         editor = GraphEditor(model)
         replacements: dict[str, list[onnx.NodeProto]] = {}
         for node in [n for n in model.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
@@ -47,7 +48,7 @@ class FreezeBatchNormPass(Pass):
             rank = ranks.get(node.input[0])
             if rank is None:
                 raise ModelError(f"freeze-bn: the rank of the input of '{node.name}' is unknown; run 'normalize' with infer_shapes first")
-            found = {name: tensor_value(model, name) for name in (scale, bias, mean, var)}
+            found = {name: initializers.value(name) for name in (scale, bias, mean, var)}
             values = {name: value for name, value in found.items() if value is not None}
             if len(values) < len(found):
                 raise ModelError(f"freeze-bn: BatchNormalization '{node.name}' takes computed statistics, not initializers; cannot freeze it")
@@ -70,7 +71,7 @@ class FreezeBatchNormPass(Pass):
                 self._folded.append(node.name)
             replacements[node.name] = editor.take_replacement(node)
         replace_nodes(model, replacements)
-        remove_unused_initializers(model)
+        remove_unused(model)
         return ForwardState(model, state.trainable)
 
     def report(self) -> PassReport:

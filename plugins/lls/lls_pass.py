@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
-from onnx import helper
 
-from edgeplug.plugin_api import ForwardState, ModelError, Pass, PassContext, PassReport, RecipeError, Stage, load_schema
+from edgeplug.plugin_api import ForwardState, ModelError, Pass, PassContext, PassReport, RecipeError, Stage, extract, load_schema
 
 from .blocks import Cut, auto_cuts, named_cuts
 from .heads import HeadSpec, append_head
@@ -50,7 +49,7 @@ class LocalLearningPass(Pass):
             chosen = nodes[bounds[number] + 1: bounds[number + 1] + 1]
             incoming = cuts[number - 1] if number > 0 else None
             outgoing = cuts[number] if number < len(cuts) else None
-            stage_model = _stage_model(model, chosen, nodes, incoming, shapes, f"block{number}")
+            stage_model = _stage_model(model, chosen, incoming, shapes, f"block{number}")
             own = {name for node in chosen for name in node.input} & set(state.trainable)
             if not own:
                 raise RecipeError(f"lls: block {number} (nodes {chosen[0].name} .. {chosen[-1].name}) has no trainable "
@@ -118,22 +117,20 @@ def _feature_shape(shapes: dict[str, onnx.ValueInfoProto], tensor: str) -> tuple
     return tuple(int(d.dim_value) for d in dims[1:])
 
 
-def _stage_model(model: onnx.ModelProto, chosen: list[onnx.NodeProto], every: list[onnx.NodeProto], incoming: Cut | None,
+def _stage_model(model: onnx.ModelProto, chosen: list[onnx.NodeProto], incoming: Cut | None,
                  shapes: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
     """A model of `chosen` nodes: reads the data inputs it needs and the previous block's output."""
     produced = {out for node in chosen for out in node.output}
     read = [name for node in chosen for name in node.input if name and name not in produced]
-    constants = {out: node for node in every if node.op_type == "Constant" for out in node.output}
-    copied = [constants[name] for name in dict.fromkeys(read) if name in constants]
-    initializers = {t.name: t for t in model.graph.initializer}
-    data = {v.name: v for v in model.graph.input}
-    inputs = [_value_info(shapes, incoming.tensor)] if incoming else []
-    inputs += [data[name] for name in dict.fromkeys(read) if name in data and name not in initializers]
-    graph = helper.make_graph(
-        [*copied, *chosen], name, inputs, [], [initializers[n] for n in dict.fromkeys(read) if n in initializers])
     if incoming is not None and incoming.tensor not in read:
         raise ModelError(f"lls: {name} does not read the previous block's output {incoming.tensor!r}")
-    graph.output.extend(value for value in model.graph.output if value.name in produced)
-    stage = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="edgeplug-lls")
-    stage.ir_version = model.ir_version
+    data = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
+    inputs = ([incoming.tensor] if incoming else []) + [tensor for tensor in dict.fromkeys(read) if tensor in data]
+    model_outputs = [value.name for value in model.graph.output if value.name in produced]
+    stage = extract(model, model_outputs or [chosen[-1].output[0]], inputs, name=name)
+    if incoming is not None:
+        stage.graph.input[0].CopyFrom(_value_info(shapes, incoming.tensor))
+    if not model_outputs:  # a block inside the model: the caller adds its output and its head's
+        del stage.graph.output[:]
+    stage.producer_name = "edgeplug-lls"
     return stage

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgeplug.plugin_api import GraphEditor, replace_nodes
 
@@ -85,6 +85,29 @@ def _prelu(editor: GraphEditor, node: onnx.NodeProto, x: str) -> str:
     return editor.node("Add", [positive, negative], f"{node.name}_prelu")
 
 
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can type."""
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        typed = model
+    values = (*typed.graph.input, *typed.graph.value_info, *typed.graph.output)
+    types = {value.name: value.type.tensor_type.elem_type for value in values if value.type.tensor_type.elem_type}
+    return types | {tensor.name: tensor.data_type for tensor in model.graph.initializer}
+
+
+def _typed_like(nodes: list[onnx.NodeProto], elem_type: int) -> list[onnx.NodeProto]:
+    """Cast the float32 scalars of Constant nodes to `elem_type` (float16, double, ...)."""
+    if elem_type == TensorProto.FLOAT:
+        return nodes
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    for node in nodes:
+        for attribute in node.attribute:
+            if node.op_type == "Constant" and attribute.name == "value" and attribute.t.data_type == TensorProto.FLOAT:
+                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(dtype), attribute.t.name))
+    return nodes
+
+
 REWRITES: dict[str, Callable[[GraphEditor, onnx.NodeProto, str], str]] = {
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
@@ -97,15 +120,19 @@ REWRITES: dict[str, Callable[[GraphEditor, onnx.NodeProto, str], str]] = {
 
 
 def decompose(model: onnx.ModelProto) -> dict[str, int]:
-    """Rewrite every op in REWRITES in place; return counts by op type."""
+    """Rewrite every op in REWRITES in place; return counts by op type.
+
+    The scalars a rewrite adds take the element type of the op's input, so a
+    float16 or double model stays consistently typed.
+    """
     editor = GraphEditor(model)
     counts: dict[str, int] = {}
     replacements: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if node.op_type not in REWRITES or node.domain not in ("", "ai.onnx"):
-            continue
+    targets = [node for node in model.graph.node if node.op_type in REWRITES and node.domain in ("", "ai.onnx")]
+    types = _element_types(model) if targets else {}
+    for node in targets:
         REWRITES[node.op_type](editor, node, node.input[0])
-        replacements[node.name] = editor.take_replacement(node)
+        replacements[node.name] = _typed_like(editor.take_replacement(node), types.get(node.input[0], TensorProto.FLOAT))
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     replace_nodes(model, replacements)
     return counts

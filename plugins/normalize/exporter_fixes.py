@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeplug.plugin_api import MAX_OPSET, GraphEditor, GraphIndex, ModelError, default_opset, remove_unused_initializers, tensor_ranks
+from edgeplug.plugin_api import MAX_OPSET, GraphEditor, GraphIndex, ModelError, default_opset, remove_unused, tensor_ranks
 
 
 def materialize_initializer_identities(model: onnx.ModelProto) -> dict[str, str]:
@@ -35,7 +35,7 @@ def materialize_initializer_identities(model: onnx.ModelProto) -> dict[str, str]
         kept = [node for node in model.graph.node if node.name not in removed]
         del model.graph.node[:]
         model.graph.node.extend(kept)
-        remove_unused_initializers(model)
+        remove_unused(model)
     return copies
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug.plugin_api import GraphEditor, clamp_ir_version, remove_unused_initializers, replace_nodes
+from edgeplug.plugin_api import GraphEditor, clamp_ir_version, remove_unused, replace_nodes
 
 from .manifest import Manifest, Slot
 from .model_facts import inferred_shapes
@@ -141,7 +141,7 @@ def joined_model(device: onnx.ModelProto, manifest: Manifest, layout: Layout, de
     graph.initializer.extend(kept)
     editor = GraphEditor(model)
     _inference_batch_norms(model, editor, {name: len(shape) for name, shape in inferred_shapes(device).items()})
-    remove_unused_initializers(model)
+    remove_unused(model)
     nodes = _generator_nodes(editor, layout, defaults, {name: name for name in generated})
     body = list(graph.node)
     del graph.node[:]

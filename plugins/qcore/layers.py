@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeplug.plugin_api import ModelError, tensor_value
+from edgeplug.plugin_api import GraphIndex, ModelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,8 @@ def batch_norms(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == "BatchNormalization" and n.input[3] in names and n.input[4] in names]
 
 
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    value = tensor_value(model, name)
+def initializer_array(index: GraphIndex, name: str) -> np.ndarray:
+    value = index.value(name)
     if value is None:
         raise ModelError(f"qcore: initializer '{name}' is missing from the model")
     return value

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug.plugin_api import DataError, ModelError, atomic_file, inference_runtime, write_text
+from edgeplug.plugin_api import DataError, GraphIndex, ModelError, atomic_file, inference_runtime, write_text
 
 from .layers import QuantLayer, batch_norms, find_layers, initializer_array
 from .quantize import (
@@ -163,11 +163,12 @@ def export_model(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto:
 def initial_state(model: onnx.ModelProto, bits: int) -> QuantState:
     """Weights on their per-channel grids, activations still float, stored statistics."""
     grids, codes = {}, {}
+    index = GraphIndex(model)
     for layer in find_layers(model):
-        matrix = layer.to_matrix(initializer_array(model, layer.weight))
+        matrix = layer.to_matrix(initializer_array(index, layer.weight))
         grids[layer.node] = weight_grid(matrix, bits)
         codes[layer.node] = quantize_weights(matrix, grids[layer.node])
-    stats = {bn.name: (initializer_array(model, bn.input[3]), initializer_array(model, bn.input[4])) for bn in batch_norms(model)}
+    stats = {bn.name: (initializer_array(index, bn.input[3]), initializer_array(index, bn.input[4])) for bn in batch_norms(model)}
     return QuantState(bits, grids, {layer.node: None for layer in find_layers(model)}, codes, stats)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeplug.plugin_api import GraphIndex
+from edgeplug.plugin_api import GraphIndex, extract
 
 from .candidates import Candidate
 
@@ -83,36 +83,21 @@ def cut_at(index: GraphIndex, probed: Iterable[Candidate], output: str, constant
 def _prefix(model: onnx.ModelProto, index: GraphIndex, outputs: list[str],
             dtypes: Mapping[str, np.dtype]) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     needed = index.ancestors(outputs)
-    nodes = [node for node in model.graph.node if node.name in needed]
-    read = {name for node in nodes for name in node.input if name}
-    inputs = [value for value in model.graph.input if value.name in read and value.name not in index.initializers]
+    read = {name for node in model.graph.node if node.name in needed
+            for name in (*node.input, *index.implicit_inputs.get(node.name, ())) if name}
+    inputs = tuple(value.name for value in model.graph.input if value.name in read and value.name not in index.initializers)
+    prefix = extract(model, outputs, inputs, name=f"{model.graph.name}_probe_prefix")
     # a type shape inference could not find is left to onnxruntime, which infers it
-    values = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name])), None)
-              if name in dtypes else helper.make_empty_tensor_value_info(name) for name in outputs]
-    graph = helper.make_graph(nodes, f"{model.graph.name}_probe_prefix", inputs, values,
-                              [tensor for tensor in model.graph.initializer if tensor.name in read])
-    prefix = helper.make_model(graph, opset_imports=list(model.opset_import))
-    prefix.ir_version = model.ir_version
-    prefix.functions.extend(model.functions)
-    return prefix, tuple(value.name for value in inputs)
+    for value in prefix.graph.output:
+        if not value.type.tensor_type.elem_type and value.name in dtypes:
+            value.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[value.name]))
+    return prefix, inputs
 
 
 def tail_model(model: onnx.ModelProto, cut: Cut, output: str, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """The tail as a model whose inputs are the boundary tensors, shaped like `arrays` (one chunk of them)."""
-    originals = {value.name: value for value in model.graph.input}
-    inputs = []
-    for name in cut.boundary:
-        array = arrays[name]
-        inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
-    wanted = set(cut.tail_initializers)
-    produced = {name for node in cut.tail_nodes for name in node.output}
-    graph = helper.make_graph(
-        list(cut.tail_nodes), f"{model.graph.name}_probe_tail", inputs,
-        [value for value in model.graph.output if value.name == output],
-        [tensor for tensor in model.graph.initializer if tensor.name in wanted],
-        value_info=[value for value in model.graph.value_info if value.name in produced and value.name not in originals],
-    )
-    tail = helper.make_model(graph, opset_imports=list(model.opset_import))
-    tail.ir_version = model.ir_version
-    tail.functions.extend(model.functions)
+    tail = extract(model, [output], cut.boundary, name=f"{model.graph.name}_probe_tail")
+    for value in tail.graph.input:
+        array = arrays[value.name]
+        value.type.CopyFrom(helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
     return tail

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeplug.plugin_api import GraphEditor, remove_unused_initializers, replace_nodes
+from edgeplug.plugin_api import GraphEditor, remove_unused, replace_nodes
 
 from .candidates import Candidate
 from .costs import Update
@@ -76,7 +76,7 @@ def rewrite(model: onnx.ModelProto, candidates: list[Candidate], updates: Mappin
             trainable.add(candidate.bias)  # type: ignore[arg-type]
         replacements[candidate.node] = editor.take_replacement(node)
     replace_nodes(result, replacements)
-    remove_unused_initializers(result)
+    remove_unused(result)
     return result, frozenset(trainable)
 
 
