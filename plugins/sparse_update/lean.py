@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeplug.plugin_api import GraphEditor, GraphIndex, remove_unused_initializers, replace_nodes
+from edgeplug.plugin_api import GraphEditor, GraphIndex, remove_unused, replace_nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ def lean_frozen_path(model: onnx.ModelProto, trainable: frozenset[str] | set[str
             replacements[node.name] = editor.take_replacement(node)
             matmuls.append(node.name)
     replace_nodes(result, replacements)
-    remove_unused_initializers(result)
+    remove_unused(result)
     return LeanResult(result, tuple(matmuls))
 
 
