@@ -259,7 +259,7 @@ class QuantizedRunner:
         if aligned.norm is None:
             return 1.0
         node = self.nodes[aligned.norm]
-        return norm_gain(node, initializer_array(self.model, node.input[1]), self.state.norm_stats[aligned.norm][1])
+        return norm_gain(node, initializer_array(GraphIndex(self.model), node.input[1]), self.state.norm_stats[aligned.norm][1])
 
     def layer_inputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip([layer.node for layer in self.layers], self.run(x, [layer.input for layer in self.layers])))
