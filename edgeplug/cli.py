@@ -102,6 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, echo=print, checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
+        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory,
     )
     result = trainer.fit(args.data, args.eval, epochs=args.epochs, batch_size=args.batch_size, resume=not args.restart)
     if result.steps_run == 0:
@@ -212,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--restart", action="store_true", help="discard checkpoints and start from the initial weights")
     sub.add_argument("--no-checkpoints", action="store_true", help="write no checkpoints (no resume; export then gives the initial weights)")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_argument("--cache-prefix", action=argparse.BooleanOptionalAction, default=None,
+                     help="compute the frozen layers before the first trained one once per example and train only the rest "
+                          "(bit-identical weights); default: when it applies and two or more epochs are left")
+    sub.add_argument("--cache-memory", metavar="SIZE", default="256M",
+                     help="memory for the frozen-prefix cache; examples beyond it go to a temporary file (default 256M)")
     sub.add_argument("--metrics", type=Path, help="write per-epoch metrics as JSON here")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated training step needs more, e.g. 512M, 2G")
     sub.add_argument("--runtime", choices=("python", "node"), default="python",

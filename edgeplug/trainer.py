@@ -21,6 +21,7 @@ import shutil
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ class FitResult:
     """The loss of every step this call ran, in order (for comparing runtimes step by step)."""
     step_seconds: list[float] = dataclasses.field(default_factory=list)
     """The time of every step this call ran (forward, backward and optimizer of every stage)."""
+    prefix_cache: dict[str, Any] | None = None
+    """What the frozen-prefix cache did (`edgeplug.prefix_cache.CacheStats`), or why it was not used (`reason`)."""
 
 
 class Trainer:
@@ -139,8 +142,20 @@ class Trainer:
         host: PluginHost | None = None,
         max_memory: int | str | None = None,
         threads: int | None = None,
+        cache_prefix: bool | None = None,
+        cache_memory: int | str = "256M",
+        cache_dir: str | Path | None = None,
     ) -> None:
+        """`cache_prefix`: compute the frozen prefix (everything before the first trainable layer) once per
+        training example and train only the rest (`edgeplug.prefix_cache`; bit-identical weights). None (the
+        default) uses it when it applies and more than one epoch remains, True insists (an error says why it
+        cannot), False never. The cache keeps up to `cache_memory` in memory and the rest in a file under
+        `cache_dir` (default: the system's temporary folder)."""
         self.artifact_dir = Path(artifact_dir)
+        self.cache_prefix = cache_prefix
+        self.cache_memory = parse_size(cache_memory)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._prefix: Any = None  # the PrefixCache the open sessions read from, or None
         self.max_memory = parse_size(max_memory) if max_memory is not None else None
         if threads is not None and threads < 1:
             raise EdgeplugError(f"threads must be at least 1, got {threads}")
@@ -226,8 +241,11 @@ class Trainer:
             foreign = checkpoint is not None and checkpoint_runtime(checkpoint) != "python"  # parameters only: evaluate
             state_path = state_file(checkpoint, index) if checkpoint and not foreign else folder / CHECKPOINT
             with _ort.captured_native_stderr():
-                state, module, optimizer = (open_stage(folder, state_path, threads=self.threads) if self._staged
-                                            else _ort.open_artifacts(folder, state_path, session_options=_thread_options(self.threads)))
+                if self._prefix is not None:
+                    state, module, optimizer = self._prefix.open(folder, state_path)
+                else:
+                    state, module, optimizer = (open_stage(folder, state_path, threads=self.threads) if self._staged
+                                                else _ort.open_artifacts(folder, state_path, session_options=_thread_options(self.threads)))
             if foreign:
                 for name, value in device_parameters(checkpoint, number).items():
                     state.parameters[name] = value
@@ -337,6 +355,7 @@ class Trainer:
             shutil.rmtree(checkpoints_dir(self.artifact_dir), ignore_errors=True)
         checkpoint, progress = self._resume_point() if resume else (None, None)
         progress = progress or {"epoch": 0, "batch": 0, "step": 0, "history": []}
+        train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]), batch_size)
         _ort.seed_random_ops(step_seed(self.seed, int(progress["step"])))  # random ops seeded when sessions open
         self._open(checkpoint)
         if checkpoint:
@@ -364,7 +383,7 @@ class Trainer:
         median = statistics.median(step_times) if step_times else None
         peak = peak_rss_bytes()
         return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses),
-                         [round(t, 6) for t in step_times])
+                         [round(t, 6) for t in step_times], cache_info)
 
     def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
         """The newest complete checkpoint that loads, and its progress; damaged ones are skipped with a note.
@@ -419,6 +438,41 @@ class Trainer:
             self.echo(f"note: {', '.join(found[:3])} draw random numbers from a generator that onnxruntime-training "
                       "neither reseeds per step nor checkpoints: this resumed run is not bit-identical to an "
                       "uninterrupted one (Dropout is)")
+
+    def _start_prefix_cache(self, train_set: Dataset, epochs_left: int, batch_size: int) -> tuple[Dataset, dict[str, Any] | None]:
+        """Cut the frozen prefix and cache its outputs for `train_set` (see `cache_prefix`); the dataset to train on."""
+        if self._prefix is not None:
+            self._prefix.close()
+            self._prefix = None
+        if self.cache_prefix is False:
+            return train_set, None
+        if self.cache_prefix is None and epochs_left < 2:
+            return train_set, {"reason": "fewer than two epochs left to train"}
+        from edgeplug import prefix_cache
+
+        try:
+            cut = prefix_cache.cut_models(self.artifact_dir, self.report)
+            # the folder's initial state: the prefix reads frozen parameters only, and the check compares
+            # the cut and the whole model at the same weights
+            cache = prefix_cache.PrefixCache(cut, self.artifact_dir, self.artifact_dir / CHECKPOINT, self.cache_memory, self.cache_dir,
+                                             session_options=_thread_options(self.threads))
+            try:
+                cached = cache.dataset(train_set, chunk=batch_size)
+                cache.verify(train_set, cached, np.arange(min(batch_size, len(train_set))))
+                cache.release()
+            except BaseException:
+                cache.close()
+                raise
+        except prefix_cache.NotCacheable as reason:
+            if self.cache_prefix:
+                raise EdgeplugError(f"cannot cache the frozen prefix: {reason}; train without --cache-prefix") from None
+            return train_set, {"reason": str(reason)}
+        self._prefix = cache
+        self._module = None
+        self._prefix_finalizer = weakref.finalize(self, cache.close)
+        self.echo(f"frozen prefix cached: {len(cut.boundary)} tensor(s), {cache.stats[-1].bytes_per_example / 1024:.1f} KiB per example, "
+                  f"{cache.stats[-1].seconds:.2f} s")
+        return cached, cache.stats[-1].to_dict()
 
     def _epochs(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, steps_per_epoch: int,
                 schedule: Callable[[int], float], progress: dict[str, Any]) -> list[float]:

@@ -1,0 +1,173 @@
+"""Frozen-prefix caching: training on cached prefix outputs gives the same weights, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builders import classification_data, cnn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_sparse_update import IMAGE, mbconv
+
+import edgeplug
+from edgeplug.checkpoints import STATE, latest_checkpoint
+from edgeplug.prefix_cache import NotCacheable, cut_models
+from edgeplug.recipe import recipe_from_dict
+from edgeplug.trainer import Trainer
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    from edgeplug import _ort
+
+    checkpoint = latest_checkpoint(folder)
+    assert checkpoint is not None
+    state = _ort.training_api().CheckpointState.load_checkpoint(str(checkpoint / STATE))
+    return {name: np.array(p.data, copy=True) for name, p in state.parameters if p.requires_grad}
+
+
+def _train_both(folder: Path, tmp: Path, data: dict, eval_data: dict | None, epochs: int, batch: int, **cache: object):
+    results = {}
+    for enabled in (False, True):
+        copy = tmp / f"cache-{enabled}"
+        shutil.copytree(folder, copy)
+        trainer = Trainer(copy, progress=False, cache_prefix=enabled, **cache)  # type: ignore[arg-type]
+        fit = trainer.fit(data, eval_data, epochs=epochs, batch_size=batch)
+        results[enabled] = (fit, _weights(copy), trainer)
+    return results
+
+
+def _sparse(model, data, out: Path, **options: object) -> Path:
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.02},
+                               "passes": [{"name": "sparse-update", "options": {"batch_size": 4, **options}}]})
+    edgeplug.rewrite(model, recipe, out, calibration=data)
+    return out
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blocks=st.integers(1, 3), strategy=st.sampled_from(["tinytrain", "static", "last-k"]), batch=st.integers(3, 7),
+       seed=st.integers(0, 5))
+def test_cached_training_is_bit_identical(tmp_path_factory: pytest.TempPathFactory, blocks: int, strategy: str, batch: int,
+                                          seed: int) -> None:
+    model = mbconv(blocks=blocks, width=4, seed=seed)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=13, seed=seed)  # a last batch shorter than the others
+    held_out = classification_data((3, IMAGE, IMAGE), 5, n=9, seed=seed + 10)
+    tmp = tmp_path_factory.mktemp("cache")
+    options = {"strategy": strategy, "layers": 2} if strategy == "last-k" else {"strategy": strategy, "memory_budget_bytes": 40_000}
+    folder = _sparse(model, data, tmp / "a", **options)
+    results = _train_both(folder, tmp, data, held_out, epochs=3, batch=batch)
+    (plain, plain_weights, _), (cached, cached_weights, trainer) = results[False], results[True]
+    assert plain.prefix_cache is None and cached.prefix_cache is not None and "reason" not in cached.prefix_cache
+    assert plain_weights.keys() == cached_weights.keys()
+    for name, value in plain_weights.items():
+        assert np.array_equal(value, cached_weights[name]), name
+    assert [e.train for e in plain.epochs] == [e.train for e in cached.epochs]
+    assert [e.eval for e in plain.epochs] == [e.eval for e in cached.epochs]
+    assert trainer.evaluate(held_out) == plain.epochs[-1].eval  # evaluation after fit runs the prefix too
+
+
+def test_the_cache_spills_to_disk_beyond_its_memory_cap(tmp_path: Path) -> None:
+    model = mbconv(blocks=2, width=4, seed=3)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=20, seed=3)
+    folder = _sparse(model, data, tmp_path / "a", strategy="last-k", layers=2)
+    results = _train_both(folder, tmp_path, data, None, epochs=2, batch=4, cache_memory=1000)
+    stats = results[True][0].prefix_cache
+    assert stats["disk_bytes"] > 0 and stats["memory_bytes"] <= 1000
+    assert stats["memory_bytes"] + stats["disk_bytes"] == stats["examples"] * stats["bytes_per_example"]
+    for name, value in results[False][1].items():
+        assert np.array_equal(value, results[True][1][name]), name
+    cache_folder = results[True][2]._prefix.folder
+    assert any(cache_folder.rglob("*.bin"))
+    results[True][2]._prefix.close()
+    assert not cache_folder.exists()
+
+
+def test_resume_with_the_cache_reaches_the_uninterrupted_weights(tmp_path: Path) -> None:
+    model = mbconv(blocks=2, width=4, seed=5)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=16, seed=5)
+    folder = _sparse(model, data, tmp_path / "a", strategy="last-k", layers=3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    shutil.copytree(folder, straight)
+    shutil.copytree(folder, resumed)
+    Trainer(straight, progress=False, cache_prefix=False).fit(data, epochs=4, batch_size=4)
+    Trainer(resumed, progress=False, cache_prefix=True).fit(data, epochs=2, batch_size=4)
+    again = Trainer(resumed, progress=False, cache_prefix=True).fit(data, epochs=4, batch_size=4)
+    assert again.resumed_from_step == 8 and again.prefix_cache is not None and "reason" not in again.prefix_cache
+    expected = _weights(straight)
+    for name, value in _weights(resumed).items():
+        assert np.array_equal(value, expected[name]), name
+
+
+def test_folders_without_a_cacheable_prefix_say_why(tmp_path: Path) -> None:
+    data = classification_data((1, IMAGE, IMAGE), 10, n=12)
+    everything = tmp_path / "all"
+    edgeplug.rewrite(cnn(image=IMAGE, batch_norm=False), recipe_from_dict({}), everything)
+    with pytest.raises(NotCacheable, match="first layer trains"):
+        cut_models(everything, edgeplug.Trainer(everything).report)
+    with pytest.raises(edgeplug.EdgeplugError, match="cannot cache the frozen prefix"):
+        Trainer(everything, progress=False, cache_prefix=True).fit(data, epochs=2, batch_size=4)
+    auto = Trainer(everything, progress=False).fit(data, epochs=2, batch_size=4)
+    assert "first layer trains" in auto.prefix_cache["reason"]
+    batch_norm = tmp_path / "bn"
+    edgeplug.rewrite(cnn(image=IMAGE, batch_norm=True), recipe_from_dict({"passes": [
+        {"name": "trainable", "options": {"layers": "classifier"}}]}), batch_norm)
+    with pytest.raises(NotCacheable, match="freeze-bn"):
+        cut_models(batch_norm, edgeplug.Trainer(batch_norm).report)
+    one_epoch = Trainer(batch_norm, progress=False).fit(data, epochs=1, batch_size=4)
+    assert "fewer than two epochs" in one_epoch.prefix_cache["reason"]
+
+
+def test_a_batch_only_shape_chain_is_recomputed_from_the_boundary(tmp_path: Path) -> None:
+    """Reshape(x, [Shape(input)[0], -1]) after the frozen prefix (EfficientNet's export before its classifier)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = cnn(channels=(4, 4), image=IMAGE, batch_norm=False, seed=2)
+    graph = model.graph
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    graph.node.remove(flatten)
+    at = next(i for i, n in enumerate(graph.node) if n.op_type == "Gemm")
+    graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                              numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+                              numpy_helper.from_array(np.array([0], np.int64), "axes0")])
+    for offset, node in enumerate([
+        helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+        helper.make_node("Gather", ["x_shape", "zero"], ["n"], name="batch", axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="n1"),
+        helper.make_node("Concat", ["n1", "minus_one"], ["target"], name="target_shape", axis=0),
+        helper.make_node("Reshape", ["pooled", "target"], ["flat"], name="flatten"),
+    ]):
+        graph.node.insert(at + offset, node)
+    del graph.value_info[:]
+    assert TensorProto.INT64
+    data = classification_data((1, IMAGE, IMAGE), 10, n=10)
+    folder = tmp_path / "a"
+    edgeplug.rewrite(model, recipe_from_dict({"passes": [{"name": "trainable", "options": {"layers": 2}}]}), folder)
+    results = _train_both(folder, tmp_path, data, data, epochs=2, batch=3)
+    assert "reason" not in results[True][0].prefix_cache
+    for name, value in results[False][1].items():
+        assert np.array_equal(value, results[True][1][name]), name
+
+
+def test_cli_flags(tmp_path: Path) -> None:
+    from edgeplug.cli import main
+
+    model = mbconv(blocks=1, width=4, seed=2)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=8, seed=2)
+    folder = _sparse(model, data, tmp_path / "a", strategy="last-k", layers=2)
+    np.savez(tmp_path / "train.npz", x=data["x"], y=data["y"])
+    metrics = tmp_path / "m.json"
+    assert main(["train", str(folder), "--data", str(tmp_path / "train.npz"), "--epochs", "2", "--batch-size", "4",
+                 "--no-progress", "--cache-prefix", "--cache-memory", "1K", "--metrics", str(metrics)]) == 0
+    import json
+
+    stats = json.loads(metrics.read_text())["prefix_cache"]
+    assert stats["disk_bytes"] > 0 and "reason" not in stats
+    assert main(["train", str(folder), "--data", str(tmp_path / "train.npz"), "--epochs", "4", "--batch-size", "4",
+                 "--no-progress", "--no-cache-prefix", "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["prefix_cache"] is None
