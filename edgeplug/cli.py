@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _detail(interrupt: KeyboardInterrupt) -> str:
+    """` (while importing plugin 'x')` when the interruption says where it happened."""
+    return f" ({_one_line(str(interrupt))})" if str(interrupt) else ""
+
+
 def _one_line(text: str) -> str:
     """Errors are one line: control characters (newlines in a field name, say) are escaped."""
     return escape(text)
@@ -269,11 +274,15 @@ def _one_line(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its standard output passes through `EscapingWriter` (no terminal escapes)."""
+    from edgeplug.guard import exit_on_overrun
+
+    previous = exit_on_overrun(True)  # this process is ours: a pass that ignores its time limit ends it (guard.py)
     real_stdout = sys.stdout
     sys.stdout = EscapingWriter(real_stdout)  # type: ignore[assignment]
     try:
         return _main(argv)
     finally:
+        exit_on_overrun(previous)
         if sys.stdout is not real_stdout:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
@@ -288,6 +297,9 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt as interrupt:  # Ctrl-C while plugins load (or a plugin raising it): no traceback
+        print(f"edgeplug: interrupted{_detail(interrupt)}", file=sys.stderr)
+        return INTERRUPTED
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
@@ -299,8 +311,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:  # e.g. `edgeplug passes | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("edgeplug: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"edgeplug: interrupted{_detail(interrupt)}; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
         return INTERRUPTED
     except Exception as error:
         if args.debug:

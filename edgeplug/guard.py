@@ -21,6 +21,7 @@ import os
 import re
 import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -182,12 +183,57 @@ def check_pass_timeout(seconds: float) -> float:
     return float(seconds)
 
 
+PASS_TIMEOUT_GRACE = 5.0
+"""Seconds a pass may keep running after its time limit while the timer re-raises PassTimeout every second."""
+_exit_on_overrun = False
+
+
+def exit_on_overrun(enabled: bool) -> bool:
+    """Let a pass that outlives its limit by PASS_TIMEOUT_GRACE end the process (exit 2, one line).
+
+    The `edgeplug` command turns this on: it owns its process, and a pass that swallows
+    BaseException (the timer's PassTimeout included) would otherwise run forever. The
+    Python API leaves it off: ending an embedding application is not edgeplug's call.
+    Returns the previous setting.
+    """
+    global _exit_on_overrun
+    previous, _exit_on_overrun = _exit_on_overrun, enabled
+    return previous
+
+
 @contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise PassTimeout in the block after `seconds` (main thread with SIGALRM only; else no limit)."""
+def time_limit(seconds: float | None, overrun_message: str = "") -> Iterator[None]:
+    """Raise PassTimeout in the block after `seconds` (main thread with SIGALRM only; else no limit).
+
+    With `exit_on_overrun(True)`, a block still running PASS_TIMEOUT_GRACE seconds later
+    ends the process with exit status 2 and `overrun_message`, from a watchdog thread.
+    """
     if not seconds or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
         yield
         return
+    watchdog = threading.Timer(seconds + PASS_TIMEOUT_GRACE, _stop_process, (overrun_message,)) if _exit_on_overrun else None
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        with _alarm(seconds):
+            yield
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+def _stop_process(message: str) -> None:
+    """The watchdog's last resort: the pass ignored every PassTimeout. The kernel releases the folder's
+    lock; the next rewrite removes the staging folder this one leaves."""
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"edgeplug: error: {message}\n")
+        sys.stderr.flush()
+    os._exit(EdgeplugError.exit_code)
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
 
     def expire(signum: int, frame: object) -> None:
         raise PassTimeout(f"did not finish within {seconds:g} s")

@@ -206,8 +206,10 @@ def _pass_context(context: PassContext, info: PassInfo) -> PassContext:
 
 def _run_phase(info: PassInfo, phase: str, call: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
     """Call one phase of a pass under a time limit; any failure names the pass and the phase."""
+    stopped = (f"pass '{info.name}' ({phase}): did not finish within {timeout:g} s and ignored every interruption "
+               f"(plugin '{info.plugin}' {info.version}); stopped edgeplug: report it to the plugin's author" if timeout else "")
     try:
-        with time_limit(timeout):
+        with time_limit(timeout, stopped):
             return call(*args)
     except PassTimeout as error:
         raise PassError(info.name, phase, f"{error} (plugin '{info.plugin}' {info.version}); the plugin hangs or the "

@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from edgeplug import hookspecs
-from edgeplug.errors import PluginError
+from edgeplug.errors import EdgeplugError, PluginError
 from edgeplug.passes import Pass, PassInfo
 
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
@@ -41,6 +41,7 @@ class PluginHost:
         self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._manager.add_hookspecs(hookspecs)
         self._versions: dict[str, str] = {}
+        self._descriptions: dict[str, str] = {}
         self._passes: dict[str, PassInfo] | None = None
         if os.environ.get(TRACE_VARIABLE):
             self._manager.trace.root.setwriter(lambda text: sys.stderr.write(f"[edgeplug hooks] {text}"))
@@ -68,20 +69,27 @@ class PluginHost:
                 continue
             try:
                 plugin = entry.load()
-            except Exception as error:  # a broken plugin must not take the host down unnamed
+            except KeyboardInterrupt:  # Ctrl-C, or a plugin raising it: either way say where it happened
+                raise PluginInterrupted(f"while importing plugin '{entry.name}' ({entry.value})") from None
+            except BaseException as error:  # noqa: BLE001 - sys.exit() at import must not end the command silently
                 raise PluginError(
-                    f"plugin '{entry.name}' ({entry.value}) failed to import: {type(error).__name__}: {error}"
+                    f"plugin '{entry.name}' ({entry.value}) failed to import: {_describe(error)}"
                 ) from error
             version = entry.dist.version if entry.dist is not None else "unknown"
             self.register(plugin, name=entry.name, version=version)
 
-    def register(self, plugin: object, *, name: str, version: str = "unknown") -> None:
-        """Register a plugin object (a module or an instance with hookimpls)."""
+    def register(self, plugin: object, *, name: str, version: str = "unknown", described_as: str | None = None) -> None:
+        """Register a plugin object (a module or an instance with hookimpls).
+
+        `described_as` is how errors name it (default: `plugin '<name>' <version>`), e.g. a
+        pass's runtime hooks: `runtime hooks of pass 'x' (plugin 'p' 1.0)`.
+        """
         try:
             self._manager.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as error:
             raise PluginError(f"plugin '{name}' is invalid: {error}") from error
         self._versions[name] = version
+        self._descriptions[name] = described_as or f"plugin '{name}' {version}"
         if any(impl.plugin is plugin for impl in self._manager.hook.edgeplug_register_passes.get_hookimpls()):
             self._passes = None  # only a plugin that registers passes changes the registry
 
@@ -89,6 +97,7 @@ class PluginHost:
         name = self._manager.get_name(plugin)
         self._manager.unregister(plugin)
         self._versions.pop(name or "", None)
+        self._descriptions.pop(name or "", None)
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self._manager.list_name_plugin() if name in self._versions)
@@ -129,9 +138,11 @@ class PluginHost:
                 impl.function(register=register)
             except PluginError:
                 raise
-            except Exception as error:
+            except KeyboardInterrupt:
+                raise PluginInterrupted(f"while plugin '{plugin_name}' registered its passes") from None
+            except BaseException as error:  # noqa: BLE001 - SystemExit here used to leave no passes at all
                 raise PluginError(
-                    f"plugin '{plugin_name}' failed while registering passes: {type(error).__name__}: {error}"
+                    f"plugin '{plugin_name}' failed while registering passes: {_describe(error)}"
                 ) from error
         return collected
 
@@ -145,9 +156,11 @@ class PluginHost:
                 impl.function(commands=commands)
             except argparse.ArgumentError as error:
                 raise PluginError(f"plugin '{impl.plugin_name}' adds a command whose name is taken: {error}") from error
-            except Exception as error:
+            except KeyboardInterrupt:
+                raise PluginInterrupted(f"while plugin '{impl.plugin_name}' added its commands") from None
+            except BaseException as error:  # noqa: BLE001 - SystemExit included
                 raise PluginError(
-                    f"plugin '{impl.plugin_name}' failed while adding commands: {type(error).__name__}: {error}"
+                    f"plugin '{impl.plugin_name}' failed while adding commands: {_describe(error)}"
                 ) from error
             # Python 3.10's add_parser silently replaces a taken name (3.11+ raises ArgumentError)
             taken = sorted(name for name, parser in before.items() if commands.choices.get(name) is not parser)
@@ -159,16 +172,62 @@ class PluginHost:
                                       "(call parser.set_defaults(run=function))")
 
     def before_step(self, step: Any) -> None:
-        self._manager.hook.edgeplug_before_step(step=step)
+        self._call("edgeplug_before_step", step=step)
 
     def after_step(self, step: Any, loss: float) -> None:
-        self._manager.hook.edgeplug_after_step(step=step, loss=loss)
+        self._call("edgeplug_after_step", step=step, loss=loss)
 
     def save_state(self, directory: Path) -> None:
-        self._manager.hook.edgeplug_save_state(directory=directory)
+        self._call("edgeplug_save_state", directory=directory)
 
     def load_state(self, directory: Path) -> None:
-        self._manager.hook.edgeplug_load_state(directory=directory)
+        self._call("edgeplug_load_state", directory=directory)
+
+    def _call(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a training-loop hook; a failure (SystemExit included) is a PluginError naming who failed.
+
+        KeyboardInterrupt stays an interruption (Ctrl-C). An EdgeplugError keeps its type
+        and gains the name. The failing implementation is found in the traceback.
+        """
+        hook = getattr(self._manager.hook, hook_name)
+        try:
+            hook(**kwargs)
+        except KeyboardInterrupt:
+            raise
+        except EdgeplugError as error:
+            error.args = (f"{self._culprit(hook, error)} ({hook_name}): {error}",)
+            raise
+        except BaseException as error:  # noqa: BLE001 - sys.exit(0) in a hook ended train with exit 0
+            raise PluginError(f"{self._culprit(hook, error)} failed in {hook_name}: {_describe(error)}; "
+                              "training stopped (its last checkpoint is intact)") from error
+
+    def _culprit(self, hook: Any, error: BaseException) -> str:
+        """Who raised `error`: the implementation of `hook` whose code is in its traceback."""
+        codes = {}
+        for impl in hook.get_hookimpls():
+            function = getattr(impl.function, "__func__", impl.function)
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                codes[code] = impl.plugin_name
+        traceback = error.__traceback__
+        while traceback is not None:
+            name = codes.get(traceback.tb_frame.f_code)
+            if name is not None:
+                return self._descriptions.get(name, f"plugin '{name}'")
+            traceback = traceback.tb_next
+        names = sorted({impl.plugin_name for impl in hook.get_hookimpls()})
+        return "one of " + ", ".join(self._descriptions.get(name, f"plugin '{name}'") for name in names)
+
+
+class PluginInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a plugin raising KeyboardInterrupt) while a plugin loaded; the message says which."""
+
+
+def _describe(error: BaseException) -> str:
+    """`ValueError: text`, or `SystemExit(0)` for exits (whose text is only the code)."""
+    if isinstance(error, SystemExit):
+        return f"SystemExit({error.code!r}) (the plugin called sys.exit)"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _check_pass_class(factory: object, plugin_name: str) -> None:

@@ -575,7 +575,8 @@ class Trainer:
             instance = info.factory(fill_defaults(options, info.factory.options_schema))
             hook = instance.runtime_hooks(RuntimeContext(self.artifact_dir, self.artifact_dir / "passes" / entry["name"]))
             if hook is not None:
-                self.host.register(hook, name=f"runtime:{entry['name']}:{id(hook)}", version=info.version)
+                self.host.register(hook, name=f"runtime:{entry['name']}:{id(hook)}", version=info.version,
+                                   described_as=f"the runtime hooks of pass '{entry['name']}' (plugin '{info.plugin}' {info.version})")
                 registered.append(hook)
         return registered
 

@@ -104,8 +104,9 @@ def test_dropout_training_resumed_after_a_crash_is_bit_identical(dropout: tuple[
     shutil.copytree(pristine, folder)
     host = PluginHost()
     host.register(CrashAt(crash_step), name="crash")
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(edgeplug.PluginError, match="plugin 'crash'") as crashed:
         Trainer(folder, seed=5, progress=False, host=host, checkpoint_every=2).fit(data, epochs=2, batch_size=8)
+    assert isinstance(crashed.value.__cause__, SimulatedCrash)
     Trainer(folder, seed=5, progress=False).fit(data, epochs=2, batch_size=8)
     assert_same_weights(final_weights(folder), reference)
 

@@ -84,8 +84,9 @@ def test_crash_and_resume_in_process(mlp_setup: tuple[Path, dict[str, np.ndarray
     shutil.copytree(pristine, artifacts)
     host = PluginHost()
     host.register(CrashAt(crash_step), name="crash")
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(edgeplug.PluginError, match="crash after step") as crashed:  # named after its plugin (#24)
         Trainer(artifacts, progress=False, checkpoint_every=checkpoint_every, host=host).fit(data, epochs=3, batch_size=16)
+    assert isinstance(crashed.value.__cause__, SimulatedCrash)
     checkpoint = latest_checkpoint(artifacts)
     reached = read_progress(checkpoint)["step"] if checkpoint else 0
     assert reached <= crash_step  # the crashed step itself was never checkpointed
