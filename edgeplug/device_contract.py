@@ -34,9 +34,9 @@ from edgeplug.layout import (
     CHECKPOINT,
     EVAL_MODEL,
     GRADIENTS_MODEL,
-    OPTIMIZER_STEP_MODEL,
     LABELS_INPUT,
     OPTIMIZER_MODEL,
+    OPTIMIZER_STEP_MODEL,
     TRAINING_MODEL,
 )
 from edgeplug.modelio import save_model

@@ -48,3 +48,33 @@ def check_runtime_support(forward: onnx.ModelProto, output_name: str, trainable:
 
 def _type_name(elem_type: int) -> str:
     return TensorProto.DataType.Name(elem_type).lower()
+
+
+def check_trainable_widths(forward: onnx.ModelProto, output_name: str, trainable: list[str], label: str = "") -> None:
+    """Refuse zero-width tensors where training would use them: onnxruntime-training crashes natively
+    (SIGSEGV in the loss) on an output of width 0, and fails on empty weights and inputs."""
+    graph = forward.graph
+    for value in graph.output:
+        if value.name == output_name and _has_zero_dim(value):
+            raise ModelError(f"{label}output '{output_name}' has shape {_shape_text(value)}: a zero-width output "
+                             "leaves nothing to train (a classifier with 0 classes?); fix the model's last layer")
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for name in trainable:
+        tensor = initializers.get(name)
+        if tensor is not None and 0 in tensor.dims:
+            raise ModelError(f"{label}parameter '{name}' has shape {list(tensor.dims)}, no values: a zero-width layer "
+                             "cannot be trained; fix the model, or freeze it with the 'trainable' pass")
+    for value in graph.input:
+        if value.name not in initializers and _has_zero_dim(value, skip_batch=True):
+            raise ModelError(f"{label}input '{value.name}' has shape {_shape_text(value)}: zero-width inputs carry "
+                             "no data to train on; fix the model's input shape")
+
+
+def _has_zero_dim(value: onnx.ValueInfoProto, skip_batch: bool = False) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return any(d.HasField("dim_value") and d.dim_value == 0 for d in list(dims)[1 if skip_batch else 0:])
+
+
+def _shape_text(value: onnx.ValueInfoProto) -> str:
+    dims = value.type.tensor_type.shape.dim
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"

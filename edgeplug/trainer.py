@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from edgeplug import _ort
 from edgeplug.artifacts import output_shape, read_report, stage_folders
+from edgeplug.carried import carried_feeds, carried_update, load_carried_state, save_carried_state
 from edgeplug.checkpoints import (
     HOOKS,
     PROGRESS,
@@ -44,7 +45,6 @@ from edgeplug.checkpoints import (
     state_file,
     write_checkpoint,
 )
-from edgeplug.carried import carried_feeds, carried_update, load_carried_state, save_carried_state
 from edgeplug.data import Dataset, TensorSpec, load_dataset
 from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size

@@ -12,7 +12,7 @@ from onnx import helper
 import edgeplug
 from edgeplug.errors import PassError
 from edgeplug.passes import PassInfo, TrainingModels
-from edgeplug.pipeline import _check_training
+from edgeplug.pass_checks import check_training as _check_training
 
 
 def _models_with_maxpool(tmp_path: Path) -> TrainingModels:
