@@ -141,6 +141,26 @@ class PassContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class Plan:
+    """The whole run as a pass's `requires` sees it before any pass runs.
+
+    `passes` names every pass in run order (normalize first); `position` is this
+    pass's index in it.
+    """
+
+    passes: tuple[str, ...]
+    position: int
+    loss: str
+    optimizer: str
+    output_name: str
+    calibration: bool
+
+    @property
+    def is_last(self) -> bool:
+        return self.position == len(self.passes) - 1
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeContext:
     """What a pass's runtime hooks get: the artifact folder and the pass's own files."""
 
@@ -157,6 +177,10 @@ class Pass:
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
+
+    def requires(self, plan: Plan) -> None:
+        """Preconditions on the recipe, checked for every pass before any pass runs (e.g. "must be
+        last", "needs cross-entropy", "needs calibration data"). Raise RecipeError saying what to change."""
 
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         """Rewrite the forward model and/or the trainable set. Default: unchanged."""

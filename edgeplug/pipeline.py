@@ -47,7 +47,7 @@ from edgeplug.layout import (
 from edgeplug.locking import output_lock, real_target
 from edgeplug.modelio import check_model, load_model, save_model
 from edgeplug.pass_checks import check_forward, check_stages, check_training, run_phase
-from edgeplug.passes import ForwardState, Pass, PassContext, PassInfo, TrainingModels, fill_defaults
+from edgeplug.passes import ForwardState, Pass, PassContext, PassInfo, Plan, TrainingModels, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
 from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
 from edgeplug.report import artifact_sizes, build_report, check_report, report_entry
@@ -102,6 +102,7 @@ def rewrite(
         check_recipe(recipe)
     passes = _instantiate(recipe, host, timeout)
     output_name = _output_name(loaded, recipe)
+    _check_preconditions(passes, recipe, output_name, calibration is not None, timeout)
 
     shown = Path(output_dir)
     output_dir = real_target(output_dir)  # `-o .`, `-o link`: the real folder, one lock, staging beside it
@@ -281,6 +282,15 @@ def _instantiate(recipe: Recipe, host: PluginHost, timeout: float | None = None)
         instance = run_phase(info, "__init__", info.factory, dict(spec.options), timeout=timeout)
         instances.append((info, instance))
     return instances
+
+
+def _check_preconditions(passes: list[tuple[PassInfo, Pass]], recipe: Recipe, output_name: str, calibration: bool,
+                         timeout: float | None) -> None:
+    """Every pass's `requires`, before any pass runs: a recipe a pass cannot serve fails at once."""
+    names = tuple(info.name for info, _ in passes)
+    for position, (info, instance) in enumerate(passes):
+        plan = Plan(names, position, recipe.loss, recipe.optimizer, output_name, calibration)
+        run_phase(info, "requires", instance.requires, plan, timeout=timeout)
 
 
 def _output_name(model: onnx.ModelProto, recipe: Recipe) -> str:

@@ -1,7 +1,8 @@
 """Plugin loading and the typed facade the core uses instead of `pm.hook.*`.
 
 Plugins, built-in ones included, are found through the ``edgeplug`` entry-point
-group. ``EDGEPLUG_PLUGINS=name,name`` loads only the named entry points;
+group. ``EDGEPLUG_PLUGINS=name,name`` loads only the named entry points,
+``EDGEPLUG_BLOCK_PLUGINS=name,name`` loads all but the named ones;
 ``EDGEPLUG_TRACE_HOOKS=1`` prints every hook call to stderr.
 """
 
@@ -27,6 +28,7 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
 """Decorator that marks a plugin function or method as a hook implementation."""
 
 ONLY_PLUGINS_VARIABLE = "EDGEPLUG_PLUGINS"
+BLOCK_PLUGINS_VARIABLE = "EDGEPLUG_BLOCK_PLUGINS"
 TRACE_VARIABLE = "EDGEPLUG_TRACE_HOOKS"
 BUILT_IN_PACKAGE = "edgeplug_plugins"
 """Package of the built-in plugins; their pass names are reserved for them."""
@@ -37,7 +39,10 @@ PASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 class PluginHost:
     """Owns a pluggy manager; the rest of edgeplug talks to plugins only through it."""
 
-    def __init__(self, *, load_entry_points: bool = True, only: Iterable[str] | None = None) -> None:
+    def __init__(self, *, load_entry_points: bool = True, only: Iterable[str] | None = None,
+                 block: Iterable[str] | None = None) -> None:
+        """Load the installed plugins: those in `only` if given, never those in `block`. When neither
+        is given, EDGEPLUG_PLUGINS and EDGEPLUG_BLOCK_PLUGINS decide; either argument replaces both."""
         self._manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._manager.add_hookspecs(hookspecs)
         self._versions: dict[str, str] = {}
@@ -47,23 +52,27 @@ class PluginHost:
             self._manager.trace.root.setwriter(lambda text: sys.stderr.write(f"[edgeplug hooks] {text}"))
             self._manager.enable_tracing()
         if load_entry_points:
-            self._load_entry_points(set(only) if only is not None else _only_from_environment())
+            if only is None and block is None:
+                self._load_entry_points(_names_from_environment(ONLY_PLUGINS_VARIABLE),
+                                        _names_from_environment(BLOCK_PLUGINS_VARIABLE) or set())
+            else:
+                self._load_entry_points(set(only) if only is not None else None, set(block or ()))
 
     # -- loading -----------------------------------------------------------------
 
-    def _load_entry_points(self, only: set[str] | None) -> None:
+    def _load_entry_points(self, only: set[str] | None, block: set[str]) -> None:
         entry_points = importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME)
         found = {entry.name for entry in entry_points}
         _refuse_duplicate_entry_points(entry_points)
-        if only is not None:
-            missing = sorted(only - found)
+        for variable, names in ((ONLY_PLUGINS_VARIABLE, only or set()), (BLOCK_PLUGINS_VARIABLE, block)):
+            missing = sorted(names - found)
             if missing:
                 raise PluginError(
-                    f"{ONLY_PLUGINS_VARIABLE} names plugins that are not installed: {', '.join(missing)} "
+                    f"{variable} names plugins that are not installed: {', '.join(missing)} "
                     f"(installed: {', '.join(sorted(found)) or 'none'})"
                 )
         for entry in sorted(entry_points, key=lambda e: e.name):
-            if only is not None and entry.name not in only:
+            if (only is not None and entry.name not in only) or entry.name in block:
                 continue
             if self._manager.get_plugin(entry.name) is not None:
                 continue
@@ -244,11 +253,16 @@ def _check_pass_class(factory: object, plugin_name: str) -> None:
 
 @functools.cache
 def built_in_pass_names() -> frozenset[str]:
-    """Names of the built-in passes (the entry points of edgeplug_plugins), installed or not loaded."""
-    return frozenset(
-        entry.name for entry in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME)
-        if entry.value.split(":")[0].split(".")[0] == BUILT_IN_PACKAGE
-    )
+    """Names of the passes the built-in plugins register (one plugin may register several, e.g.
+    qcore's quantize-frozen), whether or not EDGEPLUG_PLUGINS loads them."""
+    names: set[str] = set()
+    for entry in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
+        if entry.value.split(":")[0].split(".")[0] != BUILT_IN_PACKAGE:
+            continue
+        hook = getattr(entry.load(), "edgeplug_register_passes", None)
+        if hook is not None:
+            hook(register=lambda factory: names.add(factory.name))
+    return frozenset(names)
 
 
 def _check_not_shadowing_built_in(factory: type[Pass], plugin_name: str) -> None:
@@ -274,8 +288,8 @@ def _refuse_duplicate_entry_points(entry_points: Iterable[importlib.metadata.Ent
             )
 
 
-def _only_from_environment() -> set[str] | None:
-    value = os.environ.get(ONLY_PLUGINS_VARIABLE)
+def _names_from_environment(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
     if value is None:
         return None
     return {part.strip() for part in value.split(",") if part.strip()}

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from edgeplug.plugin_api import ForwardState, ModelError, Pass, PassContext, PassReport, RecipeError, Stage, extract, load_schema
+from edgeplug.plugin_api import ForwardState, ModelError, Pass, PassContext, PassReport, Plan, RecipeError, Stage, extract, load_schema
 
 from .blocks import Cut, auto_cuts, named_cuts
 from .heads import HeadSpec, append_head
@@ -29,9 +29,14 @@ class LocalLearningPass(Pass):
         super().__init__(options)
         self._details: dict[str, Any] = {}
 
+    def requires(self, plan: Plan) -> None:
+        if plan.loss != "cross-entropy":
+            raise RecipeError(f"lls trains classifiers: set 'loss: cross-entropy' (the recipe has {plan.loss!r})")
+        if not plan.is_last:
+            raise RecipeError(f"lls splits the model into training stages, so it must be the last pass; move "
+                              f"{', '.join(repr(name) for name in plan.passes[plan.position + 1:])} before it")
+
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
-        if context.loss != "cross-entropy":
-            raise RecipeError(f"lls trains classifiers: set 'loss: cross-entropy' (the recipe has {context.loss!r})")
         model = state.model
         classes = _classes(model, context.output_name)
         blocks = self.options["blocks"]

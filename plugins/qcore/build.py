@@ -18,7 +18,6 @@ from edgeplug.plugin_api import DataError, RecipeError, atomic_directory, fill_d
 
 from .backprop import backprop_calibrate
 from .calibrate import device_features
-from .signals import channel_means
 from .coreset import Coreset, coreset_size, draw, forgetting_counts
 from .flipnet import train_flipnet
 from .layers import find_layers
@@ -30,6 +29,7 @@ from .qmodel import (
     write_json,
 )
 from .quantize import activation_grid
+from .signals import channel_means
 
 QCORE_DIR = "qcore"
 CONFIG = "config.json"
