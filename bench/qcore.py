@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -282,6 +283,21 @@ def run_stream(bits: int, folder: Path, data: dict[str, Any], seed: int, methods
     return results
 
 
+def interleaved_timing(folder: Path, data: dict[str, Any], seed: int, repeats: int, methods: list[str]) -> dict[str, list[float]]:
+    """Seconds per calibration of chunk 1 from the initial state, methods alternating, `repeats` times each:
+    the side-by-side ratio the stream's medians cannot give on a machine whose load changes by the minute."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    x, y = data["chunks"][0]
+    for _ in range(repeats):
+        for name in methods:
+            method = Method(name, folder, data["train"], seed)
+            method.accuracy(x, y)  # sessions warm, as in the memory worker
+            tick = time.perf_counter()
+            method.step(x, y, 1)
+            times[name].append(time.perf_counter() - tick)
+    return times
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -359,6 +375,11 @@ def markdown(result: dict[str, Any]) -> str:
             mem = block["memory"].get(name)
             lines.append(f"| {name} | {r['mean_new']:.3f} | {r['mean_original']:.3f} | {r['median_seconds']:.3f} | "
                          + (f"{mem['peak_rss'] / 2**20:.0f} | {(mem['peak_rss'] - mem['loaded_rss']) / 2**20:.1f}" if mem else "- | -") + " |")
+        if "timing" in block:
+            t = {m: statistics.median(v) for m, v in block["timing"].items()}
+            lines += ["", f"Interleaved timing, chunk 1 from the initial state, {len(block['timing']['qcore'])} runs each: "
+                      f"QCore median {t['qcore']:.3f} s, backprop {t['backprop']:.3f} s: "
+                      f"**{t['backprop'] / t['qcore']:.1f}x** (load {result.get('load', 0):.1f})."]
         ran = [m for m in METHODS if m in block["stream"]]
         if "qcore" in ran:
             lines += ["", "| qcore minus | new subject: mean [95% CI] | original: mean [95% CI] |", "|---|---|---|"]
@@ -406,6 +427,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--reuse", action="store_true", help="reuse the quantized folders in --work (skip rewrite + quantize)")
+    parser.add_argument("--timing", type=int, default=0, metavar="N",
+                        help="also time N interleaved calibrations of chunk 1 per method (qcore, backprop), side by side")
     parser.add_argument("--reflip", action="store_true", help="keep the float models and records in --work, redo quantization, "
                         "coreset and flip networks (edgeplug quantize --reuse-records)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-qcore"))
@@ -432,7 +455,10 @@ def main() -> None:
         stream = run_stream(bits, folder, data, args.seed, args.methods)
         memory = measure_memory(folder, data, args.work)
         result["bits"][str(bits)] = {"build": build_summary, "stream": stream, "memory": memory}
+        if args.timing:
+            result["bits"][str(bits)]["timing"] = interleaved_timing(folder, data, args.seed, args.timing, ["qcore", "backprop"])
     args.results.mkdir(parents=True, exist_ok=True)
+    result["load"] = os.getloadavg()[0]
     stem = spec["results"]
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (args.results / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
