@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeplug.plugin_api import GraphEditor, ModelError, remove_unused
 
-from . import tucker
+from . import contract, tucker
 from .layers import Layer
 
 DIMS = "abcd"
@@ -67,6 +67,7 @@ class Built:
     vanilla_backward_macs: int
     forward_extra_macs: int
     anchored: tuple[str, str] | None = None  # (layer output, its alias that forward consumers read instead)
+    backward_intermediate: int = 0  # elements of the largest weight-gradient intermediate
 
 
 class Nodes:
@@ -257,78 +258,93 @@ def _shifted_factor(nodes: Nodes, plan: Plan, mode: int, base: str) -> str:
     return nodes.op("Gather", [factor, nodes.ints(f"{base}.W{mode}_index", index.ravel().tolist())], f"{base}.W{mode}_flat", axis=0)
 
 
-def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str, output: str) -> int:
-    """dW[o,c,u,v] = sum U1[c,f] S[e,f,k,l] Z1[e,o,i,j] W2[u,i,k] W3[v,j,l], Z1 = dY x_0 U0^T.
+def _einsum(nodes: Nodes, base: str) -> Callable[[str, str, str, str], str]:
+    return lambda first, second, equation, step: nodes.op("Einsum", [first, second], f"{base}.{step}", equation=equation)
 
-    Every large intermediate depends on dY, so none can be computed during forward and
-    kept alive; X is never rebuilt. Returns the MACs counted."""
+
+def _spatial_is_identity(plan: Plan, mode: int) -> bool:
+    """A whole spatial mode of a 1x1, stride-1, unpadded conv: output row i reads input row i, no factor."""
+    layer = plan.layer
+    g = layer.geometry
+    assert g is not None
+    axis = mode - 2
+    return (mode not in plan.active and g.kernel[axis] == 1 and g.stride[axis] == 1 and g.pads[axis] == 0
+            and g.pads[axis + 2] == 0 and layer.y_shape[mode] == layer.x_shape[mode])
+
+
+def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: str) -> tuple[int, int]:
+    """dW[g,o,c,u,v] = sum dY[b,g,o,i,j] U0[b,e] U1[g,c,f] S[e,f,k,l] W2[u,i,k] W3[v,j,l] (W2[u,i,k] =
+    U2pad[i s + u d, k]; whole modes drop their factor), contracted in the cheapest order whose
+    intermediates stay within the larger of X and dY (contract.py). X is never rebuilt in full, and
+    every intermediate depends on dY, so nothing large is computed in forward and kept.
+    Returns (MACs, largest intermediate in elements)."""
     layer, base = plan.layer, f"{plan.layer.node}.asi.dW"
     g = layer.geometry
     assert g is not None
     batch, channels = layer.x_shape[:2]
     out, ho, wo = layer.y_shape[1], layer.y_shape[2], layer.y_shape[3]
-    kh, kw = g.kernel
-    k0, k1, k2, k3 = plan.ranks
-    active = set(plan.active)
     og, cg = out // g.group, channels // g.group
-    macs = 0
-    z1 = dy
+    active = set(plan.active)
+    sizes = {"b": batch, "g": g.group, "o": og, "c": cg, "i": ho, "j": wo, "u": g.kernel[0], "v": g.kernel[1]}
+    grouped_dy = nodes.op("Reshape", [dy, nodes.ints(f"{base}.dY_shape", [0, g.group, og, ho, wo])], f"{base}.dY")
+    operands = [contract.Operand(grouped_dy, "bgoij")]
+    core_terms = ["b", "gc", "", ""]
     if 0 in active:
-        z1 = nodes.op("Einsum", [dy, plan.factor(0)], f"{base}.Z1", equation="aoij,ae->eoij")
-        macs += batch * out * ho * wo * k0
-    w2 = nodes.op("Reshape", [_shifted_factor(nodes, plan, 2, base), nodes.ints(f"{base}.W2_shape", [kh, ho, k2])], f"{base}.W2")
-    w3 = nodes.op("Reshape", [_shifted_factor(nodes, plan, 3, base), nodes.ints(f"{base}.W3_shape", [kw, wo, k3])], f"{base}.W3")
-    a = nodes.op("Einsum", [z1, w2], f"{base}.A", equation="eoij,uik->eoujk")
-    b = nodes.op("Einsum", [a, w3], f"{base}.B", equation="eoujk,vjl->eouvkl")
-    macs += k0 * out * ho * wo * kh * k2 + k0 * out * kh * wo * kw * k2 * k3
-    core4 = core
+        sizes["e"] = plan.ranks[0]
+        operands.append(contract.Operand(plan.factor(0), "be"))
+        core_terms[0] = "e"
+    core_shape = [0, channels]
     if 1 in active:
-        c = nodes.op("Einsum", [b, core4], f"{base}.C", equation="eouvkl,efkl->ouvf")
-        c = nodes.op("Reshape", [c, nodes.ints(f"{base}.C_shape", [g.group, og, kh, kw, k1])], f"{base}.C_grouped")
-        u1 = nodes.op("Reshape", [plan.factor(1), nodes.ints(f"{base}.U1_shape", [g.group, cg, k1])], f"{base}.U1_grouped")
-        grad = nodes.op("Einsum", [c, u1], f"{base}.grouped", equation="gouvf,gcf->gocuv")
-        macs += out * kh * kw * k0 * k1 * k2 * k3 + out * cg * kh * kw * k1
+        sizes["f"] = plan.ranks[1]
+        u1 = nodes.op("Reshape", [plan.factor(1), nodes.ints(f"{base}.U1_shape", [g.group, cg, plan.ranks[1]])], f"{base}.U1")
+        operands.append(contract.Operand(u1, "gcf"))
+        core_terms[1] = "f"
+        core_shape = [0, plan.ranks[1]]
     else:
-        bg = nodes.op("Reshape", [b, nodes.ints(f"{base}.B_shape", [-1, g.group, og, kh, kw, k2, k3])], f"{base}.B_grouped")
-        sg = nodes.op("Reshape", [core4, nodes.ints(f"{base}.S_shape", [-1, g.group, cg, k2, k3])], f"{base}.S_grouped")
-        grad = nodes.op("Einsum", [bg, sg], f"{base}.grouped", equation="egouvkl,egckl->gocuv")
-        macs += out * cg * kh * kw * k0 * k2 * k3
-    nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, kh, kw])], f"{base}.dW", output=output)
-    return macs
+        core_shape = [0, g.group, cg]
+    taps = ""
+    for mode, (tap, row, rank) in zip((2, 3), (("u", "i", "k"), ("v", "j", "l"))):
+        size = plan.ranks[mode] if mode in active else layer.x_shape[mode]
+        core_shape.append(size)
+        if _spatial_is_identity(plan, mode):
+            core_terms[mode] = row
+            continue
+        sizes[rank] = size
+        shifted = nodes.op("Reshape", [_shifted_factor(nodes, plan, mode, base),
+                                       nodes.ints(f"{base}.W{mode}_shape", [g.kernel[mode - 2], layer.y_shape[mode], size])], f"{base}.W{mode}")
+        operands.append(contract.Operand(shifted, tap + row + rank))
+        core_terms[mode] = rank
+        taps += tap
+    if 1 not in active:
+        core = nodes.op("Reshape", [core, nodes.ints(f"{base}.S_shape", core_shape)], f"{base}.S")
+    operands.append(contract.Operand(core, "".join(core_terms)))
+    limit = max(math.prod(layer.x_shape), math.prod(layer.y_shape))
+    grad, macs, largest = contract.contract(operands, sizes, "goc" + taps, limit, _einsum(nodes, base))
+    nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, *g.kernel])], f"{base}.dW", output=output)
+    return macs, largest
 
 
-def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str, output: str) -> int:
-    """dW of Gemm/MatMul from S, U_m and dY: contract dY with the leading factors, then the core, then U_last."""
+def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str, output: str) -> tuple[int, int]:
+    """dW[i,o] = sum over the leading modes of X~[..., i] dY[..., o], X~ = S x_m U_m: the network of dY, the
+    core and the factors, contracted in the cheapest order (contract.py); transposed for Gemm `transB`,
+    scaled by `alpha`. Returns (MACs, largest intermediate in elements)."""
     layer, base = plan.layer, f"{plan.layer.node}.asi.dW"
     rank = len(layer.x_shape)
     dims, last = DIMS[:rank], rank - 1
-    active = set(plan.active)
-    out = layer.y_shape[-1]
-    macs = 0
-    q, q_term = dy, dims[:last] + "o"
-    sizes = list(layer.x_shape[:last])
-    for mode in range(last):
-        if mode in active:
-            new = _replace_letter(q_term, dims[mode], RANKS[mode])
-            q = nodes.op("Einsum", [q, plan.factor(mode)], f"{base}.Q{mode}", equation=f"{q_term},{dims[mode]}{RANKS[mode]}->{new}")
-            macs += math.prod(sizes) * out * plan.ranks[mode]
-            sizes[mode] = plan.ranks[mode]
-            q_term = new
-    feature = term[last]
-    final_dims = ("o" + dims[last]) if layer.op_type == "Gemm" and layer.trans_b else (dims[last] + "o")
+    sizes = {"o": layer.y_shape[-1], **{dims[m]: d for m, d in enumerate(layer.x_shape)}}
+    operands = [contract.Operand(dy, dims[:last] + "o"), contract.Operand(core, term)]
+    for mode in plan.active:
+        sizes[RANKS[mode]] = plan.ranks[mode]
+        operands.append(contract.Operand(plan.factor(mode), dims[mode] + RANKS[mode]))
+    final = ("o" + dims[last]) if layer.op_type == "Gemm" and layer.trans_b else (dims[last] + "o")
     scale = layer.alpha if layer.op_type == "Gemm" else 1.0
-    if last in active:
-        r = nodes.op("Einsum", [core, q], f"{base}.R", equation=f"{term},{q_term}->{feature}o")
-        macs += math.prod(sizes) * plan.ranks[last] * out
-        result = nodes.op("Einsum", [plan.factor(last), r], f"{base}.W", output=None if scale != 1.0 else output,
-                          equation=f"{dims[last]}{feature},{feature}o->{final_dims}")
-        macs += layer.x_shape[last] * plan.ranks[last] * out
-    else:
-        result = nodes.op("Einsum", [core, q], f"{base}.W", output=None if scale != 1.0 else output, equation=f"{term},{q_term}->{final_dims}")
-        macs += math.prod(sizes) * layer.x_shape[last] * out
+    limit = max(math.prod(layer.x_shape), math.prod(layer.y_shape))
+    grad, macs, largest = contract.contract(operands, sizes, final, limit, _einsum(nodes, base))
     if scale != 1.0:
-        nodes.op("Mul", [result, nodes.const(f"{base}.alpha", np.array(scale, dtype=np.float32))], f"{base}.scaled", output=output)
-    return macs
+        nodes.op("Mul", [grad, nodes.const(f"{base}.alpha", np.array(scale, dtype=np.float32))], f"{base}.scaled", output=output)
+    else:
+        nodes.op("Identity", [grad], f"{base}.W", output=output)
+    return macs, largest
 
 
 def filter_conv_weight_grad(nodes: Nodes, plan: Plan, pooled: str, dy: str, output: str) -> int:
@@ -399,9 +415,9 @@ def rewrite_layer(model: onnx.ModelProto, editor: GraphEditor, plan: Plan) -> tu
         if not dw:
             raise ModelError(f"{grad.name} computes no weight gradient for {layer.weight}")
         if plan.method == "asi":
-            macs = asi_conv_weight_grad(nodes, plan, compressed, term, dy, dw)
+            macs, peak = asi_conv_weight_grad(nodes, plan, compressed, dy, dw)
         else:
-            macs = filter_conv_weight_grad(nodes, plan, compressed, dy, dw)
+            macs, peak = filter_conv_weight_grad(nodes, plan, compressed, dy, dw), 0
         if dx:
             conv_input_grad(nodes, layer, dy, dx)
             macs += vanilla_backward_macs(layer, False)
@@ -415,12 +431,12 @@ def rewrite_layer(model: onnx.ModelProto, editor: GraphEditor, plan: Plan) -> tu
         dy = f"{layer.output}_grad"
         if producer is None or not any(dy in n.output for n in model.graph.node):
             raise ModelError(f"no weight gradient '{target}' or output gradient '{dy}' for {layer.node}")
-        macs = asi_linear_weight_grad(nodes, plan, compressed, term, dy, target)
+        macs, peak = asi_linear_weight_grad(nodes, plan, compressed, term, dy, target)
         replacements[producer.name] = nodes.take()
         needs_dx = any(f"{layer.input}_grad" in n.output for n in model.graph.node)
         vanilla = vanilla_backward_macs(layer, needs_dx)
         macs += vanilla - vanilla_backward_macs(layer, False)  # onnxruntime's own dX stays
-    return Built(stored, macs, vanilla, forward_macs, anchored), forward, replacements, inputs, outputs
+    return Built(stored, macs, vanilla, forward_macs, anchored, peak), forward, replacements, inputs, outputs
 
 
 def _anchor(nodes: Nodes, layer: Layer, needed: Sequence[str]) -> str:

@@ -192,7 +192,8 @@ class ActivationShortcutPass(Pass):
                      "stored": {name: list(shape) for name, shape in built.stored.items()},
                      "input_freed": not readers, "input_read_in_backward_by": readers,
                      "backward_macs": built.backward_macs, "vanilla_backward_macs": built.vanilla_backward_macs,
-                     "forward_extra_macs": built.forward_extra_macs}
+                     "forward_extra_macs": built.forward_extra_macs,
+                     "backward_intermediate_bytes": built.backward_intermediate * FLOAT_BYTES}
             if plan.method == "asi":
                 entry["ranks"] = list(plan.ranks)
                 chosen = choice.get("chosen", {}).get(la.node)
