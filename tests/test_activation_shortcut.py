@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import edgeplug_plugins.activation_shortcut as activation_shortcut
@@ -18,11 +17,6 @@ import numpy as np
 import onnx
 import pytest
 from edgeplug_plugins.activation_shortcut import calibrate, contract, ranks, tucker
-from edgeplug_plugins.activation_shortcut.hooks import (
-    FACTORS_FILE,
-    LAYOUT_FILE,
-    FactorHooks,
-)
 from edgeplug_plugins.activation_shortcut.layers import conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -376,7 +370,7 @@ def test_nothing_to_compress_leaves_the_graph_alone(tmp_path: Path) -> None:
         entry = result.report["passes"][-1]
         assert not entry["changed"] and "nothing to compress" in entry["summary"], entry
         assert not any(".asi." in n.name for n in onnx.load(str(tmp_path / name / "training_model.onnx")).graph.node)
-        assert not (tmp_path / name / "passes" / "activation-shortcut" / LAYOUT_FILE).exists()
+        assert result.report["training"]["carried_state"] == []
     fit = edgeplug.Trainer(tmp_path / "classifier", progress=False, host=HOST).fit(toy_data(), epochs=2, batch_size=8)
     assert fit.steps_run == 12
 
@@ -390,8 +384,7 @@ def test_trains_and_resumes_with_the_carried_factors(tmp_path: Path) -> None:
     losses = [e.train.loss for e in straight.epochs]
     assert losses[-1] < losses[0] * 0.8
     edgeplug.Trainer(tmp_path / "twice", progress=False, host=HOST).fit(data, epochs=2, batch_size=8)
-    saved = next((tmp_path / "twice" / "checkpoints").glob("step-*/hooks/activation-shortcut.npz"))
-    assert np.load(saved).files
+    assert next((tmp_path / "twice" / "checkpoints").glob("step-*/carried_state.safetensors")).is_file()
     trainer = edgeplug.Trainer(tmp_path / "twice", progress=False, host=HOST)
     resumed = trainer.fit(data, epochs=4, batch_size=8)
     assert [e.train.loss for e in resumed.epochs] == pytest.approx(losses, rel=1e-5)
@@ -507,18 +500,20 @@ def test_profile_measures_an_asi_folder(tmp_path: Path) -> None:
     assert measured.median_step_seconds > 0 and measured.train_peak_rss_bytes > 0
 
 
-def test_hook_keeps_refreshed_factors_and_still_orthonormalises_old_folders(tmp_path: Path) -> None:
-    """New layouts: the graph's output is the next factor as is. Layouts written before the refresh moved
-    into the graph (no "orthonormal"): the output is P_m, and the hook takes its QR basis."""
-    rng = np.random.default_rng(8)
-    start, output = tucker.orth(rng.standard_normal((6, 2))), rng.standard_normal((6, 2)).astype(np.float32)
-    np.savez(tmp_path / FACTORS_FILE, **{"new.U1": start, "old.U1": start})
-    layout = [{"layer": "new", "mode": 1, "input": "new.U1", "output": "new.U1.next", "orthonormal": True},
-              {"layer": "old", "mode": 1, "input": "old.U1", "output": "old.P1"}]
-    (tmp_path / LAYOUT_FILE).write_text(json.dumps(layout), encoding="utf-8")
-    hooks = FactorHooks(tmp_path)
-    hooks.edgeplug_after_step(SimpleNamespace(outputs={"new.U1.next": output, "old.P1": output}))
-    assert np.array_equal(hooks.factors["new.U1"], output)
-    assert np.allclose(hooks.factors["old.U1"], tucker.orth(output))
-    hooks.edgeplug_after_step(SimpleNamespace(outputs={"new.U1.next": np.full((6, 2), np.nan, np.float32)}))
-    assert np.array_equal(hooks.factors["new.U1"], output)  # a diverged step keeps the factor
+def test_factors_are_carried_state_that_any_runtime_keeps(tmp_path: Path) -> None:
+    """No Python hook: every factor is declared step-carried state (input U_m, output U_m.next, initial value the
+    calibration batch's HOSVD factor; batch-mode factors depend on the batch size), so the device contract does not
+    need Python, and the Python trainer carries it through a partial last batch (fed an identity warm start)."""
+    data = toy_data(n=44)
+    result = rewrite(convnet(), tmp_path, "asi", {"energy": 0.7, "batch_size": 8, "compress_batch": True}, calibration=data)
+    report = result.report
+    assert not report["device_runtime"]["needs_python"], report["device_runtime"]["needs_python_because"]
+    carried = {entry["input"]: entry for entry in report["training"]["carried_state"]}
+    training = onnx.load(str(tmp_path / "asi" / "training_model.onnx"))
+    assert set(carried) == {v.name for v in training.graph.input if ".asi.U" in v.name} != set()
+    assert {o.name for o in training.graph.output} >= {entry["output"] for entry in carried.values()}
+    for name, entry in carried.items():
+        assert entry["output"] == f"{name}.next"
+        assert entry["batch_axis"] == (0 if name.endswith(".U0") else None)
+    fit = edgeplug.Trainer(tmp_path / "asi", progress=False, host=HOST).fit(data, epochs=3, batch_size=8)  # 5 x 8 + 4
+    assert fit.steps_run == 18 and np.isfinite(fit.epochs[-1].train.loss)

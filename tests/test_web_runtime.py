@@ -118,6 +118,26 @@ def test_a_staged_lls_folder_trains_the_same_on_node(tmp_path: Path) -> None:
         assert_same_parameters(tmp_path / "python", tmp_path / "node", number)
 
 
+def test_an_activation_shortcut_folder_trains_the_same_on_node(tmp_path: Path) -> None:
+    """ASI's Tucker factors are step-carried state: the JavaScript runtime carries them (batch-mode factors
+    included, through a partial last batch) and gets the Python trainer's losses and parameters."""
+    data = classification_data([1, 8, 8], 3, n=44)
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "sgd", "lr": 0.05}, "passes": [
+        {"name": "activation-shortcut", "options": {"energy": 0.7, "batch_size": 8, "compress_batch": True}}]})
+    report = edgeplug.rewrite(cnn((4, 8), 3, image=8, batch_norm=False), recipe, tmp_path / "built", calibration=data).report
+    assert not report["device_runtime"]["needs_python"] and report["training"]["carried_state"]
+    np.savez(tmp_path / "train.npz", **data)
+    for runtime in ("python", "node"):
+        shutil.copytree(tmp_path / "built", tmp_path / runtime)
+        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
+        assert main(["train", str(tmp_path / runtime), "--data", str(tmp_path / "train.npz"), "--epochs", "2",
+                     "--batch-size", "8", *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
+    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    assert len(python["step_losses"]) == 12
+    assert_same_losses(python, node)
+    assert_same_parameters(tmp_path / "python", tmp_path / "node")
+
+
 def test_carried_state_is_carried_by_the_node_runtime(tmp_path: Path) -> None:
     recipe = recipe_from_dict({"version": 1, "passes": [{"name": "carry-test"}]}, host=carry_host())
     edgeplug.rewrite(mlp(features=8, hidden=(16,), classes=3), recipe, tmp_path / "out", host=carry_host())

@@ -5,13 +5,12 @@ dW = f(X, dY). This pass rewrites the generated training graph so that dW comes 
 a compressed form (ASI Tucker core + factors, or gradient filtering's patch means),
 dX stays exact, and no backward node reads X (see build.py). ASI ranks come from
 the recipe or from a memory budget on a calibration batch (ranks.py); its factors
-are carried between steps by runtime hooks (hooks.py).
+are step-carried state (CarriedState): any runtime feeds and keeps them, no Python hook.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -21,10 +20,9 @@ import onnx
 from onnx import numpy_helper
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport, TrainingModels
-from edgeplug.plugin_api import GraphEditor, ModelError, RecipeError, RuntimeContext, forward_shapes, load_schema
+from edgeplug.plugin_api import CarriedState, GraphEditor, ModelError, RecipeError, forward_shapes, load_schema
 
 from . import build, calibrate, ranks, tucker
-from .hooks import FACTORS_FILE, LAYOUT_FILE, FactorHooks
 from .layers import Layer, backward_nodes, backward_readers, find_layers, select
 
 FLOAT_BYTES = 4
@@ -105,22 +103,16 @@ class ActivationShortcutPass(Pass):
         build.apply(training, forward, replacements, removable, aliases)
 
         after = backward_nodes(training)
-        layout: list[dict[str, Any]] = []
-        arrays: dict[str, np.ndarray] = {}
-        for plan in plans:
-            for mode in plan.active if plan.method == "asi" else []:
-                layout.append({"layer": plan.layer.node, "mode": mode, "input": plan.factor_input(mode), "output": plan.factor(mode),
-                               "orthonormal": True})
-                arrays[plan.factor_input(mode)] = factors[(plan.layer.node, mode)]
-        if layout:
-            context.work_dir.mkdir(parents=True, exist_ok=True)
-            (context.work_dir / LAYOUT_FILE).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
-            save_arrays: Any = np.savez  # numpy's stub types **kwargs as if they could be allow_pickle
-            save_arrays(context.work_dir / FACTORS_FILE, **arrays)
+        # The factors are step-carried state: every runtime feeds U_m before a step and keeps the graph's
+        # refreshed U_m (the `.next` output) after it, saved with each checkpoint. A batch-mode factor is
+        # B x K: a batch of another size gets an identity warm start and leaves the factor unchanged.
+        carried = tuple(CarriedState(plan.factor_input(mode), plan.factor(mode), factors[(plan.layer.node, mode)],
+                                     batch_axis=0 if mode == 0 else None, other_batch="identity")
+                        for plan in plans if plan.method == "asi" for mode in plan.active)
         self._details = self._report(results, skipped, choice, after, training, time.perf_counter() - started)
-        # The eval model stays as generated: the trainer reads each model's own input names, so the
-        # factor inputs (training-only) need not be declared there.
-        return dataclasses.replace(models, training=training)
+        # The eval model stays as generated: it takes no factor (runtimes feed carried state only to
+        # the models that declare the input).
+        return dataclasses.replace(models, training=training, carried=(*models.carried, *carried))
 
     def _plans(self, layers: list[Layer], training: onnx.ModelProto, context: PassContext
                ) -> tuple[list[build.Plan], dict[tuple[str, int], np.ndarray], dict[str, Any]]:
@@ -214,11 +206,6 @@ class ActivationShortcutPass(Pass):
             "inputs_freed": sum(1 for e in layers if e["input_freed"]),
             "rank_selection": choice, "seconds": round(seconds, 4),
         }
-
-    def runtime_hooks(self, context: RuntimeContext) -> object | None:
-        if self.options["method"] != "asi" or not (context.pass_dir / LAYOUT_FILE).is_file():
-            return None
-        return FactorHooks(context.pass_dir)
 
     def report(self) -> PassReport:
         d = self._details
