@@ -134,9 +134,10 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
                     result["meta"].setdefault("pass_summaries", {})[row.name] = prep["passes"]
                 r = result["records"][-1]
                 memory = r.get("memory") or {}
-                echo(f"  episode {episode.index} {row.name:<24} acc {r['accuracy']:.3f} lr {r['lr']:.0e} "
-                     f"step {1000 * (r['median_step_seconds'] or 0):6.0f} ms  +{memory.get('rss_added_bytes', 0) / 2**20:4.0f} MiB  "
-                     f"cpu {done.cpu_seconds:5.1f} s")
+                accuracy = "  -  " if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
+                echo(f"  episode {episode.index} {row.name:<24} acc {accuracy} lr {r.get('lr') or 0:.0e} "
+                     f"step {1000 * (r.get('median_step_seconds') or 0):6.0f} ms  fit {r.get('fit_seconds') or 0:5.1f} s  "
+                     f"+{(memory.get('rss_added_bytes') or 0) / 2**20:4.0f} MiB  cpu {done.cpu_seconds:5.1f} s")
         echo(f"{episode.describe()}: head {head['query_accuracy']:.3f}; {time.perf_counter() - started:.0f} s so far, cpu {cpu:.0f} s")
         result["meta"].update(wall_seconds=round(time.perf_counter() - started, 1), child_cpu_seconds=round(cpu, 1),
                               episodes_done=episode.index + 1, loadavg_now=os.getloadavg())

@@ -48,6 +48,7 @@ def _finish(candidates: list[Candidate], memory: dict[str, Any] | None, extra: M
             "lr_choice": choice.to_dict(), "memory": memory,
             "median_step_seconds": statistics.median(steps) if steps else None,
             "first_median_step_seconds": candidates[0].extra.get("median_step_seconds"),
+            "fit_seconds": candidates[0].extra.get("fit_seconds"), "prefix_cache": candidates[0].extra.get("prefix_cache"),
             "steps": candidates[0].extra.get("steps"), **(extra or {})}
 
 
@@ -266,15 +267,19 @@ def train_recipe(job: dict[str, Any], context: Any) -> dict[str, Any]:
         if hook is not None:
             trainer.host.register(hook, name="bench-ready")
         train = trainer.dataset(job["train"])
+        started = time.perf_counter()
         try:
             fit = trainer.fit(train, epochs=job["epochs"], batch_size=job["batch_size"], resume=False)
-        except EdgeplugError as error:  # "the loss became nan": this lr diverged
+        except EdgeplugError as error:
+            if "loss became" not in str(error):
+                raise  # a broken row, not a diverged learning rate: the row fails for this episode
             return {"error": str(error)}, None
         finally:
             if hook is not None:
                 context.probe.finish_once()
                 trainer.host.unregister(hook)
-        extra = {"median_step_seconds": fit.median_step_seconds, "steps": fit.steps_run, "train_loss": fit.epochs[-1].train.loss}
+        extra = {"median_step_seconds": fit.median_step_seconds, "steps": fit.steps_run, "train_loss": fit.epochs[-1].train.loss,
+                 "fit_seconds": time.perf_counter() - started, "prefix_cache": getattr(fit, "prefix_cache", None)}
 
         def evaluate(split: str) -> tuple[float, float]:
             metrics = trainer.evaluate(job[split])
@@ -296,6 +301,7 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
     evaluation = {split: _arrays(job[split]) for split in ("validation", "query")}
 
     def train_one(lr: float, first: bool) -> tuple[dict[str, Any], Evaluator | None]:
+        started = time.perf_counter()  # like Trainer.fit: opening the sessions counts
         state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
         module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"),
                             session_options=context.pinning.ort_session_options())
@@ -315,7 +321,8 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
         times, train_loss = _epochs_loop(len(y), job, step)
         if first:
             context.probe.finish_once()
-        extra = {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss}
+        extra = {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss,
+                 "fit_seconds": time.perf_counter() - started}
         if not math.isfinite(train_loss):
             return extra, None
 
@@ -347,6 +354,7 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train_one(lr: float, first: bool) -> tuple[dict[str, Any], Evaluator | None]:
+        started = time.perf_counter()
         model.load_state_dict(initial)
         model.eval()  # the ONNX rows train the eval-mode export: no dropout, folded BN
         parameters = [p for p in model.parameters() if p.requires_grad]
@@ -369,7 +377,8 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
         times, train_loss = _epochs_loop(len(y), job, step)
         if first:
             context.probe.finish_once()
-        extra = {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss}
+        extra = {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss,
+                 "fit_seconds": time.perf_counter() - started}
         if not math.isfinite(train_loss):
             return extra, None
         trained = copy.deepcopy(model.state_dict())
