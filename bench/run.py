@@ -25,7 +25,7 @@ from bench.protocol.driver import Settings, run_family, write_json  # noqa: E402
 from bench.protocol.episodes import EpisodeConfig  # noqa: E402
 from bench.protocol.rows import select_rows  # noqa: E402
 
-FAMILIES = {"images": "bench.images.family"}
+FAMILIES = {"images": "bench.images.family", "images-bn": "bench.images.family"}
 """Family name -> module with add_arguments(parser) and build(args, work, settings, config, per_domain) -> Family."""
 RESULTS = ROOT / "bench" / "results"
 
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench"))
     p.add_argument("--keep", action="store_true", help="keep each episode's data and artifacts under --work")
     p.add_argument("--report-only", type=Path, help="rewrite the .md/.png of an existing results .json and stop")
-    for module in FAMILIES.values():
+    for module in sorted(set(FAMILIES.values())):
         importlib.import_module(module).add_arguments(p)
     return p
 

