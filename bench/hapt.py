@@ -393,7 +393,7 @@ def standardize(x: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: %s)" % cache_dir())
+    parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: {cache_dir()})")
     args = parser.parse_args(argv)
     data = load(cache=args.cache)
     print(f"{len(data)} windows of {data.x.shape[2]} samples x {data.x.shape[1]} channels, "

@@ -39,6 +39,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 import hapt  # noqa: E402
 import hapt_model  # noqa: E402
+
 from bench.protocol.episodes import Domain, Episode, EpisodeConfig, sample_episodes  # noqa: E402
 from bench.protocol.lr_search import Candidate, search_lr  # noqa: E402
 from bench.protocol.stats import paired_t, summary, verdict  # noqa: E402

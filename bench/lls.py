@@ -126,9 +126,8 @@ def export_cnn(path: Path, image: int, seed: int, width: int, depth: int, norm: 
 
 
 def host() -> Any:
-    import edgeplug_plugins.lls as lls
-
     import edgeplug
+    import edgeplug_plugins.lls as lls
 
     plugin_host = edgeplug.PluginHost(only={"normalize"})
     plugin_host.register(lls, name="lls", version="bench")
@@ -217,8 +216,9 @@ def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
     import torch
     import torch.nn.functional as F
-    from edgeplug_plugins.lls.basis import basis
     from torch import nn
+
+    from edgeplug_plugins.lls.basis import basis
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)

@@ -89,12 +89,12 @@ def base_model(work: Path, images: np.ndarray, labels: np.ndarray, epochs: int) 
     import onnx
 
     sys.path.insert(0, str(BENCH))
-    from edgeplug_plugins.personalize import baselines
-    from edgeplug_plugins.personalize.device import DeviceModel, personalised_model
     from workloads import build_cnn
 
     import edgeplug
     from edgeplug.modelio import save_model
+    from edgeplug_plugins.personalize import baselines
+    from edgeplug_plugins.personalize.device import DeviceModel, personalised_model
 
     onnx.save(build_cnn(0), str(work / "cnn.onnx"))
     edgeplug.rewrite(work / "cnn.onnx", recipe([], 0.01), work / "base-train", force=True)
@@ -124,7 +124,6 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     method, art, folder = job["method"], Path(job["artifacts"]), Path(job["folder"])
     import edgeplug_plugins.personalize as plugin
-
     from edgeplug import cli
     from edgeplug.plugins import default_host
 
@@ -150,14 +149,14 @@ def fine_tune(art: Path, folder: Path, job: dict[str, Any], *, with_statistics: 
     `with_statistics`: first re-estimate the BN statistics on the device samples and rebuild the training
     artifacts from the model with those statistics (the fine-tune then starts where `stats` ends)."""
     import onnx
-    from edgeplug_plugins.personalize import baselines
-    from edgeplug_plugins.personalize.device import DeviceModel, personalised_model
-    from edgeplug_plugins.personalize.manifest import load_manifest
-    from edgeplug_plugins.personalize.slotfile import write_slots
     from onnx import numpy_helper
 
     import edgeplug
     from edgeplug.modelio import save_model
+    from edgeplug_plugins.personalize import baselines
+    from edgeplug_plugins.personalize.device import DeviceModel, personalised_model
+    from edgeplug_plugins.personalize.manifest import load_manifest
+    from edgeplug_plugins.personalize.slotfile import write_slots
 
     data = dict(np.load(folder / "device-labelled.npz"))
     name = "fta_stats" if with_statistics else "fta"
@@ -225,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import edgeplug
     from edgeplug_plugins.personalize.device import DeviceModel, accuracy
     from edgeplug_plugins.personalize.generator import (
         GeneratorOptions,
@@ -232,8 +232,6 @@ def run(args: argparse.Namespace) -> None:
         train_generator,
     )
     from edgeplug_plugins.personalize.slotfile import read_slots
-
-    import edgeplug
 
     started = time.perf_counter()
     work = args.work
@@ -312,10 +310,9 @@ def run_hapt(args: argparse.Namespace) -> None:
     """Source domains = UCI's 21 training users (the base model was pretrained on them); target domains = the 9
     held-out users. Per target user the device holds up to --device-samples unlabelled windows of its first
     recording; its test set is its other recording(s)."""
-    from edgeplug_plugins.personalize.device import DeviceModel, accuracy
-    from edgeplug_plugins.personalize.generator import Generator, GeneratorOptions, load_domains, train_generator
-
     import edgeplug
+    from edgeplug_plugins.personalize.device import DeviceModel
+    from edgeplug_plugins.personalize.generator import Generator, GeneratorOptions, load_domains, train_generator
 
     sys.path.insert(0, str(BENCH))
     import hapt

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeplug
 from edgeplug_plugins.qcore.backprop import backprop_calibrate
 from edgeplug_plugins.qcore.build import DriftData, build, read_options, rebuild
 from edgeplug_plugins.qcore.calibrate import Calibrator, refresh_norms
 from edgeplug_plugins.qcore.coreset import Coreset, draw, recount
 from edgeplug_plugins.qcore.qmodel import QuantizedRunner, QuantState
-from onnx import TensorProto, helper, numpy_helper
-
-import edgeplug
 
 SUBJECTS = 10
 CHUNK = 40

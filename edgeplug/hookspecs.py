@@ -85,7 +85,7 @@ def edgeplug_load_state(directory: Path) -> None:
 
 
 @hookspec
-def edgeplug_register_commands(commands: argparse._SubParsersAction) -> None:
+def edgeplug_register_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add subcommands to the ``edgeplug`` command line.
 
     Call ``commands.add_parser(name, help=...)`` and give the parser a

@@ -63,7 +63,7 @@ def extract(model: onnx.ModelProto, outputs: Sequence[str], inputs: Iterable[str
     source = to_ir(model)
     graph = source.graph
     initializers = set(graph.initializers)
-    wanted_inputs = [value.name for value in graph.inputs if value.name not in initializers] if inputs is None else list(inputs)
+    wanted_inputs = [str(value.name) for value in graph.inputs if value.name not in initializers] if inputs is None else list(inputs)
     values = onnx_ir.convenience.create_value_mapping(graph)
     unknown = [tensor for tensor in (*wanted_inputs, *outputs) if tensor not in values]
     if unknown:
@@ -75,7 +75,7 @@ def extract(model: onnx.ModelProto, outputs: Sequence[str], inputs: Iterable[str
     if name is not None:
         extracted.name = name
     order = {tensor: position for position, tensor in enumerate(graph.initializers)}
-    kept = sorted(extracted.initializers.values(), key=lambda value: order.get(value.name, len(order)))
+    kept = sorted(extracted.initializers.values(), key=lambda value: order.get(str(value.name), len(order)))
     extracted.initializers.clear()  # the library collects them in a set: restore the model's order
     for value in kept:
         extracted.register_initializer(value)
@@ -83,7 +83,7 @@ def extract(model: onnx.ModelProto, outputs: Sequence[str], inputs: Iterable[str
                            producer_version=source.producer_version, domain=source.domain,
                            model_version=source.model_version, functions=list(source.functions.values()),
                            doc_string=source.doc_string)
-    RemoveUnusedFunctionsPass()(result)
+    RemoveUnusedFunctionsPass()(result)  # type: ignore[no-untyped-call]
     return _typed_outputs(to_proto(result))
 
 
@@ -115,7 +115,7 @@ def remove_unused(model: onnx.ModelProto) -> int:
 
     def clean(converted: onnx_ir.Model) -> int:
         before = _size(converted)
-        onnx_ir.passes.Sequential(RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass())(converted)
+        onnx_ir.passes.Sequential(RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass())(converted)  # type: ignore[no-untyped-call]
         return before - _size(converted)
 
     cleaned, removed = on_ir(model, clean)

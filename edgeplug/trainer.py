@@ -246,7 +246,7 @@ class Trainer:
                 else:
                     state, module, optimizer = (open_stage(folder, state_path, threads=self.threads) if self._staged
                                                 else _ort.open_artifacts(folder, state_path, session_options=_thread_options(self.threads)))
-            if foreign:
+            if foreign and checkpoint is not None:
                 for name, value in device_parameters(checkpoint, number).items():
                     state.parameters[name] = value
             train_names = (list(module.input_names()), list(module.output_names()))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,7 @@ if os.environ.get("CI"):
 
 # -- plugins: environment, installed example plugin, fake distributions -----------------------
 
-from edgeplug.plugins import ONLY_PLUGINS_VARIABLE, TRACE_VARIABLE, reset_default_host
+from edgeplug.plugins import ONLY_PLUGINS_VARIABLE, TRACE_VARIABLE, reset_default_host  # noqa: E402 - after the sys.path line above
 
 EXAMPLE_PLUGIN = REPO / "docs" / "example-plugin"
 FakePlugin = Callable[..., str]
@@ -85,3 +87,70 @@ def fake_plugin(tmp_path: Path, plugin_env: pytest.MonkeyPatch) -> Iterator[Fake
     yield make
     for module in modules:
         sys.modules.pop(module, None)
+
+
+# -- the fast subset: `python -m pytest -m "not slow"` ------------------------------------------
+
+_END_TO_END = re.compile(r"\brewrite\(|\bsubprocess\.|\bTrainer\(|\bcli\.main\(|\bmain\(\[|\.fit\(|\bexport\(|\bprofile\(|\bsimulate\(")
+
+
+def _source(function: object) -> str:
+    try:
+        return inspect.getsource(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark as `slow` every test that runs a whole rewrite, training run, export, profile or subprocess,
+    itself or through a fixture it uses (besides tests marked by hand): what is left runs in seconds."""
+    for item in items:
+        if item.get_closest_marker("slow") or not isinstance(item, pytest.Function):
+            continue
+        sources = [_source(item.function)]
+        for definitions in item._fixtureinfo.name2fixturedefs.values():
+            sources += [_source(definition.func) for definition in definitions if "site-packages" not in str(getattr(definition, "baseid", ""))]
+        helpers = {name: value for name, value in vars(item.module).items()  # the module's own helpers it calls
+                   if inspect.isfunction(value) and value.__module__ == item.module.__name__ and not name.startswith("test_")}
+        sources += [_source(value) for name, value in helpers.items() if any(f"{name}(" in source for source in sources)]
+        if any(_END_TO_END.search(source) for source in sources):
+            item.add_marker(pytest.mark.slow)
+
+
+# -- hooks a test promises to exercise: @pytest.mark.covers_hook("edgeplug_after_step") ------------------
+
+
+@pytest.fixture(autouse=True)
+def _covered_hooks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test marked covers_hook(name) fails unless a plugin's implementation of that hook ran during it."""
+    promised = {marker.args[0] for marker in request.node.iter_markers("covers_hook")}
+    if not promised:
+        yield
+        return
+    from edgeplug.plugins import PluginHost
+
+    called: set[str] = set()
+    original_init = PluginHost.__init__
+
+    def monitored_init(self: PluginHost, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self._manager.add_hookcall_monitoring(
+            lambda name, implementations, kwargs: called.add(name) if implementations else None, lambda *args: None)
+
+    monkeypatch.setattr(PluginHost, "__init__", monitored_init)
+    def watching(method: str, hook: str) -> Callable[..., object]:
+        original = getattr(PluginHost, method)
+
+        def direct(self: PluginHost, *args: object) -> object:
+            if getattr(self._manager.hook, hook).get_hookimpls():  # these two call the implementations directly
+                called.add(hook)
+            return original(self, *args)
+
+        return direct
+
+    for method, hook in (("_collect_passes", "edgeplug_register_passes"), ("add_commands", "edgeplug_register_commands")):
+        monkeypatch.setattr(PluginHost, method, watching(method, hook))
+    reset_default_host()
+    yield
+    reset_default_host()
+    assert promised <= called, f"the test promises to exercise {sorted(promised - called)}, which no plugin implementation ran"

@@ -12,22 +12,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-import edgeplug_plugins.activation_shortcut as activation_shortcut
 import numpy as np
 import onnx
 import pytest
-from edgeplug_plugins.activation_shortcut import calibrate, contract, ranks, tucker
-from edgeplug_plugins.activation_shortcut.layers import conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import edgeplug
+import edgeplug_plugins.activation_shortcut as activation_shortcut
 from edgeplug import _ort
 from edgeplug.errors import RecipeError
 from edgeplug.graph import GraphIndex
 from edgeplug.profiling.measure import measure
 from edgeplug.recipe import recipe_from_dict
+from edgeplug_plugins.activation_shortcut import calibrate, contract, ranks, tucker
+from edgeplug_plugins.activation_shortcut.layers import conv_geometry
 
 BASE = {"loss": "cross-entropy", "optimizer": {"name": "sgd", "lr": 0.05}}
 BATCH = 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 from builders import classification_data, mlp
 
@@ -19,7 +20,9 @@ def test_public_functions_stay_functions_after_their_modules_load(tmp_path: Path
         edgeplug.rewrite(mlp(), None, out)
         edgeplug.Trainer(out, progress=False).fit(classification_data([8], 3, n=16), epochs=1, batch_size=8)
         edgeplug.export(out, tmp_path / f"m{round_}.onnx")
-    assert callable(edgeplug.rewrite) and callable(edgeplug.export) and callable(edgeplug.inspect_model)
+        assert onnx.load(str(tmp_path / f"m{round_}.onnx")).graph.output[0].name == "logits"
+    assert edgeplug.rewrite is edgeplug.pipeline.rewrite and edgeplug.export is edgeplug.exporter.export
+    assert edgeplug.Trainer is edgeplug.trainer.Trainer and edgeplug.inspect_model is edgeplug.inspection.inspect_model
 
 
 def test_resume_with_another_seed_is_refused(tmp_path: Path) -> None:

@@ -18,8 +18,6 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 
 import builders
-from edgeplug_plugins.normalize import decompose as decompose_module
-from edgeplug_plugins.normalize.normalize_pass import NormalizePass
 
 from edgeplug import _ort
 from edgeplug.checkpoints import STATE, latest_checkpoint
@@ -30,6 +28,8 @@ from edgeplug.passes import ForwardState, PassContext, fill_defaults
 from edgeplug.pipeline import rewrite
 from edgeplug.recipe import recipe_from_dict
 from edgeplug.trainer import Trainer
+from edgeplug_plugins.normalize import decompose as decompose_module
+from edgeplug_plugins.normalize.normalize_pass import NormalizePass
 
 ACTIVATIONS = ["Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "HardSigmoid", "Softplus", "Elu", "Selu", "Softsign", "PRelu"]
 FEATURES, MLP_CLASSES = 6, 3

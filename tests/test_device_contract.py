@@ -27,8 +27,8 @@ from edgeplug import _ort, tensorfile
 from edgeplug.carried import CHECKPOINT_FILE
 from edgeplug.checkpoints import latest_checkpoint
 from edgeplug.data import Dataset
-from edgeplug.layout import CARRIED_STATE_FILE
 from edgeplug.errors import PassError
+from edgeplug.layout import CARRIED_STATE_FILE
 from edgeplug.pipeline import rewrite
 from edgeplug.plugins import PluginHost
 from edgeplug.recipe import recipe_from_dict

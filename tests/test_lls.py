@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import edgeplug_plugins.lls as lls_plugin
 import numpy as np
 import onnx
 import pytest
 from builders import classification_data, cnn, mlp
-from edgeplug_plugins.lls.basis import basis
-from edgeplug_plugins.lls.heads import pooling_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import edgeplug
+import edgeplug_plugins.lls as lls_plugin
 from edgeplug.errors import ModelError, RecipeError
 from edgeplug.layout import EVAL_MODEL, FORWARD_MODEL, TRAINING_MODEL
 from edgeplug.recipe import recipe_from_dict
+from edgeplug_plugins.lls.basis import basis
+from edgeplug_plugins.lls.heads import pooling_matrix
 
 
 def lls_host() -> edgeplug.PluginHost:

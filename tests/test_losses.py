@@ -17,7 +17,7 @@ def test_regression_losses_train_from_labels(tmp_path: Path, loss: str) -> None:
     model = mlp()
     onnx.save(model, tmp_path / "m.onnx")
     (tmp_path / "r.yaml").write_text(f"loss: {loss}\noptimizer: {{name: sgd, lr: 0.05}}\n", encoding="utf-8")
-    result = edgeplug.rewrite(tmp_path / "m.onnx", tmp_path / "r.yaml", tmp_path / "out")
+    edgeplug.rewrite(tmp_path / "m.onnx", tmp_path / "r.yaml", tmp_path / "out")
     for name in ("training_model.onnx", "eval_model.onnx"):
         inputs = [value.name for value in onnx.load(tmp_path / "out" / name).graph.input]
         assert "target" not in inputs and "labels" in inputs

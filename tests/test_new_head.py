@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime
@@ -13,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-import builders
 import edgeplug
 from edgeplug.cli import main
 from edgeplug.exporter import export

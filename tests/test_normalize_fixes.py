@@ -14,6 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
+
+from edgeplug.errors import ModelError  # noqa: E402
+from edgeplug.pipeline import rewrite  # noqa: E402
+from edgeplug.recipe import recipe_from_dict  # noqa: E402
 from edgeplug_plugins.normalize.exporter_fixes import (  # noqa: E402
     cast_like_to_cast,
     drop_unused_batchnorm_outputs,
@@ -25,10 +29,6 @@ from edgeplug_plugins.normalize.exporter_fixes import (  # noqa: E402
     relabel_unknown_opset,
     restore_exporter_dims,
 )
-
-from edgeplug.errors import ModelError  # noqa: E402
-from edgeplug.pipeline import rewrite  # noqa: E402
-from edgeplug.recipe import recipe_from_dict  # noqa: E402
 
 
 def _with_identity_statistics() -> onnx.ModelProto:

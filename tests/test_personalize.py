@@ -10,23 +10,23 @@ import sys
 import textwrap
 from pathlib import Path
 
-import edgeplug_plugins.personalize as plugin
 import numpy as np
 import onnx
 import pytest
-from edgeplug_plugins.personalize import anchors, baselines
-from edgeplug_plugins.personalize.device import DeviceModel, personalised_model
-from edgeplug_plugins.personalize.slotfile import SlotFileError, read_slots, write_slots
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import numpy_helper
 
 import edgeplug
+import edgeplug_plugins.personalize as plugin
 from edgeplug import cli
 from edgeplug.errors import RecipeError
 from edgeplug.plugins import default_host, reset_default_host
 from edgeplug.recipe import recipe_from_dict
+from edgeplug_plugins.personalize import anchors, baselines
+from edgeplug_plugins.personalize.device import DeviceModel, personalised_model
+from edgeplug_plugins.personalize.slotfile import SlotFileError, read_slots, write_slots
 from tests.builders import cnn, mlp
 
 ROOT = Path(__file__).resolve().parent.parent

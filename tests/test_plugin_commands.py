@@ -48,6 +48,7 @@ def host_plugin() -> Iterator[object]:
     reset_default_host()
 
 
+@pytest.mark.covers_hook("edgeplug_register_commands")
 def test_a_plugin_command_runs_and_its_user_errors_are_one_line(host_plugin, capsys) -> None:
     default_host().register(GreetPlugin(), name="greet")
     assert cli.main(["greet", "ada"]) == 0

@@ -9,6 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from builders import cnn, mlp
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeplug import _ort
+from edgeplug.errors import ModelError
 from edgeplug_plugins.qcore.coreset import (
     Coreset,
     coreset_size,
@@ -27,12 +33,6 @@ from edgeplug_plugins.qcore.quantize import (
     weight_grid,
     weight_limits,
 )
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
-
-from edgeplug import _ort
-from edgeplug.errors import ModelError
 
 bits_st = st.integers(min_value=2, max_value=8)
 matrices = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),

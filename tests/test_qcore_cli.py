@@ -7,19 +7,19 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import edgeplug_plugins.qcore as qcore_plugin
 import numpy as np
 import pytest
 import yaml
 from builders import cnn
-from edgeplug_plugins.qcore.build import build, read_options
-from edgeplug_plugins.qcore.calibrate import Calibrator
-from edgeplug_plugins.qcore.quantize import weight_limits
 
 import edgeplug
+import edgeplug_plugins.qcore as qcore_plugin
 from edgeplug import _ort, cli
 from edgeplug.errors import RecipeError
 from edgeplug.plugins import default_host, reset_default_host
+from edgeplug_plugins.qcore.build import build, read_options
+from edgeplug_plugins.qcore.calibrate import Calibrator
+from edgeplug_plugins.qcore.quantize import weight_limits
 
 OPTIONS = {"bits": 4, "coreset_size": 12, "record_bits": [8, 2], "drifts": 1, "drift_chunk": 16, "backprop_epochs": 1,
            "flip_epochs": 1, "calibration_samples": 64}

@@ -8,13 +8,6 @@ import numpy as np
 import onnx
 import pytest
 from builders import classification_data, cnn, mlp
-from edgeplug_plugins.qcore.frozen import quantize_frozen
-from edgeplug_plugins.qcore.layers import weight_layers
-from edgeplug_plugins.qcore.quantize import (
-    dequantize_weights,
-    weight_grid,
-    weight_limits,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -22,6 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 import edgeplug
 from edgeplug import _ort
 from edgeplug.recipe import recipe_from_dict
+from edgeplug_plugins.qcore.frozen import quantize_frozen
+from edgeplug_plugins.qcore.layers import weight_layers
+from edgeplug_plugins.qcore.quantize import (
+    dequantize_weights,
+    weight_grid,
+    weight_limits,
+)
 
 IMAGE = 6
 

@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from edgeplug_plugins.qcore.layers import find_layers
-from edgeplug_plugins.qcore.signals import alignment_signal, class_means, weight_correlation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+
+from edgeplug_plugins.qcore.layers import find_layers
+from edgeplug_plugins.qcore.signals import alignment_signal, class_means, weight_correlation
 
 
 def conv_model(weight: np.ndarray, *, strides: list[int], pads: list[int], dilations: list[int], group: int) -> onnx.ModelProto:

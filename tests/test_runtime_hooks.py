@@ -150,6 +150,9 @@ def test_the_report_flags_the_pass_as_having_runtime_hooks(built: Path) -> None:
     assert OFFSET_INPUT in [i.name for i in onnx.load(str(built / "training_model.onnx")).graph.input]
 
 
+@pytest.mark.covers_hook("edgeplug_register_passes")
+@pytest.mark.covers_hook("edgeplug_before_step")
+@pytest.mark.covers_hook("edgeplug_after_step")
 def test_hook_feeds_the_extra_input_at_every_step(artifacts: Path, data: Dataset) -> None:
     host = make_host()
     result = trainer(artifacts, host).fit(data, epochs=2, batch_size=16)
@@ -173,6 +176,8 @@ def test_without_the_hook_the_training_model_lacks_an_input(artifacts: Path, dat
         trainer(artifacts, host).fit(data, epochs=1)
 
 
+@pytest.mark.covers_hook("edgeplug_save_state")
+@pytest.mark.covers_hook("edgeplug_load_state")
 def test_hook_state_round_trips_through_a_resumed_run(artifacts: Path, data: Dataset) -> None:
     trainer(artifacts, make_host()).fit(data, epochs=1)  # 2 steps, checkpoint step-2
     first = Feeder.created[-1]

@@ -9,8 +9,6 @@ import onnx
 import onnxruntime
 import pytest
 from builders import classification_data, cnn
-from edgeplug_plugins.sparse_update.candidates import find_candidates, model_facts
-from edgeplug_plugins.sparse_update.criterion import fisher_potentials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -18,6 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 import edgeplug
 from edgeplug.profiling import static_profile
 from edgeplug.recipe import recipe_from_dict
+from edgeplug_plugins.sparse_update.candidates import find_candidates, model_facts
+from edgeplug_plugins.sparse_update.criterion import fisher_potentials
 
 IMAGE = 6
 

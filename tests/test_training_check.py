@@ -11,8 +11,8 @@ from onnx import helper
 
 import edgeplug
 from edgeplug.errors import PassError
-from edgeplug.passes import PassInfo, TrainingModels
 from edgeplug.pass_checks import check_training as _check_training
+from edgeplug.passes import PassInfo, TrainingModels
 
 
 def _models_with_maxpool(tmp_path: Path) -> TrainingModels:

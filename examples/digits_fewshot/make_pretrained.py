@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from common import PRETRAIN_CLASSES, digits_split
 from onnx import TensorProto, helper, numpy_helper
 
 import edgeplug
-from common import PRETRAIN_CLASSES, digits_split
 
 HERE = Path(__file__).parent
 CHANNELS = (16, 32, 32)

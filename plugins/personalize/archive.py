@@ -45,7 +45,7 @@ def read_archive(path: str | Path, schema: str, what: str, made_by: str) -> tupl
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DataError(f"{path}: {META} is not JSON; make the file with {made_by}") from None
-    error = first_error(meta, load_schema(schema))
-    if error is not None:
-        raise DataError(f"{path}: {META} {error}; make the file with {made_by}")
+    problem = first_error(meta, load_schema(schema))
+    if problem is not None:
+        raise DataError(f"{path}: {META} {problem}; make the file with {made_by}")
     return arrays, meta

@@ -22,7 +22,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeplug.plugin_api import DataError, ModelError, OutputError, atomic_directory, captured_native_stderr, first_error, inference_runtime, load_schema, open_artifacts, training_artifacts
+from edgeplug.plugin_api import (
+    DataError,
+    ModelError,
+    OutputError,
+    atomic_directory,
+    captured_native_stderr,
+    first_error,
+    inference_runtime,
+    load_schema,
+    open_artifacts,
+    training_artifacts,
+)
 
 from . import anchors as anchor_ops
 from . import baselines
