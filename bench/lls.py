@@ -238,6 +238,15 @@ def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 current = []
         return [*blocks, nn.Sequential(*current)]
 
+    def run_block(block: nn.Sequential, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the head reads, what the next block reads): the activation before a closing pool, as the
+        reference code and the pass's default head_input: before-pool."""
+        if isinstance(block[-1], nn.MaxPool2d):
+            activation = block[:-1](h)
+            return activation, block[-1](activation)
+        out = block(h)
+        return out, out
+
     def head(out: torch.Tensor, number: int) -> torch.Tensor:
         latent = F.normalize(F.adaptive_avg_pool2d(out, pools[min(number, 1)]).flatten(1), dim=1)
         return latent @ torch.tensor(basis("square", 10, latent.shape[1], seed=number)).T / 0.5
@@ -263,8 +272,8 @@ def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                     optimizers[0].step()
                 else:
                     for number, (block, optimizer) in enumerate(zip(blocks, optimizers)):
-                        out = block(h.detach())
-                        logits = out if number == len(blocks) - 1 else head(out, number)
+                        seen, out = run_block(block, h.detach())
+                        logits = out if number == len(blocks) - 1 else head(seen, number)
                         optimizer.zero_grad()
                         F.cross_entropy(logits, labels).backward()
                         optimizer.step()
@@ -274,8 +283,8 @@ def torch_check(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         with torch.no_grad():
             h, heads, norms = x_test, [], []
             for number, block in enumerate(blocks[:-1]):
-                h = block.eval()(h)
-                heads.append(float((head(h, number).argmax(1) == y_test).float().mean()))
+                seen, h = run_block(block.eval(), h)
+                heads.append(float((head(seen, number).argmax(1) == y_test).float().mean()))
                 norms.append(float(h.flatten(1).norm(dim=1).mean()))
             accuracy = float((blocks[-1](h).argmax(1) == y_test).float().mean())
         result[mode] = {"accuracy": accuracy, "head_accuracy": heads, "output_norm": norms}
