@@ -23,7 +23,7 @@ import onnx
 from edgeplug.artifacts import is_artifact_folder
 from edgeplug.atomic import atomic_directory
 from edgeplug.device_contract import device_runtime, write_device_files
-from edgeplug.errors import ModelError, NoGradientError, PluginError, RecipeError
+from edgeplug.errors import ModelError, NoGradientError, RecipeError
 from edgeplug.generation import convert_to_ort, generate, name_targets_labels, smoke_load
 from edgeplug.gradients import missing_gradients
 from edgeplug.graph import GraphIndex
@@ -48,7 +48,7 @@ from edgeplug.locking import output_lock, real_target
 from edgeplug.modelio import check_model, load_model, save_model
 from edgeplug.pass_checks import check_forward, check_stages, check_training, run_phase
 from edgeplug.passes import ForwardState, Pass, PassContext, PassInfo, Plan, TrainingModels, fill_defaults
-from edgeplug.plugins import PluginHost, default_host
+from edgeplug.plugins import CORE_STAGES, PluginHost, default_host
 from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
 from edgeplug.report import artifact_sizes, build_report, check_report, report_entry
 from edgeplug.surgery import extract
@@ -268,11 +268,9 @@ class Rewrite:
 
 def _instantiate(recipe: Recipe, host: PluginHost, timeout: float | None = None) -> list[tuple[PassInfo, Pass]]:
     specs = list(recipe.passes)
-    if not any(spec.name == "normalize" for spec in specs):
-        if "normalize" not in host.passes():
-            raise PluginError("the 'normalize' pass always runs first but its plugin is not loaded; add 'normalize' to EDGEPLUG_PLUGINS")
-        normalize = host.get_pass("normalize").factory
-        specs.insert(0, PassSpec("normalize", fill_defaults({}, normalize.options_schema)))
+    listed = {spec.name for spec in specs}
+    for name in sorted(CORE_STAGES - listed):  # the core's stages run first, with defaults unless the recipe sets them
+        specs.insert(0, PassSpec(name, fill_defaults({}, host.get_pass(name).factory.options_schema)))
     instances = []
     for spec in specs:
         info = host.get_pass(spec.name)

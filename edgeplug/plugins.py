@@ -14,7 +14,7 @@ import importlib.metadata
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
 ONLY_PLUGINS_VARIABLE = "EDGEPLUG_PLUGINS"
 BLOCK_PLUGINS_VARIABLE = "EDGEPLUG_BLOCK_PLUGINS"
 TRACE_VARIABLE = "EDGEPLUG_TRACE_HOOKS"
+CORE_PLUGIN = "edgeplug"
+"""Plugin name of the core's own passes (the `normalize` stage) in `edgeplug passes` and report.json."""
+CORE_STAGES = frozenset({"normalize"})
+"""Passes of the core that run first in every rewrite; EDGEPLUG_PLUGINS need not name them (naming is harmless)."""
 BUILT_IN_PACKAGE = "edgeplug_plugins"
 """Package of the built-in plugins; their pass names are reserved for them."""
 PASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -51,6 +55,9 @@ class PluginHost:
         if os.environ.get(TRACE_VARIABLE):
             self._manager.trace.root.setwriter(lambda text: sys.stderr.write(f"[edgeplug hooks] {text}"))
             self._manager.enable_tracing()
+        from edgeplug import __version__
+
+        self.register(CorePasses(), name=CORE_PLUGIN, version=__version__)
         if load_entry_points:
             if only is None and block is None:
                 self._load_entry_points(_names_from_environment(ONLY_PLUGINS_VARIABLE),
@@ -64,8 +71,12 @@ class PluginHost:
         entry_points = importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME)
         found = {entry.name for entry in entry_points}
         _refuse_duplicate_entry_points(entry_points)
+        blocked_core = sorted(block & CORE_STAGES)
+        if blocked_core:
+            raise PluginError(f"{BLOCK_PLUGINS_VARIABLE} names {', '.join(blocked_core)}, a stage of the core that every "
+                              "rewrite runs; it cannot be blocked")
         for variable, names in ((ONLY_PLUGINS_VARIABLE, only or set()), (BLOCK_PLUGINS_VARIABLE, block)):
-            missing = sorted(names - found)
+            missing = sorted(names - found - CORE_STAGES)
             if missing:
                 raise PluginError(
                     f"{variable} names plugins that are not installed: {', '.join(missing)} "
@@ -255,7 +266,7 @@ def _check_pass_class(factory: object, plugin_name: str) -> None:
 def built_in_pass_names() -> frozenset[str]:
     """Names of the passes the built-in plugins register (one plugin may register several, e.g.
     qcore's quantize-frozen), whether or not EDGEPLUG_PLUGINS loads them."""
-    names: set[str] = set()
+    names: set[str] = set(CORE_STAGES)
     for entry in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
         if entry.value.split(":")[0].split(".")[0] != BUILT_IN_PACKAGE:
             continue
@@ -265,8 +276,18 @@ def built_in_pass_names() -> frozenset[str]:
     return frozenset(names)
 
 
+class CorePasses:
+    """The core's own passes, registered through the same hook as every plugin's."""
+
+    @hookimpl
+    def edgeplug_register_passes(self, register: Callable[[type[Pass]], None]) -> None:
+        from edgeplug.normalize import NormalizePass  # on first use: the device side never needs it
+
+        register(NormalizePass)
+
+
 def _check_not_shadowing_built_in(factory: type[Pass], plugin_name: str) -> None:
-    built_in = factory.__module__.split(".")[0] == BUILT_IN_PACKAGE
+    built_in = factory.__module__.split(".")[0] == BUILT_IN_PACKAGE or plugin_name == CORE_PLUGIN
     if not built_in and factory.name in built_in_pass_names():
         raise PluginError(
             f"plugin '{plugin_name}' registers a pass named '{factory.name}', the name of a built-in pass; "

@@ -33,7 +33,19 @@ def test_resume_with_another_seed_is_refused(tmp_path: Path) -> None:
         edgeplug.Trainer(tmp_path / "out", seed=2, progress=False).fit(data, epochs=2, batch_size=8)
 
 
-def test_normalize_missing_from_the_loaded_plugins_is_named(tmp_path: Path) -> None:
+def test_normalize_is_a_core_stage_that_runs_whatever_plugins_load(tmp_path: Path) -> None:
     host = edgeplug.PluginHost(only={"trainable"})
-    with pytest.raises(edgeplug.PluginError, match="EDGEPLUG_PLUGINS"):
-        edgeplug.rewrite(mlp(), None, tmp_path / "out", host=host)
+    assert host.get_pass("normalize").plugin == "edgeplug"
+    report = edgeplug.rewrite(mlp(), None, tmp_path / "out", host=host).report
+    assert [entry["name"] for entry in report["passes"]] == ["normalize"]
+    recipe = edgeplug.Recipe(passes=(edgeplug.recipe.PassSpec("trainable", {"layers": "classifier"}),
+                                     edgeplug.recipe.PassSpec("normalize", {"decompose": True, "dynamic_batch": True,
+                                                                             "infer_shapes": True})))
+    with pytest.raises(edgeplug.RecipeError, match="normalize runs first"):
+        edgeplug.rewrite(mlp(), recipe, tmp_path / "late", host=host)
+
+
+def test_normalize_cannot_be_blocked(plugin_env: pytest.MonkeyPatch) -> None:
+    plugin_env.setenv("EDGEPLUG_BLOCK_PLUGINS", "normalize")
+    with pytest.raises(edgeplug.PluginError, match="a stage of the core that every rewrite runs"):
+        edgeplug.PluginHost()

@@ -24,12 +24,12 @@ from edgeplug.checkpoints import STATE, latest_checkpoint
 from edgeplug.exporter import export
 from edgeplug.gradients import DECOMPOSABLE, GRADIENT_OPS
 from edgeplug.layout import CHECKPOINT, EVAL_MODEL, FORWARD_MODEL, TRAINING_MODEL
+from edgeplug.normalize import decompose as decompose_module
+from edgeplug.normalize.normalize_pass import NormalizePass
 from edgeplug.passes import ForwardState, PassContext, fill_defaults
 from edgeplug.pipeline import rewrite
 from edgeplug.recipe import recipe_from_dict
 from edgeplug.trainer import Trainer
-from edgeplug_plugins.normalize import decompose as decompose_module
-from edgeplug_plugins.normalize.normalize_pass import NormalizePass
 
 ACTIVATIONS = ["Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "HardSigmoid", "Softplus", "Elu", "Selu", "Softsign", "PRelu"]
 FEATURES, MLP_CLASSES = 6, 3

@@ -85,7 +85,7 @@ def float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_normalize_decomposes_float16_activations_in_float16(tmp_path: Path) -> None:
     """HardSwish's decomposition made float32 scalars: the normalized float16 model was invalid."""
-    from edgeplug_plugins.normalize.decompose import decompose
+    from edgeplug.normalize.decompose import decompose
 
     model = float16(mlp(activation="HardSwish"))
     assert decompose(model) == {"HardSwish": 1}

@@ -16,9 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
 
 from edgeplug.errors import ModelError  # noqa: E402
-from edgeplug.pipeline import rewrite  # noqa: E402
-from edgeplug.recipe import recipe_from_dict  # noqa: E402
-from edgeplug_plugins.normalize.exporter_fixes import (  # noqa: E402
+from edgeplug.normalize.exporter_fixes import (  # noqa: E402
     cast_like_to_cast,
     drop_unused_batchnorm_outputs,
     explicit_auto_pads,
@@ -29,6 +27,8 @@ from edgeplug_plugins.normalize.exporter_fixes import (  # noqa: E402
     relabel_unknown_opset,
     restore_exporter_dims,
 )
+from edgeplug.pipeline import rewrite  # noqa: E402
+from edgeplug.recipe import recipe_from_dict  # noqa: E402
 
 
 def _with_identity_statistics() -> onnx.ModelProto:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeplug.plugin_api import GraphEditor, replace_nodes
+from edgeplug.onnx_edit import GraphEditor, replace_nodes
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: float) -> float:

@@ -6,7 +6,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeplug.plugin_api import MAX_OPSET, GraphEditor, GraphIndex, ModelError, default_opset, remove_unused, tensor_ranks
+from edgeplug.errors import ModelError
+from edgeplug.graph import GraphIndex, tensor_ranks
+from edgeplug.modelio import MAX_OPSET, default_opset
+from edgeplug.onnx_edit import GraphEditor
+from edgeplug.surgery import remove_unused
 
 
 def materialize_initializer_identities(model: onnx.ModelProto) -> dict[str, str]:

@@ -9,7 +9,11 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.plugin_api import MAX_IR_VERSION, MAX_OPSET, GraphIndex, ModelError, default_opset, ensure_node_names, load_schema
+from edgeplug.errors import ModelError, RecipeError
+from edgeplug.graph import GraphIndex, ensure_node_names
+from edgeplug.modelio import MAX_IR_VERSION, MAX_OPSET, default_opset
+from edgeplug.passes import Plan
+from edgeplug.validation import load_schema
 
 from .decompose import decompose
 from .exporter_fixes import (
@@ -36,6 +40,11 @@ class NormalizePass(Pass):
     def __init__(self, options: dict[str, Any]) -> None:
         super().__init__(options)
         self._details: dict[str, Any] = {}
+
+    def requires(self, plan: Plan) -> None:
+        if plan.position != 0:
+            raise RecipeError("normalize runs first (every other pass expects a normalized model); move it to the "
+                              "top of 'passes' or leave it out to run it with its defaults")
 
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         model = onnx.ModelProto()
