@@ -82,6 +82,10 @@ class PluginHost:
                     f"{variable} names plugins that are not installed: {', '.join(missing)} "
                     f"(installed: {', '.join(sorted(found)) or 'none'})"
                 )
+        for entry in entry_points:
+            if entry.name in CORE_STAGES:
+                raise PluginError(f"plugin name '{entry.name}' ({entry.value}) is taken by a stage of the core; rename the "
+                                  "plugin's entry point (or, if an older edgeplug left it behind, reinstall edgeplug)")
         for entry in sorted(entry_points, key=lambda e: e.name):
             if (only is not None and entry.name not in only) or entry.name in block:
                 continue
@@ -120,7 +124,8 @@ class PluginHost:
         self._descriptions.pop(name or "", None)
 
     def plugin_names(self) -> list[str]:
-        return sorted(name for name, _ in self._manager.list_name_plugin() if name in self._versions)
+        """Names of the loaded plugins (the core's own passes are not a plugin)."""
+        return sorted(name for name, _ in self._manager.list_name_plugin() if name in self._versions and name != CORE_PLUGIN)
 
     # -- passes --------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ def test_only_named_plugins_load(fake_plugin, plugin_env) -> None:
     plugin_env.setenv("EDGEPLUG_PLUGINS", " alpha , trainable,")
     host = default_host()
     assert host.plugin_names() == ["alpha", "trainable"]
-    assert sorted(host.passes()) == ["alpha-pass", "trainable"]
+    assert sorted(host.passes()) == ["alpha-pass", "normalize", "trainable"]  # normalize: the core's stage
     assert alpha in sys.modules and beta not in sys.modules  # an unnamed plugin is not even imported
 
 
@@ -72,7 +72,7 @@ def test_only_variable_selects_exactly_the_named_subset(fake_plugin, plugin_env,
     plugin_env.setenv("EDGEPLUG_PLUGINS", separator.join(sorted(chosen)))
     host = PluginHost()
     assert host.plugin_names() == sorted(chosen)
-    assert set(host.passes()) == {n if n == "trainable" else f"{n}-pass" for n in chosen}
+    assert set(host.passes()) == {n if n == "trainable" else f"{n}-pass" for n in chosen} | {"normalize"}
 
 
 def _has_entry_point(name: str) -> bool:
@@ -137,7 +137,7 @@ def test_a_hookimpl_with_unknown_arguments_is_rejected_at_load(fake_plugin) -> N
 
 def test_unknown_pass_lists_the_registered_ones() -> None:
     host = PluginHost(only={"trainable"})
-    with pytest.raises(edgeplug.PluginError, match=r"no pass named 'nope' is registered \(registered: trainable\); see 'edgeplug passes'"):
+    with pytest.raises(edgeplug.PluginError, match=r"no pass named 'nope' is registered \(registered: normalize, trainable\); see 'edgeplug passes'"):
         host.get_pass("nope")
 
 
@@ -159,17 +159,18 @@ def test_built_in_plugins_register_through_entry_points() -> None:
     passes = PluginHost().passes()
     assert BUILT_IN <= set(passes)
     for name in BUILT_IN:
-        assert (passes[name].plugin, passes[name].version) == (name, edgeplug.__version__)
+        plugin = "edgeplug" if name == "normalize" else name  # normalize is the core's own stage
+        assert (passes[name].plugin, passes[name].version) == (plugin, edgeplug.__version__)
 
 
 def test_reset_default_host_rereads_the_environment(plugin_env) -> None:
     plugin_env.setenv("EDGEPLUG_PLUGINS", "trainable")
     assert default_host().plugin_names() == ["trainable"]
     assert default_host() is default_host()
-    plugin_env.setenv("EDGEPLUG_PLUGINS", "normalize")
+    plugin_env.setenv("EDGEPLUG_PLUGINS", "freeze-bn")
     assert default_host().plugin_names() == ["trainable"]  # cached until reset
     edgeplug.plugins.reset_default_host()
-    assert default_host().plugin_names() == ["normalize"]
+    assert default_host().plugin_names() == ["freeze-bn"]
 
 
 # -- the example plugin, installed for real with pip -----------------------------------------------

@@ -237,8 +237,14 @@ def test_a_plugin_cannot_replace_a_built_in_pass(fake_plugin, only: set[str] | N
 
 
 def test_an_entry_point_named_like_a_built_in_plugin_is_refused(fake_plugin) -> None:
+    fake_plugin("trainable", SHADOW.format(name="trainable-impostor"))
+    with pytest.raises(edgeplug.PluginError, match="plugin name 'trainable' is declared by two installed distributions"):
+        PluginHost()
+
+
+def test_an_entry_point_named_like_a_core_stage_is_refused(fake_plugin) -> None:
     fake_plugin("normalize", SHADOW.format(name="normalize-impostor"))
-    with pytest.raises(edgeplug.PluginError, match="plugin name 'normalize' is declared by two installed distributions"):
+    with pytest.raises(edgeplug.PluginError, match="plugin name 'normalize' .* is taken by a stage of the core"):
         PluginHost()
 
 
