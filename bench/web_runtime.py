@@ -286,7 +286,10 @@ def main() -> int:
             for label, recipe, calibration in (rows[:2] if args.quick else rows) if not args.skip_parity else []:
                 started = time.perf_counter()
                 epochs = args.epochs if name == "digits CNN" else args.effnet_epochs
-                row = parity_row(name, label, recipe, calibration, model, input_name, support, query, work, epochs, args.batch)
+                try:
+                    row = parity_row(name, label, recipe, calibration, model, input_name, support, query, work, epochs, args.batch)
+                except RuntimeError as error:  # a runtime failed on this folder: a row that says so, not a crashed bench
+                    row = {"workload": name, "recipe": label, "error": str(error)}
                 row["seconds"] = round(time.perf_counter() - started, 1)
                 print(json.dumps(row), flush=True)
                 parity.append(row)

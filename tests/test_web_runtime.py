@@ -168,3 +168,18 @@ def test_missing_runtime_packages_are_named(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv(RUNTIME_ENV, str(tmp_path / "nowhere"))
     assert main(["train", str(example / "built"), "--data", str(example / "support.npz"), "--runtime", "node"]) == 2
     assert "the JavaScript runtime is not at" in capsys.readouterr().err
+
+
+def test_int8_frozen_weights_train_the_same_on_node(example: Path, tmp_path: Path) -> None:
+    """quantize-frozen keeps frozen weights as int8 in the checkpoint; the runtime leaves them to onnxruntime."""
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01},
+                               "passes": [{"name": "trainable", "options": {"layers": 1}}, {"name": "quantize-frozen"}]})
+    edgeplug.rewrite(EXAMPLE / "pretrained_cnn.onnx", recipe, tmp_path / "built")
+    for runtime in ("python", "node"):
+        shutil.copytree(tmp_path / "built", tmp_path / runtime)
+        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
+        assert main(["train", str(tmp_path / runtime), "--data", str(example / "support.npz"), "--epochs", "2",
+                     "--batch-size", "10", *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
+    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    assert_same_losses(python, node)
+    assert_same_parameters(tmp_path / "python", tmp_path / "node")

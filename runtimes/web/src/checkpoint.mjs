@@ -37,7 +37,7 @@ class Reader {
   scalar(table, slot, read, fallback) { const at = this.field(table, slot); return at === null ? fallback : read(at); }
 }
 
-/** {name: {dims, data: Float32Array (a copy), trainable}} of every parameter in the checkpoint. */
+/** {name: {dims, data: Float32Array (a copy), trainable}} of every float32 parameter in the checkpoint. */
 export function readCheckpointParameters(bytes, label = 'checkpoint') {
   const view = ArrayBuffer.isView(bytes) ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) : new Uint8Array(bytes);
   if (view.byteLength < 8 || new TextDecoder().decode(view.subarray(4, 8)) !== 'ODTC') {
@@ -55,7 +55,10 @@ export function readCheckpointParameters(bytes, label = 'checkpoint') {
       const name = r.string(tensor, 0);
       const dims = (() => { const {start, length} = r.vector(tensor, 2); return Array.from({length}, (_, i) => Number(r.view.getBigInt64(start + 8 * i, true))); })();
       const type = r.scalar(tensor, 3, (at) => r.view.getInt32(at, true), 0);
-      if (type !== FLOAT) throw new Error(`${label}: parameter '${name}' is not float32 (data type ${type})`);
+      if (type !== FLOAT) {
+        if (trainable) throw new Error(`${label}: trainable parameter '${name}' is not float32 (data type ${type})`);
+        continue; // frozen int8 weights (quantize-frozen) stay inside onnxruntime; only trainable values are needed
+      }
       const {start, length} = r.vector(tensor, 4);
       const data = new Float32Array(length / 4);
       new Uint8Array(data.buffer).set(view.subarray(start, start + length));

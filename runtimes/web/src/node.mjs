@@ -12,6 +12,12 @@ export async function loadOrt(threads = 1) {
   if (!fs.existsSync(fileURLToPath(ORT_ENTRY))) {
     throw new Error(`onnxruntime-web is not installed: run 'npm ci' in ${fileURLToPath(new URL('..', import.meta.url))}`);
   }
+  if (threads > 1 && typeof globalThis.location === 'undefined') {
+    // The bundle is built for browsers (isNode = false): with threads it would fetch its WebAssembly glue
+    // into a blob: URL, which Node can neither fetch (file:) nor import. With a location whose origin is
+    // that of file: URLs ('null'), the glue counts as same-origin and is imported from its file.
+    globalThis.location = {origin: 'null', href: ORT_ENTRY.href};
+  }
   const ort = await import(ORT_ENTRY.href);
   ort.env.wasm.numThreads = threads;
   ort.env.logLevel = 'error';

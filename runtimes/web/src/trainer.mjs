@@ -409,6 +409,7 @@ export class Trainer {
     if (evalSet && !checkpoint) {
       initial = await this.evaluate(evalSet);
       this.echo(`before training: ${metricsText('eval', initial)}`);
+      await this.onEpoch({epoch: 0, train: null, eval: initial, seconds: 0}); // epoch 0: before training, eval only
     }
     const stepTimes = [], stepLosses = [];
     while (progress.epoch < epochs) {

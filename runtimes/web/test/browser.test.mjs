@@ -38,8 +38,10 @@ test('the page fine-tunes the example on picked data in headless Chromium', {ski
     assert.equal(error, null);
     assert.equal(result.steps_run, 20);
     const rows = await page.$$eval('#epochs-table tbody tr', (trs) => trs.map((tr) => [...tr.children].map((td) => td.textContent)));
-    assert.equal(rows.length, 4);
-    assert.equal(rows[3][4], result.epochs[3].eval.accuracy.toFixed(3), 'the table shows the eval accuracy');
+    assert.equal(rows.length, 5, 'a row before training and one per epoch');
+    assert.equal(rows[0][0], 'before');
+    assert.equal(rows[0][4], result.initial_eval.accuracy.toFixed(3));
+    assert.equal(rows[4][4], result.epochs[3].eval.accuracy.toFixed(3), 'the table shows the eval accuracy');
     assert.match(await page.textContent('#status'), /^done: 20 steps, median step [\d.]+ ms; train_loss/);
     assert.equal(await page.isEnabled('#download'), true);
     if (process.env.EDGEPLUG_SCREENSHOT) await page.screenshot({path: process.env.EDGEPLUG_SCREENSHOT, fullPage: true});

@@ -1,7 +1,7 @@
 // End to end in Node: the digits example's folder trains, evaluates, checkpoints, resumes bit for bit,
 // and `edgeplug export` takes the parameters it saved.
 import assert from 'node:assert/strict';
-import {execFileSync} from 'node:child_process';
+import {execFileSync, spawn} from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import {test} from 'node:test';
@@ -91,4 +91,38 @@ test('a folder that needs Python is refused with one line', {skip}, () => {
     assert.match(error.stderr, /needs Python at run time \(pass 'class-offset' runs Python runtime hooks/);
     return true;
   });
+});
+
+test('a run killed with SIGKILL resumes from its last checkpoint to the same parameters', {skip}, async () => {
+  const straight = digits();
+  const killed = digits();
+  const args = (artifacts) => [CLI, artifacts, '--data', straight.support, '--epochs', '12', '--batch-size', '5', '--checkpoint-every', '3'];
+  execFileSync('node', args(straight.artifacts), {encoding: 'utf8'});
+  const child = spawn('node', args(killed.artifacts), {stdio: 'ignore'});
+  const checkpoints = path.join(killed.artifacts, 'checkpoints');
+  const started = Date.now();
+  // kill it once a mid-run checkpoint exists (120 steps in all; the first checkpoint is at step 3)
+  while (!(fs.existsSync(checkpoints) && fs.readdirSync(checkpoints).some((n) => /^step-\d+$/.test(n)))) {
+    if (Date.now() - started > 60_000) throw new Error('no checkpoint appeared');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  child.kill('SIGKILL');
+  await new Promise((r) => child.on('exit', r));
+  const resumed = execFileSync('node', args(killed.artifacts), {encoding: 'utf8'});
+  assert.match(resumed, /^resuming from step-\d{8} /m);
+  const state = (artifacts) => fs.readFileSync(path.join(artifacts, 'checkpoints', 'step-00000120', 'training_state.safetensors'));
+  assert.deepEqual(state(killed.artifacts), state(straight.artifacts), 'bit-identical parameters and optimizer state');
+});
+
+test('two WebAssembly threads give the losses of one', {skip}, () => {
+  const {artifacts, support, dir} = digits();
+  const losses = (threads) => {
+    const metrics = path.join(dir, `threads-${threads}.json`);
+    execFileSync('node', [CLI, artifacts, '--data', support, '--epochs', '1', '--batch-size', '10', '--no-checkpoints',
+      '--threads', String(threads), '--metrics', metrics], {encoding: 'utf8'});
+    return JSON.parse(fs.readFileSync(metrics, 'utf8')).step_losses;
+  };
+  const one = losses(1), two = losses(2);
+  assert.equal(two.length, 5);
+  two.forEach((loss, i) => assert.ok(Math.abs(loss - one[i]) <= 1e-5 * Math.abs(one[i]), `step ${i}: ${loss} vs ${one[i]}`));
 });

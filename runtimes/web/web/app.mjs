@@ -94,7 +94,7 @@ function drawChart() {
 function addEpochRow(entry) {
   const cell = (v, digits) => (v === null || v === undefined ? '–' : v.toFixed(digits));
   const row = document.createElement('tr');
-  for (const text of [entry.epoch, cell(entry.train.loss, 4), cell(entry.train.accuracy, 3), cell(entry.eval?.loss, 4),
+  for (const text of [entry.epoch || 'before', cell(entry.train?.loss, 4), cell(entry.train?.accuracy, 3), cell(entry.eval?.loss, 4),
     cell(entry.eval?.accuracy, 3), entry.seconds.toFixed(1)]) {
     const td = document.createElement('td');
     td.textContent = text;
