@@ -67,7 +67,7 @@ DIGITS_ROWS: list[tuple[str, dict[str, Any], bool]] = [
     ("lls (lls-m, staged)", {"optimizer": {"name": "adamw", "lr": 0.01}, "passes": [{"name": "lls", "options": {"variant": "lls-m"}}]}, False),
     ("qcore (float artifacts)", {"optimizer": {"name": "adamw", "lr": 0.01}, "passes": [{"name": "qcore", "options": {"bits": 4}}]}, False),
     ("activation-shortcut (asi)", {"optimizer": {"name": "adamw", "lr": 0.01},
-                                   "passes": [{"name": "activation-shortcut", "options": {"layers": 2, "method": "asi"}}]}, True),
+                                   "passes": [{"name": "activation-shortcut", "options": {"last": 2, "method": "asi"}}]}, True),
 ]
 EFFNET_ROWS: list[tuple[str, dict[str, Any], bool]] = [
     ("last layer", {"optimizer": {"name": "adamw", "lr": 0.001}, "passes": [{"name": "trainable", "options": {"layers": "classifier"}}]}, False),
@@ -147,14 +147,12 @@ def trained(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def accuracy(model: Path, query: Path, input_name: str) -> float:
+def logits(model: Path, query: Path, input_name: str) -> np.ndarray:
     import onnxruntime
 
     data = np.load(query)
     session = onnxruntime.InferenceSession(str(model))
-    predictions = np.concatenate([session.run(None, {input_name: data[input_name][i : i + 64]})[0].argmax(1)
-                                  for i in range(0, len(data["y"]), 64)])
-    return float((predictions == data["y"]).mean())
+    return np.concatenate([session.run(None, {input_name: data[input_name][i : i + 64]})[0] for i in range(0, len(data["y"]), 64)])
 
 
 def parity_row(name: str, label: str, recipe: dict[str, Any], calibration: bool, model: Path, input_name: str,
@@ -182,7 +180,14 @@ def parity_row(name: str, label: str, recipe: dict[str, Any], calibration: bool,
         done = cli("export", str(copy), "-o", str(exported))
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
-        row[f"{runtime}_accuracy"] = accuracy(exported, query, input_name)
+        row[f"{runtime}_logits"] = logits(exported, query, input_name)
+        row[f"{runtime}_accuracy"] = float((row[f"{runtime}_logits"].argmax(1) == np.load(query)["y"]).mean())
+    a_logits, b_logits = row.pop("python_logits"), row.pop("node_logits")
+    row["prediction_disagreements"] = int((a_logits.argmax(1) != b_logits.argmax(1)).sum())
+    row["max_logit_diff"] = float(np.abs(a_logits - b_logits).max())
+    top2 = np.sort(a_logits, axis=1)[:, -2:]
+    disagree = a_logits.argmax(1) != b_logits.argmax(1)
+    row["disagreement_top2_gap"] = float((top2[:, 1] - top2[:, 0])[disagree].max()) if disagree.any() else None
     a, b = np.array(results["python"]["step_losses"]), np.array(results["node"]["step_losses"])
     row["steps"] = len(a)
     row["loss_first_last"] = [float(a[0]), float(a[-1])]
@@ -236,14 +241,16 @@ def markdown(parity: list[dict[str, Any]], costs: list[dict[str, Any]], meta: di
              f"(digits CNN) / {meta['effnet_epochs']} (EfficientNet-Lite0, 224 px) at batch {meta['batch']} on a 50-image "
              f"support set (5 per class), exported models scored on the {meta['query']}-image query set.", "",
              "## Parity: the same folder trained by both runtimes", "",
-             "| model | recipe | sets | steps | loss first → last | max rel. loss diff | max abs. loss diff | max param diff (rel.) | exported acc. Python | exported acc. Node |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | recipe | sets | steps | loss first → last | max rel. loss diff | max abs. loss diff | max param diff (rel.) | exported acc. Python | exported acc. Node | predictions that differ (top-2 gap) | max logit diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in parity:
         if "refused" in r or "error" in r:
-            lines.append(f"| {r['workload']} | {r['recipe']} | – | – | – | – | – | – | – | {'refused: ' + r['refused'] if 'refused' in r else r['error']} |")
+            lines.append(f"| {r['workload']} | {r['recipe']} | – | – | – | – | – | – | – | {'refused: ' + r['refused'] if 'refused' in r else r['error']} | – | – |")
             continue
         lines.append(f"| {r['workload']} | {r['recipe']} | {r['sets']} | {r['steps']} | {r['loss_first_last'][0]:.4f} → {r['loss_first_last'][1]:.4f} "
-                     f"| {r['max_rel_loss_diff']:.1e} | {r['max_abs_loss_diff']:.1e} | {r['max_param_diff']:.1e} | {r['python_accuracy']:.4f} | {r['node_accuracy']:.4f} |")
+                     f"| {r['max_rel_loss_diff']:.1e} | {r['max_abs_loss_diff']:.1e} | {r['max_param_diff']:.1e} | {r['python_accuracy']:.4f} | {r['node_accuracy']:.4f} "
+                     f"| {r.get('prediction_disagreements', '–')}" + (f" ({r['disagreement_top2_gap']:.1e})" if r.get('disagreement_top2_gap') is not None else "")
+                     + f" | {r.get('max_logit_diff', float('nan')):.1e} |")
     lines += ["", "## Cost: step time and peak memory", "",
               "Median step time over all timed steps (first step of each run dropped), WebAssembly/Python ratio of the medians "
               "with a 95% bootstrap interval; peak RSS = the process's peak resident memory over the whole run (median of the "

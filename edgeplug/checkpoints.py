@@ -125,12 +125,13 @@ def checkpoint_runtime(checkpoint: Path) -> str:
     return str(read_progress(checkpoint).get("runtime") or "node")
 
 
-def device_parameters(path: Path, artifact_set: int) -> dict[str, np.ndarray]:
+def device_parameters(path: Path, artifact_set: int, *, updated: bool = True) -> dict[str, np.ndarray]:
     """The parameters a runtime without onnxruntime checkpoints saved for artifact set `artifact_set`:
-    from `path`, a training_state.safetensors file or the checkpoint folder holding it."""
+    from `path`, a training_state.safetensors file or the checkpoint folder holding it. With `updated`,
+    also the frozen parameters training overwrote in place (batch-norm running statistics)."""
     tensors, _ = tensorfile.load(path / DEVICE_STATE if path.is_dir() else path)
-    prefix = f"{artifact_set}:param:"
-    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    prefixes = (f"{artifact_set}:param:", f"{artifact_set}:updated:") if updated else (f"{artifact_set}:param:",)
+    return {key.split(":", 2)[2]: value for key, value in tensors.items() if key.startswith(prefixes)}
 
 
 def _complete(path: Path) -> bool:

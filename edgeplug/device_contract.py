@@ -37,6 +37,7 @@ from edgeplug.layout import (
     LABELS_INPUT,
     OPTIMIZER_MODEL,
     OPTIMIZER_STEP_MODEL,
+    STATE_EVAL_MODEL,
     TRAINING_MODEL,
 )
 from edgeplug.modelio import save_model
@@ -44,6 +45,9 @@ from edgeplug.passes import OTHER_BATCH_RULES, CarriedState, TrainingModels
 
 CONTRACT_VERSION = 1
 GRADIENT_PREFIX = "gradient/"
+UPDATED_OUTPUT = "updated_parameters"
+# ops that update frozen parameters in place while training: op -> indices of those inputs
+_IN_PLACE_UPDATES = {"BatchNormInternal": (3, 4)}  # running mean and variance
 _BUFFER_SUFFIX = "_grad.accumulation.buffer"
 _RESET_INPUT = "lazy_reset_grad"
 _ACCUMULATOR = "InPlaceAccumulatorV2"
@@ -135,13 +139,56 @@ def write_device_files(folder: Path, models: TrainingModels, parameter_names: se
         return entry
     save_model(gradients, folder / GRADIENTS_MODEL)
     save_model(step, folder / OPTIMIZER_STEP_MODEL)
+    updated = updated_in_place(training, parameter_names - trainable_set)
+    if updated:
+        save_model(state_eval_model(evaluation, updated), folder / STATE_EVAL_MODEL)
     entry["portable"] = {
         "training_model": GRADIENTS_MODEL,
         "gradient_outputs": [GRADIENT_PREFIX + name for name in ordered],
         "optimizer_step_model": OPTIMIZER_STEP_MODEL,
         **step_info,
+        "updated_parameters": updated,
+        "state_eval_model": STATE_EVAL_MODEL if updated else None,
+        "updated_output": UPDATED_OUTPUT if updated else None,
     }
     return entry
+
+
+def updated_in_place(training: onnx.ModelProto, frozen: set[str]) -> list[str]:
+    """Frozen parameters the training graph overwrites while it runs (batch-norm running statistics in
+    training mode), in graph order: a runtime must save them with the trained parameters."""
+    found: list[str] = []
+    for node in training.graph.node:
+        for index in _IN_PLACE_UPDATES.get(node.op_type, ()):
+            if index < len(node.input) and node.input[index] in frozen and node.input[index] not in found:
+                found.append(node.input[index])
+    return found
+
+
+def state_eval_model(evaluation: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """The eval model with one more output, `updated_parameters`: the current values of parameters
+    `names`, flattened and concatenated in that order (float32).
+
+    Reading them from the eval model leaves the training model as it is: a training-model output
+    would stop onnxruntime from updating the statistic in place. One output, last: onnxruntime-web
+    1.19.2 names eval results after the training model's outputs, so an eval model must not have
+    more outputs than the training model (which has at least one gradient more).
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(evaluation)
+    types = {value.name: value.type.tensor_type.elem_type for value in evaluation.graph.input}
+    missing = [name for name in names if name not in types]
+    if missing or any(types[name] != onnx.TensorProto.FLOAT for name in names):
+        raise _NotPortable(f"the eval model does not read {', '.join(missing[:3])}" if missing else "updated parameters must be float32")
+    shape = f"{UPDATED_OUTPUT}_flat_shape"
+    model.graph.node.append(helper.make_node("Constant", [], [shape], value=helper.make_tensor(shape, onnx.TensorProto.INT64, [1], [-1])))
+    flat = []
+    for number, name in enumerate(names):
+        flat.append(f"{UPDATED_OUTPUT}_{number}")
+        model.graph.node.append(helper.make_node("Reshape", [name, shape], [flat[-1]], name=f"edgeplug_flatten_{number}"))
+    model.graph.node.append(helper.make_node("Concat", flat, [UPDATED_OUTPUT], axis=0, name="edgeplug_updated_parameters"))
+    model.graph.output.append(helper.make_tensor_value_info(UPDATED_OUTPUT, onnx.TensorProto.FLOAT, [None]))
+    return model
 
 
 def device_runtime(report: Mapping[str, Any], recipe: Mapping[str, Any], sets: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

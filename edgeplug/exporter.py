@@ -60,7 +60,8 @@ def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | 
             path = (chosen if device else state_file(chosen, number)) if chosen else folder / CHECKPOINT
             try:
                 if device:
-                    trained.update(device_parameters(path, number))
+                    # trained values only, as below for onnxruntime checkpoints (updated statistics stay out)
+                    trained.update(device_parameters(path, number, updated=False))
                     continue
                 state = api.CheckpointState.load_checkpoint(str(path))
                 # trained values only: a later stage's frozen copy of a weight must not overwrite the trained one

@@ -24,9 +24,14 @@ STAGES_DIR = "stages"
 def stage_dir(index: int) -> str:
     """Folder of stage `index`, relative to the artifact folder: the usual file names inside."""
     return f"{STAGES_DIR}/{index}"
+
+
 GRADIENTS_MODEL = "training_model_gradients.onnx"
 """The training model with every trainable parameter's gradient as an output `gradient/<name>` (device runtimes)."""
 OPTIMIZER_STEP_MODEL = "optimizer_step.onnx"
 """The optimizer model with one tensor input and output per parameter instead of sequences (device runtimes)."""
+STATE_EVAL_MODEL = "eval_model_state.onnx"
+"""The eval model that also outputs the frozen parameters training updates in place (batch-norm running
+statistics), concatenated, as `updated_parameters`; only written when there are any (device runtimes)."""
 CARRIED_STATE_FILE = "carried_state.safetensors"
 """Initial values of the step-carried state, by input name (only when a pass declared any)."""

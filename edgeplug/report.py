@@ -26,6 +26,7 @@ from edgeplug.layout import (
     OPTIMIZER_MODEL,
     OPTIMIZER_STEP_MODEL,
     ORT_MODELS,
+    STATE_EVAL_MODEL,
     TRAINING_MODEL,
 )
 from edgeplug.modelio import default_opset
@@ -97,7 +98,8 @@ def build_report(source: str, original: onnx.ModelProto, forward: onnx.ModelProt
 
 def artifact_sizes(folder: Path, prefix: str = "") -> dict[str, int]:
     names = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, FORWARD_MODEL, CHECKPOINT, NOMINAL_CHECKPOINT,
-             *ORT_MODELS.values(), *OPERATOR_CONFIGS.values(), GRADIENTS_MODEL, OPTIMIZER_STEP_MODEL, CARRIED_STATE_FILE)
+             *ORT_MODELS.values(), *OPERATOR_CONFIGS.values(), GRADIENTS_MODEL, OPTIMIZER_STEP_MODEL, STATE_EVAL_MODEL,
+             CARRIED_STATE_FILE)
     return {prefix + name: (folder / name).stat().st_size for name in names if (folder / name).is_file()}
 
 

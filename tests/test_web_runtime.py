@@ -183,3 +183,28 @@ def test_int8_frozen_weights_train_the_same_on_node(example: Path, tmp_path: Pat
     python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
     assert_same_losses(python, node)
     assert_same_parameters(tmp_path / "python", tmp_path / "node")
+
+
+def test_batch_norm_statistics_updated_by_training_reach_the_export(example: Path, tmp_path: Path) -> None:
+    """Full fine-tuning keeps batch norm in training mode: onnxruntime updates the running statistics in
+    place; the node runtime reads them through eval_model_state.onnx, saves them, restores them on resume,
+    and export uses them: both exported models give the same predictions."""
+    edgeplug.rewrite(EXAMPLE / "pretrained_cnn.onnx", None, tmp_path / "built")
+    portable = json.loads((tmp_path / "built" / "report.json").read_text())["device_runtime"]["artifact_sets"][0]["portable"]
+    assert portable["updated_parameters"] and portable["state_eval_model"] == "eval_model_state.onnx"
+    data = ["--data", str(example / "support.npz"), "--eval", str(example / "query.npz"), "--batch-size", "10"]
+    shutil.copytree(tmp_path / "built", tmp_path / "python")
+    shutil.copytree(tmp_path / "built", tmp_path / "node")
+    assert main(["train", str(tmp_path / "python"), *data, "--epochs", "3", "--no-progress", "--metrics", str(tmp_path / "p.json")]) == 0
+    assert main(["train", str(tmp_path / "node"), *data, "--epochs", "2", "--runtime", "node"]) == 0
+    assert main(["train", str(tmp_path / "node"), *data, "--epochs", "3", "--runtime", "node", "--metrics", str(tmp_path / "n.json")]) == 0
+    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("p", "n"))
+    assert python["step_losses"][10:] == pytest.approx(node["step_losses"], rel=TOLERANCE)
+    assert node["epochs"][-1]["eval"] == pytest.approx(python["epochs"][-1]["eval"], rel=1e-5)
+    query = dict(np.load(example / "query.npz"))
+    outputs = []
+    for runtime in ("python", "node"):
+        assert main(["export", str(tmp_path / runtime), "-o", str(tmp_path / f"{runtime}.onnx")]) == 0
+        outputs.append(onnxruntime.InferenceSession(str(tmp_path / f"{runtime}.onnx")).run(None, {"image": query["image"]})[0])
+    assert np.abs(outputs[0] - outputs[1]).max() < 1e-4
+    assert (outputs[0].argmax(1) == outputs[1].argmax(1)).all()

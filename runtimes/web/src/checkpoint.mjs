@@ -39,6 +39,29 @@ class Reader {
 
 /** {name: {dims, data: Float32Array (a copy), trainable}} of every float32 parameter in the checkpoint. */
 export function readCheckpointParameters(bytes, label = 'checkpoint') {
+  const parameters = {};
+  for (const [name, entry] of Object.entries(locateParameters(bytes, label))) {
+    const data = new Float32Array(entry.length / 4);
+    new Uint8Array(data.buffer).set(entry.view.subarray(entry.start, entry.start + entry.length));
+    parameters[name] = {dims: entry.dims, data, trainable: entry.trainable};
+  }
+  return parameters;
+}
+
+/** A copy of the checkpoint with the values of `values` ({name: Float32Array}) written over its own: how a
+ * resumed run puts saved parameters (and batch-norm statistics) back before its session opens. */
+export function patchCheckpoint(bytes, values, label = 'checkpoint') {
+  const copy = Uint8Array.from(ArrayBuffer.isView(bytes) ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) : new Uint8Array(bytes));
+  const where = locateParameters(copy, label);
+  for (const [name, data] of Object.entries(values)) {
+    const entry = where[name];
+    if (!entry || entry.length !== data.byteLength) throw new Error(`${label} has no float32 parameter '${name}' of ${data.length} values`);
+    copy.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), entry.start);
+  }
+  return copy;
+}
+
+function locateParameters(bytes, label) {
   const view = ArrayBuffer.isView(bytes) ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) : new Uint8Array(bytes);
   if (view.byteLength < 8 || new TextDecoder().decode(view.subarray(4, 8)) !== 'ODTC') {
     throw new Error(`${label} is not an onnxruntime-training checkpoint (no ODTC identifier)`);
@@ -60,9 +83,7 @@ export function readCheckpointParameters(bytes, label = 'checkpoint') {
         continue; // frozen int8 weights (quantize-frozen) stay inside onnxruntime; only trainable values are needed
       }
       const {start, length} = r.vector(tensor, 4);
-      const data = new Float32Array(length / 4);
-      new Uint8Array(data.buffer).set(view.subarray(start, start + length));
-      parameters[name] = {dims, data, trainable};
+      parameters[name] = {dims, trainable, start, length, view};
     }
   }
   return parameters;

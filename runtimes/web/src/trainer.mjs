@@ -7,7 +7,7 @@
 // same optimizer op with tensor inputs). It keeps the parameters and optimizer state itself, loads the
 // updated parameters back after each step, and saves everything in its own checkpoints.
 
-import {readCheckpointParameters} from './checkpoint.mjs';
+import {patchCheckpoint, readCheckpointParameters} from './checkpoint.mjs';
 import {epochOrder} from './order.mjs';
 import {parseSafetensors, serializeSafetensors} from './safetensors.mjs';
 import {makeSchedule} from './schedule.mjs';
@@ -124,14 +124,17 @@ class ArtifactSet {
   async open(folder, saved) {
     const {ort, spec} = this;
     const read = (file) => folder.read(join(spec.dir, file));
-    const checkpoint = await read(spec.checkpoint);
-    // the initial values come from the file: onnxruntime-web's getContiguousParameters corrupts its heap
-    const initial = readCheckpointParameters(checkpoint, join(spec.dir, spec.checkpoint));
+    const label = join(spec.dir, spec.checkpoint);
+    let checkpoint = await read(spec.checkpoint);
+    if (saved) checkpoint = patchCheckpoint(checkpoint, this.savedParameters(saved.state), label); // resume: saved values in place
+    // the values come from the file: onnxruntime-web's getContiguousParameters corrupts its heap
+    const initial = readCheckpointParameters(checkpoint, label);
     this.session = await ort.TrainingSession.create({
       checkpointState: checkpoint,
       trainModel: await read(spec.portable.training_model),
-      evalModel: await read(spec.eval_model),
+      evalModel: await read(spec.portable.state_eval_model ?? spec.eval_model),
     });
+    this.updated = {};
     this.stepper = await ort.InferenceSession.create(await read(spec.portable.optimizer_step_model));
     this.state = {};
     for (const name of spec.portable.state) {
@@ -151,7 +154,17 @@ class ArtifactSet {
     if (saved) await this.restore(saved);
   }
 
-  /** Restore parameters, optimizer state and carried state saved by `save`. */
+  /** {name: values} of the parameters and updated statistics a checkpoint saved for this set. */
+  savedParameters(state) {
+    const values = {};
+    for (const kind of ['param', 'updated']) {
+      const prefix = `${this.number}:${kind}:`;
+      for (const [key, tensor] of Object.entries(state)) if (key.startsWith(prefix)) values[key.slice(prefix.length)] = tensor.data;
+    }
+    return values;
+  }
+
+  /** Restore the optimizer state and carried state saved by `save` (the parameters are in the patched checkpoint). */
   async restore({state, carried}) {
     const prefix = `${this.number}:`;
     for (const name of this.spec.portable.state) {
@@ -163,7 +176,6 @@ class ArtifactSet {
       });
     }
     this.steps = Number(state[`${prefix}step`].data[0]);
-    await this.loadParameters();
     for (const s of this.spec.carried_state) {
       const tensor = carried?.[`${prefix}${s.input}`];
       if (!tensor) throw new EdgeplugError(`the checkpoint lacks the carried state ${s.input}; pass --restart`);
@@ -179,6 +191,7 @@ class ArtifactSet {
       });
     }
     tensors[`${prefix}step`] = {type: 'int64', dims: [1], data: BigInt64Array.from([BigInt(this.steps)])};
+    for (const [name, tensor] of Object.entries(this.updated)) tensors[`${prefix}updated:${name}`] = tensor;
     for (const [name, tensor] of Object.entries(this.carried)) carried[`${prefix}${name}`] = tensor;
   }
 
@@ -246,7 +259,11 @@ class ArtifactSet {
 
   async evaluate(values, batch) {
     const {feeds} = this.carriedFeeds(batch, true);
-    return this.session.runEvalStep(this.ordered(this.session.evalInputNames, feeds, values, 'eval'));
+    const returned = await this.session.runEvalStep(this.ordered(this.session.evalInputNames, feeds, values, 'eval'));
+    // onnxruntime-web 1.19.2 keys eval results by the *training* model's output names, in order: undo that
+    const outputs = {};
+    this.session.evalOutputNames.forEach((name, i) => { outputs[name] = returned[this.session.trainingOutputNames[i]]; });
+    return outputs;
   }
 
   /** Feeds in the model's input order: onnxruntime-web 1.19.2 passes training feeds by position, in
@@ -343,7 +360,7 @@ export class Trainer {
   }
 
   lossOf(outputs, set, training) {
-    const name = training ? set.spec.train_outputs[0] : set.session.evalOutputNames[0];
+    const name = training ? set.spec.train_outputs[0] : set.spec.eval_outputs[0];
     return Number(outputs[name].data[0]);
   }
 
@@ -401,6 +418,7 @@ export class Trainer {
     }
     const resumedFrom = checkpoint ? progress.step : null;
     await this.open(checkpoint);
+    this.probe = takeRows(train, [0]); // a one-sample batch for reading updated statistics (collectUpdated)
     const stepsPerEpoch = Math.ceil(train.length / batchSize);
     const lr = this.lrOverride ?? device.optimizer.lr;
     const schedule = makeSchedule(lr, device.optimizer.schedule, epochs * stepsPerEpoch);
@@ -457,8 +475,31 @@ export class Trainer {
     };
   }
 
+  /** Read the frozen parameters training updated in place (batch-norm statistics) through the state eval
+   * models: one evaluation sweep over a one-sample batch, which changes nothing. */
+  async collectUpdated() {
+    if (!this.probe || !this.sets.some((set) => set.spec.portable.updated_output)) return;
+    const values = {...this.probe};
+    for (const [number, set] of this.sets.entries()) {
+      const outputs = await set.evaluate(values, 1);
+      if (set.spec.portable.updated_output) {
+        const flat = outputs[set.spec.portable.updated_output].data;
+        const shapes = Object.fromEntries(set.spec.parameters.map((p) => [p.name, p.shape]));
+        let offset = 0;
+        for (const name of set.spec.portable.updated_parameters) {
+          const count = product(shapes[name]);
+          set.updated[name] = {type: 'float32', dims: shapes[name], data: flat.slice(offset, offset + count)};
+          offset += count;
+        }
+      }
+      for (const name of set.spec.passes_on) values[name] = plain(outputs[name]);
+      for (const name of Object.keys(values)) if (this.lastReader[name] === number) delete values[name];
+    }
+  }
+
   async save(progress, train, batchSize) {
     if (!this.store) return;
+    await this.collectUpdated();
     const tensors = {}, carried = {};
     for (const set of this.sets) set.save(tensors, carried);
     const files = {
@@ -469,8 +510,9 @@ export class Trainer {
     await this.store.write(`step-${String(progress.step).padStart(8, '0')}`, files);
   }
 
-  /** The trainable parameters of every set as a safetensors file that `edgeplug export --checkpoint` accepts. */
-  trainedParameters() {
+  /** The trained parameters of every set as a safetensors file that `edgeplug export --checkpoint` accepts. */
+  async trainedParameters() {
+    await this.collectUpdated();
     const tensors = {}, carried = {};
     for (const set of this.sets) set.save(tensors, carried);
     return serializeSafetensors(tensors, {format: 'edgeplug-training-state', runtime: 'node'});

@@ -26,7 +26,7 @@ test('trains the digits example and resumes to the same parameters', {skip}, asy
   const full = await whole.fit(train, evalSet, {epochs: 3, batchSize: 10});
   assert.equal(full.steps_run, 15);
   assert.ok(full.epochs.at(-1).train.loss < full.epochs[0].train.loss, 'the training loss fell');
-  const fullParameters = whole.trainedParameters();
+  const fullParameters = await whole.trainedParameters();
 
   const store = new FileStore(artifacts);
   const first = await trainer(artifacts, {checkpoints: store, checkpointEvery: 3});
@@ -36,7 +36,7 @@ test('trains the digits example and resumes to the same parameters', {skip}, asy
   const rest = await second.fit(train, evalSet, {epochs: 3, batchSize: 10});
   assert.equal(rest.resumed_from_step, 5);
   assert.deepEqual(rest.step_losses, full.step_losses.slice(5), 'a resumed run feeds the same batches and reaches the same losses');
-  assert.deepEqual(second.trainedParameters(), fullParameters, 'bit-identical parameters after resume');
+  assert.deepEqual(await second.trainedParameters(), fullParameters, 'bit-identical parameters after resume');
   assert.equal(rest.epochs.at(-1).eval.accuracy, full.epochs.at(-1).eval.accuracy);
 
   // edgeplug export reads the node checkpoint; the exported model scores what the runtime measured

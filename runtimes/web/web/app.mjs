@@ -145,8 +145,8 @@ async function train() {
   }
 }
 
-function download() {
-  const blob = new Blob([state.trainer.trainedParameters()], {type: 'application/octet-stream'});
+async function download() {
+  const blob = new Blob([await state.trainer.trainedParameters()], {type: 'application/octet-stream'});
   const link = document.createElement('a');
   link.href = URL.createObjectURL(blob);
   link.download = 'training_state.safetensors';
