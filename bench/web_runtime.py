@@ -44,7 +44,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import digits_images  # noqa: E402
 from edgeplug import rewrite, tensorfile  # noqa: E402
 from edgeplug.checkpoints import DEVICE_STATE, latest_checkpoint  # noqa: E402
 from edgeplug.recipe import recipe_from_dict  # noqa: E402
@@ -67,7 +66,7 @@ DIGITS_ROWS: list[tuple[str, dict[str, Any], bool]] = [
     ("lls (lls-m, staged)", {"optimizer": {"name": "adamw", "lr": 0.01}, "passes": [{"name": "lls", "options": {"variant": "lls-m"}}]}, False),
     ("qcore (float artifacts)", {"optimizer": {"name": "adamw", "lr": 0.01}, "passes": [{"name": "qcore", "options": {"bits": 4}}]}, False),
     ("activation-shortcut (asi)", {"optimizer": {"name": "adamw", "lr": 0.01},
-                                   "passes": [{"name": "activation-shortcut", "options": {"last": 2, "method": "asi"}}]}, True),
+                                   "passes": [{"name": "activation-shortcut", "options": {"last": 2, "method": "asi", "compression": 20}}]}, True),
 ]
 EFFNET_ROWS: list[tuple[str, dict[str, Any], bool]] = [
     ("last layer", {"optimizer": {"name": "adamw", "lr": 0.001}, "passes": [{"name": "trainable", "options": {"layers": "classifier"}}]}, False),
@@ -80,6 +79,16 @@ EFFNET_ROWS: list[tuple[str, dict[str, Any], bool]] = [
                                                           {"name": "quantize-frozen"}]}, True),
     ("full fine-tune", {"optimizer": {"name": "adamw", "lr": 0.0001}, "passes": []}, False),
 ]
+
+
+def digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as 3-channel images of `image_size` px in [-1, 1] (nearest-neighbour upscaling)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    factor = image_size // 8
+    images = (digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).repeat(factor, axis=1).repeat(factor, axis=2)
+    return np.ascontiguousarray(np.repeat(images[:, None], 3, axis=1)), digits.target.astype(np.int64)
 
 
 def fewshot(x: np.ndarray, y: np.ndarray, shots: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -278,7 +287,18 @@ def main() -> int:
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS / "web_runtime")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="write the tables from earlier runs' JSON files (e.g. a --skip-cost and a --skip-parity run)")
     args = parser.parse_args()
+    if args.combine:
+        runs = [json.loads(path.read_text()) for path in args.combine]
+        meta = {**runs[0]["meta"], "argv": [" + ".join(" ".join(run["meta"]["argv"]) for run in runs)]}
+        parity = [row for run in runs for row in run["parity"]]
+        costs = [row for run in runs for row in run["cost"]]
+        args.output.with_suffix(".json").write_text(json.dumps({"meta": meta, "parity": parity, "cost": costs}, indent=1) + "\n")
+        args.output.with_suffix(".md").write_text(markdown(parity, costs, meta))
+        print(f"wrote {args.output.with_suffix('.md')}")
+        return 0
     node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     parity: list[dict[str, Any]] = []
     costs: list[dict[str, Any]] = []
