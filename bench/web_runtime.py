@@ -218,7 +218,7 @@ def bootstrap_median_ratio(a: list[float], b: list[float], rng: np.random.Genera
 
 def cost_rows(name: str, label: str, recipe: dict[str, Any], model: Path, support: Path, work: Path, batch: int,
               epochs: int, repeats: int) -> dict[str, Any]:
-    folder = work / f"cost-{name}"
+    folder = work / f"cost-{len(list(work.glob('cost-*')))}"
     rewrite(model, recipe_from_dict({"loss": "cross-entropy", **recipe}), folder)
     runs: dict[str, list[dict[str, Any]]] = {"python": [], "node-1": [], "node-2": []}
     loads = []
@@ -286,6 +286,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows and repeats (a smoke run)")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--skip-digits-cost", action="store_true")
+    parser.add_argument("--effnet-cost", nargs="*", default=[EFFNET_ROWS[0][0], EFFNET_ROWS[-1][0]], metavar="LABEL",
+                        help="EfficientNet rows to time (labels; default: last layer and full fine-tune)")
     parser.add_argument("--output", type=Path, default=RESULTS / "web_runtime")
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                         help="write the tables from earlier runs' JSON files (e.g. a --skip-cost and a --skip-parity run)")
@@ -323,11 +326,12 @@ def main() -> int:
         if not args.skip_cost:
             repeats = 1 if args.quick else args.repeats
             model, _, support, _ = workloads["digits CNN"]
-            costs.append(cost_rows("digits CNN", DIGITS_ROWS[0][0], DIGITS_ROWS[0][1], model, support, work, 10, 4, repeats))
-            print(json.dumps(costs[-1]), flush=True)
+            if not args.skip_digits_cost:
+                costs.append(cost_rows("digits CNN", DIGITS_ROWS[0][0], DIGITS_ROWS[0][1], model, support, work, 10, 4, repeats))
+                print(json.dumps(costs[-1]), flush=True)
             if args.effnet:
                 model, _, support, _ = workloads["EfficientNet-Lite0"]
-                for label, recipe, _ in (EFFNET_ROWS[0], EFFNET_ROWS[-1]):
+                for label, recipe, _ in [row for row in (EFFNET_ROWS[0], EFFNET_ROWS[-1]) if row[0] in args.effnet_cost]:
                     costs.append(cost_rows("EfficientNet-Lite0", label, recipe, model, support, work, 16, 1,
                                            1 if args.quick else args.effnet_repeats))
                     print(json.dumps(costs[-1]), flush=True)
