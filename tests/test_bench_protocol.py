@@ -156,6 +156,12 @@ def test_bootstrap_interval_covers_the_true_mean() -> None:
     assert 0.88 <= hits / trials <= 0.99
 
 
+def test_grouped_bootstrap_refuses_groups_of_one() -> None:
+    """One episode per domain has no spread to resample: a grouped interval would collapse to a point."""
+    with pytest.raises(ValueError, match="at least 2 pairs per group"):
+        stats.paired_bootstrap([0.9, 0.5, 0.7], [0.8, 0.4, 0.7], groups=["a", "b", "c"])
+
+
 def test_grouped_bootstrap_keeps_group_shares() -> None:
     """Resampling within domains: a domain with a huge effect keeps its weight, so the interval
     is narrower than resampling episodes freely (which also reweights domains)."""

@@ -21,6 +21,8 @@ import numpy as np
 from bench.protocol import stats
 
 MIB = 2**20
+MIN_PER_DOMAIN = 5
+"""The bootstrap resamples within domains only when every domain has at least this many episodes."""
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -49,9 +51,10 @@ def compare(result: Mapping[str, Any], a: str, b: str, domain: str | None = None
     if not common:
         return None
     x, y = [va[e] for e in common], [vb[e] for e in common]
-    where = domains_of(result)
+    where = [domains_of(result)[e] for e in common]
+    stratify = min(Counter(where).values()) >= MIN_PER_DOMAIN  # too few per domain: resampling within them understates the spread
     return (stats.paired_t(x, y, names=(a, b)),
-            stats.paired_bootstrap(x, y, names=(a, b), groups=[where[e] for e in common], seed=len(common)))
+            stats.paired_bootstrap(x, y, names=(a, b), groups=where if stratify else None, seed=len(common)))
 
 
 def verdict(pair: tuple[stats.PairedDifference, stats.PairedDifference] | None) -> str:
@@ -134,7 +137,7 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
         "",
         f"## Accuracy and paired differences (vs `{baseline}` and vs `{reference}`)",
         "",
-        f"| row | n | query accuracy, mean [95% CI] | Δ vs `{baseline}` [paired t 95% CI] | bootstrap CI (by domain) | winner vs `{baseline}` "
+        f"| row | n | query accuracy, mean [95% CI] | Δ vs `{baseline}` [paired t 95% CI] | bootstrap CI | winner vs `{baseline}` "
         f"| Δ vs `{reference}` [95% CI] | winner vs `{reference}` | chosen lr (count) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -143,12 +146,14 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
         s = stats.summary(acc)
         against = compare(result, row["name"], baseline) if row["name"] != baseline else None
         against_ref = compare(result, row["name"], reference) if row["name"] != reference and reference in names else None
-        ci = f"[{s['low']:.3f}, {s['high']:.3f}]" if len(acc) > 1 else ""
+        ci = f"[{max(0.0, s['low']):.3f}, {min(1.0, s['high']):.3f}]" if len(acc) > 1 else ""
         lines.append(f"| {row['label']} (`{row['name']}`) | {len(acc)} | {s['mean']:.3f} {ci} | {_cell(against) if against else '–'} "
                      f"| {_boot_cell(against) if against else '–'} | {verdict(against) if against else '–'} "
                      f"| {_cell(against_ref) if against_ref else '–'} | {verdict(against_ref) if against_ref else '–'} "
                      f"| {_lr_counts(result, row['name'])} |")
-    lines += ["", "A winner is named only when the paired t interval and the domain-stratified bootstrap interval both exclude 0.", ""]
+    lines += ["", "A winner is named only when the paired t interval and the bootstrap interval both exclude 0. The bootstrap "
+              f"(10,000 resamples of episodes, percentile) resamples within domains when every domain has at least {MIN_PER_DOMAIN} "
+              "episodes, else over all episodes. Accuracy intervals are t intervals clipped to [0, 1].", ""]
     lines += _domain_table(result, rows, baseline)
     lines += _extra_comparisons(result, rows)
     lines += _cost_table(result, rows, reference)
@@ -199,7 +204,7 @@ def _extra_comparisons(result: Mapping[str, Any], rows: list[dict[str, Any]]) ->
     pairs = [(row["name"], other) for row in rows for other in row.get("compare", []) if other in {r["name"] for r in rows}]
     if not pairs:
         return []
-    lines = ["## Comparisons the rows ask for", "", "| comparison | n | Δ accuracy [paired t 95% CI] | bootstrap CI (by domain) | winner |",
+    lines = ["## Comparisons the rows ask for", "", "| comparison | n | Δ accuracy [paired t 95% CI] | bootstrap CI | winner |",
              "|---|---|---|---|---|"]
     for a, b in pairs:
         pair = compare(result, a, b)
@@ -258,7 +263,7 @@ def plot(result: Mapping[str, Any], path: Path, *, baseline: str = "last_layer")
         colour = colours.get(row["kind"], "#1f77b4")
         s = stats.summary(list(values(result, row["name"]).values()))
         if s["n"]:
-            low, high = (s["low"], s["high"]) if s["n"] > 1 else (s["mean"], s["mean"])
+            low, high = (max(0.0, s["low"]), min(1.0, s["high"])) if s["n"] > 1 else (s["mean"], s["mean"])
             axes[0].errorbar(s["mean"], position, xerr=[[s["mean"] - low], [high - s["mean"]]], fmt="o", color=colour, capsize=3)
         if row["name"] != baseline:
             pair = compare(result, row["name"], baseline)

@@ -93,6 +93,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, names: tuple[str
         labels = np.asarray(groups)
         if len(labels) != n:
             raise ValueError(f"groups has {len(labels)} entries for {n} pairs")
+        sizes = {group: int((labels == group).sum()) for group in np.unique(labels)}
+        if min(sizes.values()) < 2:
+            raise ValueError(f"resampling within groups needs at least 2 pairs per group, got {sizes}: a group of one "
+                             "has no spread and would shrink the interval; resample without groups")
         total = np.zeros(resamples)
         for group in np.unique(labels):
             members = d[labels == group]
