@@ -51,6 +51,7 @@ from edgeplug.passes import (
 from edgeplug.plugins import PluginHost, hookimpl
 
 if TYPE_CHECKING:  # imported on first use (they load onnxruntime, jsonschema, yaml): see __getattr__
+    from edgeplug.collapse import TrainingWarning
     from edgeplug.data import load_dataset
     from edgeplug.exporter import export
     from edgeplug.inspection import inspect_model
@@ -87,6 +88,7 @@ __all__ = [
     "SetupError",
     "Stage",
     "Trainer",
+    "TrainingWarning",
     "TrainingModels",
     "export",
     "hookimpl",
@@ -106,6 +108,7 @@ _LAZY = {
     "load_recipe": "edgeplug.recipe",
     "Recipe": "edgeplug.recipe",
     "load_dataset": "edgeplug.data",
+    "TrainingWarning": "edgeplug.collapse",
 }
 
 

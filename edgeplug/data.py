@@ -42,9 +42,18 @@ class TensorSpec:
     shape: Sequence[int | str | None]
 
 
+class NamedArrays(dict[str, np.ndarray]):
+    """Arrays read from a file, which remember its name for error messages (a plain dict says '<arrays>')."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
+        super().__init__(arrays)
+        self.source = source
+
+
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read every array of an .npz file (pickles refused), or of a .safetensors file (the device runtimes'
-    format), with a DataError naming the file on failure.
+    format), with a DataError naming the file on failure; the dict remembers the file's name (`NamedArrays`)
+    for later errors about its contents.
 
     Headers are read first: declared sizes must match the archive and fit in memory
     before anything is inflated (see `NpzArchive`).
@@ -52,11 +61,11 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     if Path(path).suffix == ".safetensors":
         from edgeplug import tensorfile
 
-        return tensorfile.load(path)[0]
+        return NamedArrays(tensorfile.load(path)[0], str(path))
     with NpzArchive(path) as archive:
         keys = archive.keys()
         archive.check_memory(keys)
-        return {key: archive.read(key) for key in keys}
+        return NamedArrays({key: archive.read(key) for key in keys}, str(archive.path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +198,8 @@ def load_dataset(
     agreed on the number of samples and fit in memory.
     """
     if isinstance(source, Mapping):
-        return _dataset(dict(source), list(source), inputs, loss, num_classes, input_keys, labels_key, "<arrays>")
+        label = getattr(source, "source", "<arrays>")  # arrays from load_npz remember their file
+        return _dataset(dict(source), list(source), inputs, loss, num_classes, input_keys, labels_key, label)
     with NpzArchive(source) as archive:
         names = archive.keys()
         keys = _chosen_keys(names, inputs, dict(input_keys or {}), labels_key, str(source))
@@ -287,7 +297,7 @@ def _labels(array: np.ndarray, loss: str, num_classes: int | None, label: str) -
         if array.ndim != 1:
             raise DataError(f"{label} has shape {tuple(array.shape)}; cross-entropy needs one class index per sample")
         if num_classes is not None and array.size and (array.min() < 0 or array.max() >= num_classes):
-            raise DataError(f"{label} holds classes {int(array.min())}..{int(array.max())} but the model has {num_classes} outputs")
+            raise DataError(label_range_message(label, array, num_classes))
         return array.astype(np.int64)
     if array.dtype.kind != "f":
         raise DataError(f"{label} has dtype {array.dtype}; {loss} needs float targets")
@@ -296,6 +306,15 @@ def _labels(array: np.ndarray, loss: str, num_classes: int | None, label: str) -
     targets = array.astype(np.float32)
     check_finite(targets, label)
     return targets
+
+
+def label_range_message(label: str, labels: np.ndarray, num_classes: int) -> str:
+    """Name the labels outside 0..num_classes-1 and what to do about them."""
+    outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+    shown = ", ".join(str(int(v)) for v in outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+    return (f"{label} holds label{'s' if len(outside) > 1 else ''} {shown} but the model has {num_classes} outputs "
+            f"(labels 0..{num_classes - 1}); for new classes give the model a new head with the 'new-head' pass "
+            f"(classes: {max(int(labels.max()) + 1, 1)}), or fix the labels")
 
 
 def _shape_text(shape: Sequence[Any]) -> str:

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 import weakref
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from edgeplug.checkpoints import (
     state_file,
     write_checkpoint,
 )
+from edgeplug.collapse import CollapseMonitor, OutputSpread, TrainingWarning, likely_causes
 from edgeplug.data import Dataset, TensorSpec, load_dataset
 from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
@@ -123,6 +125,8 @@ class FitResult:
     """The time of every step this call ran (forward, backward and optimizer of every stage)."""
     prefix_cache: dict[str, Any] | None = None
     """What the frozen-prefix cache did (`edgeplug.prefix_cache.CacheStats`), or why it was not used (`reason`)."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Warnings of this run (a collapse: see `edgeplug.collapse`), also given to the `warn` callback."""
 
 
 class Trainer:
@@ -145,6 +149,7 @@ class Trainer:
         cache_prefix: bool | None = None,
         cache_memory: int | str = "256M",
         cache_dir: str | Path | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         """`cache_prefix`: compute the frozen prefix (everything before the first trainable layer) once per
         training example and train only the rest (`edgeplug.prefix_cache`; bit-identical weights). None (the
@@ -181,6 +186,7 @@ class Trainer:
         self.checkpoints = checkpoints  # False: no resume, nothing written (benchmarks measure the steps alone)
         self.progress = progress
         self.echo = echo or (lambda text: None)
+        self.warn = warn or (lambda text: warnings.warn(text, TrainingWarning, stacklevel=5))
         self.host = host or default_host()
         training = self.report["training"]
         self.loss_kind: str = training["loss"]
@@ -202,6 +208,8 @@ class Trainer:
         self._step_losses: list[float] = []
         self._optimizer: Any = None
         self._state: Any = None
+        self._batch_size = 32  # of the last fit: evaluation's default
+        self._eval_spread = OutputSpread()
 
     # -- data ----------------------------------------------------------------------
 
@@ -300,13 +308,28 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------
 
-    def evaluate(self, data: Dataset | str | Path | Mapping[str, np.ndarray], batch_size: int = 256) -> Metrics:
-        """Mean loss and accuracy (cross-entropy only) of the current weights on `data`."""
+    def evaluate(self, data: Dataset | str | Path | Mapping[str, np.ndarray], batch_size: int | None = None) -> Metrics:
+        """Mean loss and accuracy (cross-entropy only) of the current weights on `data`.
+
+        Batches of `batch_size` (default: the batch size of the last `fit`, else 32), under the
+        same `max_memory` check as training.
+        """
         dataset = data if isinstance(data, Dataset) else self.dataset(data)
+        batch_size = self._batch_size if batch_size is None else batch_size
+        if batch_size < 1:
+            raise EdgeplugError("the evaluation batch size must be at least 1")
+        check_artifacts_budget(self.artifact_dir, batch_size, self.max_memory, baseline=current_rss_bytes(),
+                               when="evaluate with a smaller batch size (--batch-size)")
+        return self._evaluate(dataset, batch_size)
+
+    def _evaluate(self, dataset: Dataset, batch_size: int) -> Metrics:
+        """`evaluate` without the memory check (fit checked the same batch size for training, which needs more)."""
         if self._module is None:
             self._open(latest_checkpoint(self.artifact_dir))
         epoch, global_step = self._position
         losses, correct = [], 0
+        self._eval_spread = OutputSpread()
+        output_name = self.report["training"]["output"]
         self._set_mode(False)
         try:
             with self._runtime_hooks_active():
@@ -317,7 +340,9 @@ class Trainer:
                     self.host.before_step(step)
                     outputs = self._run(batch, step.extra_inputs)
                     losses.append(float(_loss(outputs)) * len(indices))
-                    correct += _correct(outputs, batch["labels"], self.loss_kind, self.report["training"]["output"])
+                    correct += _correct(outputs, batch["labels"], self.loss_kind, output_name)
+                    if output_name in outputs:
+                        self._eval_spread.add(outputs[output_name])
         finally:
             self._set_mode(True)
         accuracy = correct / len(dataset) if self.loss_kind == "cross-entropy" else None
@@ -374,16 +399,18 @@ class Trainer:
         with self._runtime_hooks_active():
             if checkpoint:
                 self.echo(f"resuming from {checkpoint.name} (epoch {progress['epoch'] + 1}, batch {progress['batch']})")
+            self._batch_size = batch_size
             initial = None
             if eval_set is not None and not checkpoint:
-                initial = self.evaluate(eval_set)
+                initial = self._evaluate(eval_set, batch_size)
                 self.echo(f"before training: {_metrics_text('eval', initial)}")
-            step_times = self._epochs(train_set, eval_set, epochs, batch_size, steps_per_epoch, schedule, progress)
+            monitor = self._collapse_monitor(train_set, eval_set, initial)
+            step_times = self._epochs(train_set, eval_set, epochs, batch_size, steps_per_epoch, schedule, progress, monitor)
         history = [EpochResult(h["epoch"], Metrics(**h["train"]), Metrics(**h["eval"]) if h.get("eval") else None, h["seconds"]) for h in progress["history"]]
         median = statistics.median(step_times) if step_times else None
         peak = peak_rss_bytes()
         return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses),
-                         [round(t, 6) for t in step_times], cache_info)
+                         [round(t, 6) for t in step_times], cache_info, list(monitor.messages))
 
     def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
         """The newest complete checkpoint that loads, and its progress; damaged ones are skipped with a note.
@@ -475,15 +502,17 @@ class Trainer:
         return cached, cache.stats[-1].to_dict()
 
     def _epochs(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, steps_per_epoch: int,
-                schedule: Callable[[int], float], progress: dict[str, Any]) -> list[float]:
+                schedule: Callable[[int], float], progress: dict[str, Any], monitor: CollapseMonitor) -> list[float]:
         step_times: list[float] = []
         self._step_losses = []
+        output_name = self.report["training"]["output"]
         self._set_mode(True)
         while progress["epoch"] < epochs:
             epoch = progress["epoch"]
             order = np.random.default_rng([self.seed, epoch]).permutation(len(train_set))
             started = time.perf_counter()
             sums: dict[str, Any] = progress.setdefault("running", {"loss": 0.0, "correct": 0, "seen": 0})
+            spread = OutputSpread()
             bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                        disable=None if self.progress else True, leave=False, file=sys.stderr, dynamic_ncols=True)
             with bar:
@@ -505,7 +534,9 @@ class Trainer:
                         raise EdgeplugError(f"the loss became {loss} at step {progress['step']}; lower the learning rate (--lr)")
                     self.host.after_step(step, loss)
                     sums["loss"] += loss * len(indices)
-                    sums["correct"] += _correct(step.outputs, batch["labels"], self.loss_kind, self.report["training"]["output"])
+                    sums["correct"] += _correct(step.outputs, batch["labels"], self.loss_kind, output_name)
+                    if output_name in step.outputs:
+                        spread.add(step.outputs[output_name])
                     sums["seen"] += len(indices)
                     progress["batch"] += 1
                     progress["step"] += 1
@@ -514,7 +545,7 @@ class Trainer:
                     if self.checkpoint_every and progress["step"] % self.checkpoint_every == 0 and progress["batch"] < steps_per_epoch:
                         self._save(progress, train_set, batch_size)
             train_metrics = Metrics(sums["loss"] / sums["seen"], sums["correct"] / sums["seen"] if self.loss_kind == "cross-entropy" else None)
-            eval_metrics = self.evaluate(eval_set) if eval_set is not None else None
+            eval_metrics = self._evaluate(eval_set, batch_size) if eval_set is not None else None
             seconds = time.perf_counter() - started
             progress["history"].append({
                 "epoch": epoch + 1, "train": dataclasses.asdict(train_metrics),
@@ -526,7 +557,30 @@ class Trainer:
             self.echo(f"epoch {epoch + 1}/{epochs}  {_metrics_text('train', train_metrics)}"
                       + (f"  {_metrics_text('eval', eval_metrics)}" if eval_metrics else "") + f"  ({seconds:.1f} s)")
             self._save(progress, train_set, batch_size)
+            message = monitor.epoch_end(epoch + 1, train_metrics.loss, train_metrics.accuracy,
+                                        eval_metrics.accuracy if eval_metrics else None,
+                                        spread.constant(), eval_set is not None and self._eval_spread.constant())
+            if message:
+                self.warn(message)
         return step_times
+
+    def _collapse_monitor(self, train_set: Dataset, eval_set: Dataset | None, initial: Metrics | None) -> CollapseMonitor:
+        num_classes = self._num_classes()
+        return CollapseMonitor(
+            num_classes if self.loss_kind == "cross-entropy" else None, train_set.labels,
+            eval_set.labels if eval_set is not None else None, initial.accuracy if initial else None,
+            lambda: likely_causes(self.recipe, self.report, self.lr, self._batch_norm_in_batch_mode),
+        )
+
+    def _batch_norm_in_batch_mode(self) -> bool:
+        """Whether any training model normalises with batch statistics (onnxruntime's BatchNormInternal)."""
+        import onnx  # only when a warning is being written
+
+        for folder in self._folders:
+            model = onnx.load(str(folder / TRAINING_MODEL), load_external_data=False)
+            if any(node.op_type == "BatchNormInternal" for node in model.graph.node):
+                return True
+        return False
 
     def _save(self, progress: dict[str, Any], train_set: Dataset, batch_size: int) -> None:
         if not self.checkpoints:

@@ -195,7 +195,7 @@ DATA = {
     "npz_shape": ("(4, 5)", "(N, 8)"),
     "npz_rank": ("(4, 8, 1)", "(N, 8)"),
     "npz_dtype": ("complex64", "float32"),
-    "npz_label_range": ("0..3", "3 outputs"),
+    "npz_label_range": ("holds label 3 but", "3 outputs (labels 0..2)"),
     "npz_label_dtype": ("float32", "integer"),
     "npz_input_key": ("no array for model input 'x'", "inputs"),
     "npz_label_key": ("no labels", "y or labels"),
