@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def _rewrite(args: argparse.Namespace) -> int:
         print(f"{entry['name']:<14} {escape(entry['summary'])}")
     params = report["parameters"]
     print(f"wrote {escape(result.output_dir)}/: {params['trainable_count']} trainable parameter tensors "
-          f"({params['trainable_values']:,} of {params['total_values']:,} values), loss {report['training']['loss']} "
+          f"({params['trainable_values']:,} of {params['total_values']:,} weight values after the passes), loss {report['training']['loss']} "
           f"on '{escape(report['training']['output'])}'")
     print(_size_line(report["artifacts"]))
     return 0
@@ -103,6 +104,7 @@ def _train(args: argparse.Namespace) -> int:
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, echo=print, checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
         cache_prefix=args.cache_prefix, cache_memory=args.cache_memory,
+        warn=lambda text: print(f"edgeplug: warning: {_one_line(text)}", file=sys.stderr),
     )
     result = trainer.fit(args.data, args.eval, epochs=args.epochs, batch_size=args.batch_size, resume=not args.restart)
     if result.steps_run == 0:
@@ -135,7 +137,18 @@ def _export(args: argparse.Namespace) -> int:
 
     path = export(args.artifacts, args.output, checkpoint=args.checkpoint)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    _qcore_note(args.artifacts)
     return 0
+
+
+def _qcore_note(artifacts: Path) -> None:
+    """A qcore folder's model for the device is the quantized one, not the float model `export` writes."""
+    from edgeplug.artifacts import read_report
+
+    if any(entry.get("name") == "qcore" for entry in read_report(artifacts).get("passes", [])):
+        print(f"edgeplug: note: {artifacts} was rewritten with the 'qcore' pass: this is its float model. The quantized "
+              f"model (recalibrated by 'edgeplug calibrate'): edgeplug export-quantized {artifacts} -o model.onnx "
+              "(after 'edgeplug quantize')", file=sys.stderr)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -189,9 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON")
     sub.set_defaults(run=_inspect)
 
-    sub = commands.add_parser("rewrite", help="run a recipe's passes and write training artifacts")
+    sub = commands.add_parser(
+        "rewrite", help="run a recipe's passes and write training artifacts",
+        description="Run a recipe's passes on an ONNX model and write onnxruntime-training artifacts. "
+                    "New classes from a few examples (a pretrained model, your labels): use the shipped recipe "
+                    "'fine-tune' (a new head initialised from the support set's class prototypes, batch norm frozen, "
+                    "every layer at lr 1e-4): edgeplug rewrite model.onnx --recipe fine-tune --calibration-data "
+                    "support.npz -o out",
+    )
     sub.add_argument("model", type=Path)
-    sub.add_argument("--recipe", type=Path, help="recipe (.yaml/.json); default: full fine-tune with defaults")
+    sub.add_argument("--recipe", type=Path,
+                     help="recipe file (.yaml/.json) or the name of a shipped recipe: fine-tune (new classes from a few "
+                          "examples; needs --calibration-data), sparse-update-int8, sparse-update-shortcut, "
+                          "sparse-update-shortcut-int8; default: every parameter trains, the model's own head, AdamW 1e-3")
     sub.add_argument("-o", "--output", type=Path, required=True, help="artifact folder to create")
     sub.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     sub.add_argument("--calibration-data", type=Path, help=".npz given to data-driven passes")
@@ -294,7 +317,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser = build_parser()
     except EdgeplugError as error:  # a broken plugin: say which, even for --help
         if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
+            traceback.print_exc()
         print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt as interrupt:  # Ctrl-C while plugins load (or a plugin raising it): no traceback
@@ -304,8 +327,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return int(args.run(args))
     except EdgeplugError as error:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, and the same exit status: --debug must not turn a user error into exit 1
+            traceback.print_exc()
         print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
         return error.exit_code
     except BrokenPipeError:  # e.g. `edgeplug passes | head`

@@ -70,18 +70,36 @@ MAX_NODES = 100_000
 each time they are used: a 'billion laughs' document is refused, not expanded)."""
 
 
+def shipped_recipes() -> dict[str, str]:
+    """The recipes shipped with edgeplug (`recipes/`, package data edgeplug.recipes): name -> YAML text."""
+    from importlib import resources
+
+    root = resources.files("edgeplug.recipes")
+    return {entry.name.removesuffix(".yaml"): entry.read_text(encoding="utf-8")
+            for entry in root.iterdir() if entry.name.endswith(".yaml")}
+
+
 def load_recipe(path: str | Path, host: PluginHost | None = None) -> Recipe:
-    """Read and validate a recipe file (.json, .yaml or .yml): a regular file of at most 1 MiB."""
+    """Read and validate a recipe file (.json, .yaml or .yml: a regular file of at most 1 MiB), or a recipe
+    shipped with edgeplug by name ('fine-tune'; a file of that name wins)."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink() and not path.suffix and len(path.parts) == 1:
+        shipped = shipped_recipes()
+        if str(path) not in shipped:
+            raise RecipeError(f"recipe file not found: {path} (shipped recipes: {', '.join(sorted(shipped))})")
+        return _recipe_from_text(shipped[str(path)], "YAML", host, f"recipe '{path}'")
     text = read_limited(path, "recipe file", MAX_RECIPE_BYTES, RecipeError).decode("utf-8", errors="replace")
-    kind = "JSON" if path.suffix == ".json" else "YAML"
+    return _recipe_from_text(text, "JSON" if path.suffix == ".json" else "YAML", host, str(path))
+
+
+def _recipe_from_text(text: str, kind: str, host: PluginHost | None, source: str) -> Recipe:
     try:
         document = json.loads(text, parse_constant=_refuse_constant) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, ValueError) as error:
-        raise RecipeError(f"{path} is not valid {kind}: {_one_line(error)}") from None
+        raise RecipeError(f"{source} is not valid {kind}: {_one_line(error)}") from None
     except RecursionError:
-        raise RecipeError(f"{path} nests too deep to be a recipe (more than {MAX_DEPTH} levels)") from None
-    return recipe_from_dict(document, host=host, source=str(path))
+        raise RecipeError(f"{source} nests too deep to be a recipe (more than {MAX_DEPTH} levels)") from None
+    return recipe_from_dict(document, host=host, source=source)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -53,3 +53,59 @@ def test_rewrite_train_export_last_layers(efficientnet: Path, tmp_path: Path, ca
     assert changed and all(name.startswith(("_fc", "_conv_head", "_bn1")) for name in changed), changed
     session = onnxruntime.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": x[:3]})[0].shape == (3, 10)
+
+
+@pytest.fixture(scope="module")
+def imagenet_efficientnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The eval-mode export with ImageNet's own 1000-class head (the deployment form a user starts from)."""
+    path = tmp_path_factory.mktemp("effnet1000") / "effnet1000.onnx"
+    subprocess.run([sys.executable, str(FIXTURE), str(path), "--mode", "eval", "--image-size", str(SIZE)],
+                   check=True, capture_output=True, timeout=300)
+    return path
+
+
+def _digits(indices: np.ndarray, labels: dict[int, int]) -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[indices] / 16.0 * 2 - 1).astype(np.float32).repeat(SIZE // 8, 1).repeat(SIZE // 8, 2)
+    return {"input": np.ascontiguousarray(np.repeat(images[:, None], 3, axis=1)),
+            "y": np.array([labels[int(t)] for t in digits.target[indices]], dtype=np.int64)}
+
+
+def test_new_head_fine_tune_of_the_1000_class_model_exports_n_logits_that_score_the_last_evaluation(
+        imagenet_efficientnet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The common path, CLI and Python API: pretrained 1000-class model, 4 new classes, the shipped recipe."""
+    import edgeplug
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    classes = {3: 0, 5: 1, 7: 2, 9: 3}
+    rng = np.random.default_rng(0)
+    support_idx = np.concatenate([rng.choice(np.flatnonzero(target == c), 5, replace=False) for c in classes])
+    query_idx = np.concatenate([np.setdiff1d(np.flatnonzero(target == c), support_idx)[:30] for c in classes])
+    support, query = _digits(support_idx, classes), _digits(query_idx, classes)
+    np.savez(tmp_path / "support.npz", **support)
+    np.savez(tmp_path / "query.npz", **query)
+
+    def onnxruntime_accuracy(model: Path) -> float:
+        session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"input": query["input"]})[0]
+        assert logits.shape == (len(query["y"]), 4)
+        return float((logits.argmax(axis=1) == query["y"]).mean())
+
+    assert main(["rewrite", str(imagenet_efficientnet), "--recipe", "fine-tune", "--calibration-data", str(tmp_path / "support.npz"),
+                 "-o", str(tmp_path / "cli")]) == 0
+    assert "1000 -> 4 classes (1280 features), init prototypes from 20 support samples" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "cli"), "--data", str(tmp_path / "support.npz"), "--eval", str(tmp_path / "query.npz"),
+                 "--epochs", "2", "--batch-size", "10", "--no-progress"]) == 0
+    last = float([line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 2/2")][0].split("eval_acc ")[1].split()[0])
+    assert main(["export", str(tmp_path / "cli"), "-o", str(tmp_path / "cli.onnx")]) == 0
+    assert round(onnxruntime_accuracy(tmp_path / "cli.onnx"), 3) == last
+
+    edgeplug.rewrite(imagenet_efficientnet, "fine-tune", tmp_path / "api", calibration=support)
+    result = edgeplug.Trainer(tmp_path / "api", progress=False).fit(support, query, epochs=2, batch_size=10)
+    edgeplug.export(tmp_path / "api", tmp_path / "api.onnx")
+    assert result.epochs[-1].eval is not None
+    assert onnxruntime_accuracy(tmp_path / "api.onnx") == pytest.approx(result.epochs[-1].eval.accuracy, abs=1e-9)
+    assert result.initial_eval is not None and result.initial_eval.accuracy > 0.5  # the prototype head, before training

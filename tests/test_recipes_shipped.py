@@ -88,3 +88,30 @@ def test_a_recipe_runs_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monke
     assert (tmp_path / "trained.onnx").is_file()
     assert main(["rewrite", "model.onnx", "--recipe", str(path), "-o", "again"]) == 2  # sparse-update needs the support set
     assert "calibration-data" in capsys.readouterr().err
+
+
+def test_shipped_recipes_load_by_name_from_the_installed_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeplug.recipe import shipped_recipes
+
+    assert sorted(shipped_recipes()) == sorted(p.stem for p in RECIPES)
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the name comes from the package
+    recipe = load_recipe("fine-tune")
+    assert [p.name for p in recipe.passes] == ["new-head", "freeze-bn"]
+    with pytest.raises(edgeplug.RecipeError, match=r"recipe file not found: fine-tuning \(shipped recipes: fine-tune, "):
+        load_recipe("fine-tuning")
+    (tmp_path / "fine-tune").write_text("optimizer: {lr: 0.5}\n")  # a file of that name wins
+    assert load_recipe("fine-tune").lr == 0.5
+
+
+def test_fine_tune_recipe_gives_a_pretrained_model_a_head_for_the_support_set_classes(tmp_path: Path,
+                                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The common path through the CLI: a 10-class model, 4 new classes, the shipped recipe by name."""
+    onnx.save(cnn(channels=(8, 16), classes=CLASSES, image=IMAGE), str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "support.npz", **classification_data((1, IMAGE, IMAGE), 4, n=24, seed=2))
+    assert main(["rewrite", str(tmp_path / "model.onnx"), "--recipe", "fine-tune", "--calibration-data",
+                 str(tmp_path / "support.npz"), "-o", str(tmp_path / "out")]) == 0
+    assert "10 -> 4 classes" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "out"), "--data", str(tmp_path / "support.npz"), "--epochs", "2", "--no-progress"]) == 0
+    assert main(["export", str(tmp_path / "out"), "-o", str(tmp_path / "trained.onnx")]) == 0
+    session = _ort.inference_runtime().InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, 1, IMAGE, IMAGE), np.float32)})[0].shape == (2, 4)

@@ -1,0 +1,1 @@
+"""Shipped recipes (`edgeplug rewrite --recipe NAME`), installed as package data (edgeplug.recipes)."""
