@@ -40,7 +40,7 @@ def atomic_directory(target: Path, *, overwrite: bool = False, replaceable: Call
         raise OutputError(f"cannot write {target}: it is the root of the file system; choose a folder below it")
     empty = target.is_dir() and not any(target.iterdir())
     if target.exists() and not overwrite and not empty:
-        raise OutputError(f"{target} already exists; pass --force to replace it")
+        raise OutputError(f"{target} already exists; to replace it pass --force (force=True in Python)")
     if (target.exists() or target.is_symlink()) and overwrite and replaceable is not None and not empty and not replaceable(target):
         raise OutputError(f"{target} exists and is not {replaceable_kind}; --force replaces only {replaceable_kind}, "
                           "never other files: move it away or choose another output path")

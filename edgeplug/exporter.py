@@ -64,11 +64,19 @@ def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | 
                     trained.update(device_parameters(path, number, updated=False))
                     continue
                 state = api.CheckpointState.load_checkpoint(str(path))
-                # trained values only: a later stage's frozen copy of a weight must not overwrite the trained one
-                trained.update({name: np.array(parameter.data) for name, parameter in state.parameters
-                                if parameter.requires_grad or len(folders) == 1})
+                values = {name: np.array(parameter.data) for name, parameter in state.parameters}
+                grads = {name for name, parameter in state.parameters if parameter.requires_grad}
+                initial = {} if chosen is None or len(folders) == 1 else {
+                    name: np.array(parameter.data)
+                    for name, parameter in api.CheckpointState.load_checkpoint(str(folder / CHECKPOINT)).parameters
+                    if name not in grads}
             except Exception as error:
                 raise ModelError(f"export failed reading {path}: {' '.join(str(error).split())[:400]}") from None
+            # What this stage changed: its trained parameters, and the buffers its training updated (batch-norm
+            # running statistics). A later stage's frozen copy of a weight is unchanged and must not overwrite the
+            # value an earlier stage trained.
+            trained.update({name: value for name, value in values.items()
+                            if name in grads or len(folders) == 1 or (name in initial and not np.array_equal(value, initial[name]))})
     for index, tensor in enumerate(model.graph.initializer):
         if tensor.name in trained:
             model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(

@@ -37,7 +37,10 @@ def run_phase(info: PassInfo, phase: str, call: Callable[..., T], *args: Any, ti
                         "model is very large: report it to the plugin's author, or raise EDGEPLUG_PASS_TIMEOUT") from None
     except EdgeplugError as error:
         if not isinstance(error, PassError):
-            error.args = (f"pass '{info.name}': {error}",)
+            message = str(error)
+            for own in (f"{info.name}: ", f"pass '{info.name}': "):  # a pass that names itself is named once
+                message = message.removeprefix(own)
+            error.args = (f"pass '{info.name}': {message}",)
         raise
     except OSError as error:
         if is_disk_full(error):  # not the plugin's fault

@@ -13,7 +13,7 @@ import onnx
 
 from edgeplug import __version__
 from edgeplug.errors import EdgeplugError, PassError
-from edgeplug.graph import GraphIndex, tensor_values
+from edgeplug.graph import FLOAT_TYPES, GraphIndex, tensor_values
 from edgeplug.layout import (
     CARRIED_STATE_FILE,
     CHECKPOINT,
@@ -56,6 +56,17 @@ def report_entry(info: PassInfo, instance: Pass, seconds: float, timeout: float 
     }
 
 
+def _weight_values(model: onnx.ModelProto, parameters: list[str]) -> int:
+    """Values of the model's weights: float parameters, and integer weights that DequantizeLinear turns into float
+    (quantize-frozen: frozen, but weights); their scales are not counted (metadata of the quantized ones)."""
+    index = GraphIndex(model)
+    scales = {name for name in parameters
+              if all(node.op_type == "DequantizeLinear" and slot > 0 for node, slot in index.consumers.get(name, []))}
+    quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input
+                 and node.input[0] in index.initializers and index.initializers[node.input[0]].data_type not in FLOAT_TYPES}
+    return sum(tensor_values(index.initializers[name]) for name in (set(parameters) - scales) | quantized)
+
+
 def build_report(source: str, original: onnx.ModelProto, forward: onnx.ModelProto, recipe: Recipe, output_name: str,
             trainable: list[str], entries: list[dict[str, Any]], stage: Path,
             data_inputs: set[str] | None = None) -> dict[str, Any]:
@@ -88,7 +99,7 @@ def build_report(source: str, original: onnx.ModelProto, forward: onnx.ModelProt
             "trainable_count": len(trainable),
             "frozen_count": len(parameters) - len(set(trainable) & set(parameters)),
             "trainable_values": trainable_values,
-            "total_values": sum(sizes[name] for name in parameters),
+            "total_values": _weight_values(forward, parameters),
         },
         "passes": entries,
         "artifacts": artifact_sizes(stage),

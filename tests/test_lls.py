@@ -264,3 +264,22 @@ def test_lls_mxm_starts_like_the_reference(tmp_path: Path) -> None:
     forward = onnx.load(str(tmp_path / "out/stages/0" / FORWARD_MODEL))
     (mixing,) = [numpy_helper.to_array(t) for t in forward.graph.initializer if "class_mixing" in t.name]
     assert mixing.shape == (3, 3) and not np.allclose(mixing, np.eye(3)) and 0.001 < np.abs(mixing).max() < 0.05
+
+
+def test_export_carries_the_batch_norm_statistics_the_stages_updated(tmp_path: Path) -> None:
+    """Staged export copied only parameters with gradients: the running statistics that each stage's training
+    updated were left at their initial values, and the exported model scored below what training reported."""
+    model = cnn((4, 8), 3, image=8, batch_norm=True, seed=3)
+    rewrite(model, tmp_path / "out", lr=0.02)
+    data = classification_data((1, 8, 8), 3, n=96, seed=4)
+    data["x"] = data["x"] * 3.0 + 1.5  # far from the statistics the model was built with
+    trainer = edgeplug.Trainer(tmp_path / "out", host=lls_host(), progress=False)
+    trainer.fit(data, epochs=3, batch_size=16)
+    exported = onnx.load(str(edgeplug.export(tmp_path / "out", tmp_path / "trained.onnx")))
+    values = {t.name: numpy_helper.to_array(t) for t in exported.graph.initializer}
+    initial = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name in ("bn0.mean", "bn0.var", "bn1.mean", "bn1.var"):
+        assert not np.array_equal(values[name], initial[name]), f"{name} was not exported"
+    runtime = edgeplug._ort.inference_runtime()
+    logits = runtime.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": data["x"]})[0]
+    assert trainer.evaluate(data).accuracy == pytest.approx(float((logits.argmax(1) == data["y"]).mean()))

@@ -253,7 +253,7 @@ def test_a_shared_weight_gets_a_fresh_name(tmp_path: Path) -> None:
     ({"init": "linear-probe", "classes": 3}, "mse", True, "needs the cross-entropy loss"),
     ({"init": "random"}, "cross-entropy", False, "give the number of classes"),
     ({"classes": 5}, "cross-entropy", True, "has none of class 3, 4 (of 5)"),
-    ({"classes": 2}, "cross-entropy", True, "holds classes 0..2 but the model has 2 outputs"),
+    ({"classes": 2}, "cross-entropy", True, "holds label 2 but the model has 2 outputs (labels 0..1)"),
     ({"node": "nope"}, "cross-entropy", True, "has no node named 'nope'"),
     ({"node": "act0", "init": "zeros", "classes": 2}, "cross-entropy", True, "Relu 'act0' is not a Gemm, MatMul or Conv"),
 ])

@@ -145,3 +145,16 @@ def test_batch_norm_in_training_mode_is_counted_as_forward(tmp_path: Path) -> No
     assert "a0" in names  # the ReLU output, read by its own gradient
     saved = [t for t in counted.retained if t.producer.startswith("bn0")]
     assert sorted(t.shape for t in saved) == [(4,), (4,)]  # batch mean and inverse std, per channel
+
+
+def test_measurement_works_from_a_folder_holding_an_edgeplug_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The worker once ran as `python -m`, which put the current folder first on sys.path: an `edgeplug/` there (a
+    project folder: a namespace package, "cannot import name '__version__' from 'edgeplug' (unknown location)"; or
+    another checkout's package) was imported instead of the installed edgeplug."""
+    out = build(mlp(), tmp_path / "out")
+    (tmp_path / "edgeplug").mkdir()  # e.g. the root of another edgeplug checkout
+    (tmp_path / "edgeplug" / "__init__.py").write_text("raise ImportError('the shadowing edgeplug/ folder was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "out", "--batch-size", "2", "--steps", "1", "--warmup", "0"]) == 0
+    assert "measured" in capsys.readouterr().out

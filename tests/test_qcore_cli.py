@@ -104,8 +104,8 @@ def test_the_device_loop_builds_and_runs_no_training_graph(built: Path, monkeypa
     chunks = [str(built / f"chunk_{k}.npz") for k in (1, 2, 3)]
     assert cli.main(["calibrate", str(built / "out"), "--stream", *chunks, "--no-progress"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["chunk", "file", "n"] and len(lines) == 4
-    assert [line.split()[1] for line in lines[1:]] == ["chunk_1.npz", "chunk_2.npz", "chunk_3.npz"]
+    assert lines[0].split()[:3] == ["chunk", "file", "n"] and len(lines) == 5 and lines[4].startswith("updated ")
+    assert [line.split()[1] for line in lines[1:4]] == ["chunk_1.npz", "chunk_2.npz", "chunk_3.npz"]
 
 
 def test_calibrate_with_mismatched_chunk_shapes_is_one_line_exit_2(built: Path, capsys) -> None:
@@ -182,3 +182,39 @@ def test_calibrate_holds_out_part_of_each_chunk_for_the_guard(built: Path) -> No
     result = calibrator.step(chunk["x"], chunk["y"], 1)
     assert result.rounds >= 1 and result.examples == 20
     assert len(calibrator._guard_rows(20)) == 10 and len(calibrator._guard_rows(1)) == 0
+
+
+def test_the_recalibrated_model_is_exported_by_a_public_command_and_export_says_so(built: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(built / "out", copy)
+    runtime = _ort.inference_runtime()
+    data = _digits(60, 11, shift=0.3)
+
+    def logits(path: Path) -> np.ndarray:
+        return runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": data["x"]})[0]
+
+    before = logits(copy / "qcore" / "model.int4.onnx")  # (an earlier test may have calibrated `built` already)
+    assert cli.main(["export-quantized", str(copy), "-o", str(tmp_path / "before.onnx")]) == 0
+    np.testing.assert_array_equal(logits(tmp_path / "before.onnx"), before)
+    assert cli.main(["calibrate", str(copy), "--stream", *(str(built / f"chunk_{k}.npz") for k in (1, 2, 3)), "--no-progress"]) == 0
+    assert "updated" in capsys.readouterr().out
+    assert cli.main(["export-quantized", str(copy), "-o", str(tmp_path / "recalibrated.onnx")]) == 0
+    assert cli.main(["export-quantized", str(copy), "-o", str(tmp_path / "initial.onnx"), "--initial"]) == 0
+    recalibrated = logits(tmp_path / "recalibrated.onnx")
+    # what the device loop runs is what is exported, and the folder's own copy follows the calibration
+    calibrator = Calibrator(copy / "qcore", read_options(copy))
+    np.testing.assert_array_equal(recalibrated, calibrator.runner.logits(data["x"]))
+    np.testing.assert_array_equal(recalibrated, logits(copy / "qcore" / "model.int4.onnx"))
+    assert not np.array_equal(recalibrated, before)  # the batch-norm statistics (at least) moved
+    assert not np.array_equal(logits(tmp_path / "initial.onnx"), recalibrated)
+    from edgeplug_plugins.qcore import export_quantized
+
+    assert export_quantized(copy, tmp_path / "api.onnx").read_bytes() == (tmp_path / "recalibrated.onnx").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["export", str(copy), "-o", str(tmp_path / "float.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "this is its float model" in err and f"edgeplug export-quantized {copy} -o" in err
+    with pytest.raises(edgeplug.EdgeplugError, match="run 'edgeplug quantize'"):
+        export_quantized(tmp_path / "nowhere", tmp_path / "x.onnx")

@@ -66,9 +66,16 @@ def _output(artifact_dir: Path, report: dict[str, Any]) -> tuple[int, list[int]]
     return (dims[-1] if dims else 0), dims
 
 
+# `python -m edgeplug.profiling.worker` would put the current folder first on sys.path, where a folder
+# named `edgeplug/` (a checkout, a project's own) shadows the installed package. With -c the first
+# entry is '' (the current folder) too, and the bootstrap drops it before importing anything of ours.
+_WORKER_BOOTSTRAP = ("import sys; sys.path.pop(0); from edgeplug.profiling.worker import main; "
+                     "sys.exit(main(sys.argv[1:]))")
+
+
 def _run(mode: str, artifact_dir: Path, batch_size: int, steps: int, warmup: int, classes: int,
          output_shape: list[int], timeout: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "edgeplug.profiling.worker", mode, str(artifact_dir), str(batch_size),
+    command = [sys.executable, "-c", _WORKER_BOOTSTRAP, mode, str(artifact_dir), str(batch_size),
                str(steps), str(warmup), str(classes), json.dumps(output_shape)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)

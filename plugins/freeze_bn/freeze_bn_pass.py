@@ -27,6 +27,7 @@ class FreezeBatchNormPass(Pass):
     def __init__(self, options: dict[str, Any]) -> None:
         super().__init__(options)
         self._folded: list[str] = []
+        self._folded_values = 0
         self._affine: list[str] = []
         self._left: list[str] = []
 
@@ -69,6 +70,7 @@ class FreezeBatchNormPass(Pass):
                 scaled = editor.node("Mul", [node.input[0], editor.constant(f"{node.name}_folded_scale", multiplier.reshape(broadcast).astype(dtype))], f"{node.name}_scaled")
                 editor.node("Add", [scaled, editor.constant(f"{node.name}_folded_shift", shift.reshape(broadcast).astype(dtype))], f"{node.name}_out")
                 self._folded.append(node.name)
+                self._folded_values += int(values[scale].size + values[bias].size)
             replacements[node.name] = editor.take_replacement(node)
         replace_nodes(model, replacements)
         remove_unused(model)
@@ -78,8 +80,10 @@ class FreezeBatchNormPass(Pass):
         count = len(self._folded) + len(self._affine)
         return PassReport(
             changed=count > 0,
-            summary=f"{len(self._folded)} frozen BatchNormalization folded to running statistics, "
+            summary=f"{len(self._folded)} frozen BatchNormalization folded to running statistics "
+            f"(their {self._folded_values:,} scale/bias values become constants), "
             f"{len(self._affine)} trainable ones use running statistics, {len(self._left)} left in batch mode",
-            details={"folded": self._folded, "running_stats_trainable_affine": self._affine, "batch_mode": self._left},
+            details={"folded": self._folded, "folded_values": self._folded_values,
+                     "running_stats_trainable_affine": self._affine, "batch_mode": self._left},
         )
 

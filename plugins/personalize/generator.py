@@ -114,7 +114,7 @@ def train_generator(artifacts: str | Path, domains: Domains, output: str | Path,
     started = time.perf_counter()
     say = echo or (lambda _text: None)
     if Path(output).exists() and not force:  # refuse before minutes of training, not after
-        raise OutputError(f"{output} already exists; pass --force to replace it")
+        raise OutputError(f"{output} already exists; to replace it pass --force (force=True in Python)")
     device = DeviceModel(artifacts)
     manifest = device.manifest
     if not manifest.parameter_slots():

@@ -1,4 +1,5 @@
-"""Built-in plugin: the `qcore` pass, the `quantize` / `calibrate` commands (QCore), and the
+"""Built-in plugin: the `qcore` pass, the `quantize` / `calibrate` / `export-quantized` commands (QCore;
+`export_quantized()` from Python), and the
 `quantize-frozen` pass (int8 frozen weights in the training graph)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import edgeplug
 
 from .commands import register
+from .export import export_quantized
 from .frozen_pass import QuantizeFrozenPass
 from .qcore_pass import QCorePass
 
@@ -22,3 +24,6 @@ def edgeplug_register_passes(register: Callable[[type[edgeplug.Pass]], None]) ->
 @edgeplug.hookimpl
 def edgeplug_register_commands(commands: argparse._SubParsersAction) -> None:
     register(commands)
+
+
+__all__ = ["export_quantized"]

@@ -1,4 +1,4 @@
-"""CLI commands: `edgeplug quantize` (offline) and `edgeplug calibrate` (the device loop)."""
+"""CLI commands: `edgeplug quantize` (offline), `edgeplug calibrate` (the device loop), `edgeplug export-quantized`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--no-progress", action="store_true", help="no progress bar")
     calibrate.add_argument("--json", action="store_true", help="print the per-chunk table as JSON")
     calibrate.set_defaults(run=run_calibrate)
+    exporter = commands.add_parser("export-quantized", help="qcore: write the quantized model with its current (recalibrated) weights")
+    exporter.add_argument("artifacts", type=Path, help="artifact folder after 'edgeplug quantize' (and 'edgeplug calibrate')")
+    exporter.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    exporter.add_argument("--initial", action="store_true", help="the codes 'edgeplug quantize' wrote, before any calibration")
+    exporter.set_defaults(run=run_export)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -97,6 +102,7 @@ def _chunks(artifacts: Path, paths: list[Path]) -> list[Dataset]:
 def run_calibrate(args: argparse.Namespace) -> int:
     from .build import read_options
     from .calibrate import Calibrator
+    from .export import export_quantized
 
     options = read_options(args.artifacts)
     calibrator = Calibrator(args.artifacts / QCORE_DIR, options)
@@ -112,6 +118,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
             rows.append(dataclasses.asdict(result))
             bar.update(1)
             bar.set_postfix(acc=f"{result.accuracy_after:.3f}", refresh=False)
+    # the folder's quantized model follows the recalibrated state
+    refreshed = export_quantized(args.artifacts, args.artifacts / QCORE_DIR / f"model.int{calibrator.state.bits}.onnx")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -119,4 +127,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['chunk']:>5}  {row['source'][:24]:<24} {row['examples']:>5}  {row['accuracy_before']:>10.3f}  "
               f"{row['accuracy_after']:>9.3f}  {row['flips_proposed']:>6}  {row['flips_kept']:>5}  {row['coreset_from_stream']:>11}  {row['seconds']:>6.2f}")
+    print(f"updated {refreshed} (recalibrated); 'edgeplug export-quantized {args.artifacts} -o FILE' writes it elsewhere")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_quantized
+
+    path = export_quantized(args.artifacts, args.output, initial=args.initial)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, quantized{' (as quantized, before calibration)' if args.initial else ''})")
     return 0

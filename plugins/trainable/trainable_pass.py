@@ -53,7 +53,7 @@ class TrainablePass(Pass):
         return PassReport(
             changed=d["trainable_parameters"] != d["before"],
             summary=f"{d['trainable_parameters']} of {d['trainable_parameters'] + d['frozen_parameters']} parameters train "
-            f"({d['trainable_elements']} of {d['total_elements']} values, {share:.1%})",
+            f"({d['trainable_elements']:,} of {d['total_elements']:,} values, {share:.1%})",
             details=d,
         )
 
