@@ -73,6 +73,9 @@ def _digits(indices: np.ndarray, labels: dict[int, int]) -> dict[str, np.ndarray
             "y": np.array([labels[int(t)] for t in digits.target[indices]], dtype=np.int64)}
 
 
+# 2 steps of full fine-tuning at 32x32 can lose accuracy (measured 0.58 -> 0.33 on this query): the collapse
+# warning may fire; this test is about the exported model scoring what the trainer reported.
+@pytest.mark.filterwarnings("ignore::edgeplug.collapse.TrainingWarning")
 def test_new_head_fine_tune_of_the_1000_class_model_exports_n_logits_that_score_the_last_evaluation(
         imagenet_efficientnet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The common path, CLI and Python API: pretrained 1000-class model, 4 new classes, the shipped recipe."""
