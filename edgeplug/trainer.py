@@ -574,8 +574,6 @@ class Trainer:
 
     def _batch_norm_in_batch_mode(self) -> bool:
         """Whether any training model normalises with batch statistics (onnxruntime's BatchNormInternal)."""
-        import onnx  # only when a warning is being written
-
         for folder in self._folders:
             model = onnx.load(str(folder / TRAINING_MODEL), load_external_data=False)
             if any(node.op_type == "BatchNormInternal" for node in model.graph.node):

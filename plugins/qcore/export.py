@@ -6,8 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from edgeplug.errors import EdgeplugError
-from edgeplug.modelio import save_model
+from edgeplug.plugin_api import EdgeplugError, save_model
 
 from .commands import QCORE_DIR
 from .qmodel import QuantState, export_model
