@@ -45,7 +45,8 @@ if not (WEB / "node_modules" / "onnxruntime-web").is_dir():
 def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("web")
     subprocess.run([sys.executable, str(EXAMPLE / "prepare_data.py"), str(work)], check=True, stdout=subprocess.DEVNULL)
-    edgeplug.rewrite(EXAMPLE / "pretrained_cnn.onnx", EXAMPLE / "recipe.yaml", work / "built")
+    edgeplug.rewrite(EXAMPLE / "pretrained_cnn.onnx", EXAMPLE / "recipe.yaml", work / "built",
+                     calibration=dict(np.load(work / "support.npz")))  # new-head reads the support set
     return work
 
 

@@ -9,7 +9,8 @@ port=${2:-8080}
 
 [ -d "$web/node_modules/onnxruntime-web" ] || (cd "$web" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
 python "$here/prepare_data.py" "$work"
-edgeplug rewrite "$here/pretrained_cnn.onnx" --recipe "$here/recipe.yaml" -o "$work/artifacts" --force
+edgeplug rewrite "$here/pretrained_cnn.onnx" --recipe "$here/recipe.yaml" --calibration-data "$work/support.npz" \
+  -o "$work/artifacts" --force
 mkdir -p "$work/web-data"
 edgeplug pack-data "$work/artifacts" "$work/support.npz" -o "$work/web-data/support.safetensors"
 edgeplug pack-data "$work/artifacts" "$work/query.npz" -o "$work/web-data/query.safetensors"

@@ -30,7 +30,8 @@ export function digits() {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgeplug-web-'));
     const example = path.join(REPO, 'examples', 'digits_fewshot');
     execFileSync(PYTHON, [path.join(example, 'prepare_data.py'), dir], {stdio: 'ignore'});
-    edgeplug('rewrite', path.join(example, 'pretrained_cnn.onnx'), '--recipe', path.join(example, 'recipe.yaml'), '-o', path.join(dir, 'built'));
+    edgeplug('rewrite', path.join(example, 'pretrained_cnn.onnx'), '--recipe', path.join(example, 'recipe.yaml'),
+      '--calibration-data', path.join(dir, 'support.npz'), '-o', path.join(dir, 'built'));
     for (const name of ['support', 'query']) {
       edgeplug('pack-data', path.join(dir, 'built'), path.join(dir, `${name}.npz`), '-o', path.join(dir, `${name}.safetensors`));
     }
