@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a recipe's passes on an ONNX model and write onnxruntime-training artifacts. "
                     "New classes from a few examples (a pretrained model, your labels): use the shipped recipe "
                     "'fine-tune' (a new head initialised from the support set's class prototypes, batch norm frozen, "
-                    "every layer at lr 1e-4): edgeplug rewrite model.onnx --recipe fine-tune --calibration-data "
+                    "every layer at lr 1e-5): edgeplug rewrite model.onnx --recipe fine-tune --calibration-data "
                     "support.npz -o out",
     )
     sub.add_argument("model", type=Path)
