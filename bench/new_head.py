@@ -36,6 +36,7 @@ sys.path.insert(0, str(BENCH))
 
 from protocol import episodes as episodes_module  # noqa: E402
 from protocol import lr_search, stats  # noqa: E402
+
 RESULTS = BENCH / "results"
 FIXTURE = BENCH.parent / "tests" / "fixtures" / "make_efficientnet_lite0.py"
 

@@ -21,8 +21,8 @@ import shutil
 import statistics
 import sys
 import time
-import weakref
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any

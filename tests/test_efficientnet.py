@@ -79,8 +79,9 @@ def _digits(indices: np.ndarray, labels: dict[int, int]) -> dict[str, np.ndarray
 def test_new_head_fine_tune_of_the_1000_class_model_exports_n_logits_that_score_the_last_evaluation(
         imagenet_efficientnet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The common path, CLI and Python API: pretrained 1000-class model, 4 new classes, the shipped recipe."""
-    import edgeplug
     from sklearn.datasets import load_digits
+
+    import edgeplug
 
     target = load_digits().target
     classes = {3: 0, 5: 1, 7: 2, 9: 3}

@@ -152,7 +152,7 @@ def test_measurement_works_from_a_folder_holding_an_edgeplug_directory(tmp_path:
     """The worker once ran as `python -m`, which put the current folder first on sys.path: an `edgeplug/` there (a
     project folder: a namespace package, "cannot import name '__version__' from 'edgeplug' (unknown location)"; or
     another checkout's package) was imported instead of the installed edgeplug."""
-    out = build(mlp(), tmp_path / "out")
+    build(mlp(), tmp_path / "out")
     (tmp_path / "edgeplug").mkdir()  # e.g. the root of another edgeplug checkout
     (tmp_path / "edgeplug" / "__init__.py").write_text("raise ImportError('the shadowing edgeplug/ folder was imported')\n")
     monkeypatch.chdir(tmp_path)
