@@ -9,7 +9,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgeplug import __version__
 from edgeplug.errors import DiskFullError, EdgeplugError, disk_full_detail, is_disk_full
@@ -187,8 +187,20 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(EdgeplugError):
+    """A command line argparse refuses (unknown flag, a value of the wrong type): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UsageError (one line naming the flag) instead of usage text
+    and SystemExit; subcommand parsers, plugin ones included, are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeplug", description="Make ONNX models trainable on edge devices.")
+    parser = _Parser(prog="edgeplug", description="Make ONNX models trainable on edge devices.")
     parser.add_argument("--version", action="version", version=f"edgeplug {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -323,7 +335,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C while plugins load (or a plugin raising it): no traceback
         print(f"edgeplug: interrupted{_detail(interrupt)}", file=sys.stderr)
         return INTERRUPTED
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
+        return error.exit_code
     try:
         return int(args.run(args))
     except EdgeplugError as error:
@@ -338,6 +354,13 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"edgeplug: interrupted{_detail(interrupt)}; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return INTERRUPTED
+    except MemoryError:
+        if args.debug:
+            raise
+        print("edgeplug: error: out of memory: the model or data needs more memory than this process may use "
+              "(ulimit -v, the container's limit, the machine); use less data, a smaller --batch-size or a bigger "
+              "machine", file=sys.stderr)
+        return EdgeplugError.exit_code
     except Exception as error:
         if args.debug:
             raise

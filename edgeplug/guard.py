@@ -171,15 +171,19 @@ def pass_timeout_from_environment() -> float | None:
         seconds = float(value) if value.strip() else 0.0
     except ValueError:
         raise EdgeplugError(f"{PASS_TIMEOUT_VARIABLE}={value!r} is not a number of seconds") from None
-    if seconds < 0 or not math.isfinite(seconds):
-        raise EdgeplugError(f"{PASS_TIMEOUT_VARIABLE}={value!r} must be 0 (no limit) or a positive number of seconds")
-    return seconds or None
+    return check_pass_timeout(seconds, f"{PASS_TIMEOUT_VARIABLE}={value!r}") or None
 
 
-def check_pass_timeout(seconds: float) -> float:
-    """A pass time limit given in code or on the command line: 0 (no limit) or a finite positive number."""
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
-        raise EdgeplugError(f"pass timeout (--pass-timeout) must be 0 (no limit) or a positive number of seconds, not {seconds!r}")
+MAX_PASS_TIMEOUT = 10**6
+"""Longest pass time limit accepted, in seconds (11 days; the interval timer overflows far above it)."""
+
+
+def check_pass_timeout(seconds: float, what: str = "pass timeout (--pass-timeout)") -> float:
+    """A pass time limit given in code or on the command line: 0 (no limit) or a positive number of seconds
+    up to MAX_PASS_TIMEOUT."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) \
+            or not 0 <= seconds <= MAX_PASS_TIMEOUT:
+        raise EdgeplugError(f"{what} must be 0 (no limit) or a number of seconds up to {MAX_PASS_TIMEOUT:,}, not {seconds!r}")
     return float(seconds)
 
 

@@ -11,6 +11,10 @@ stdout.
       -> inspect, rewrite, (data from report.json), train, export; one result per step
     {"argv": ["rewrite", ...], "timeout": 60}
       -> one command
+Optional in both: "env" (variables set in the child), "pythonpath" (folders put first on
+sys.path, e.g. a generated plugin: the child then rebuilds its plugin host), "rewrite_args"
+and "train_args" (extra arguments of the chain's rewrite and train), "data" (a data file
+for the chain's train instead of the generated one).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from edgeplug.plugins import default_host
 MEMORY_LIMIT = 6 * 2**30  # address space per command: a runaway allocation fails instead of swapping the machine
 
 
-def run_command(argv: list[str], timeout: float, workdir: Path, label: str) -> dict[str, Any]:
+def run_command(argv: list[str], timeout: float, workdir: Path, label: str, setup: dict[str, Any] | None = None) -> dict[str, Any]:
     out, err = workdir / f"{label}.out", workdir / f"{label}.err"
     started = time.monotonic()
     pid = os.fork()
@@ -55,6 +59,7 @@ def run_command(argv: list[str], timeout: float, workdir: Path, label: str) -> d
             sys.stderr = os.fdopen(2, "w", closefd=False)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+            _prepare(setup or {})
             code = _child(argv, workdir)
         except BaseException:  # noqa: BLE001 - everything must end in an exit status
             traceback.print_exc()
@@ -82,6 +87,20 @@ def run_command(argv: list[str], timeout: float, workdir: Path, label: str) -> d
         result["signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     result["stderr"] = err.read_text(errors="replace")[-4000:] if err.exists() else ""
     return result
+
+
+def _prepare(setup: dict[str, Any]) -> None:
+    """In the child: the request's environment and plugin folders, and a plugin host that sees them."""
+    os.environ.update(setup.get("env") or {})
+    folders = setup.get("pythonpath") or []
+    if folders or setup.get("env"):
+        import importlib
+
+        from edgeplug.plugins import reset_default_host
+
+        sys.path[:0] = folders
+        importlib.invalidate_caches()
+        reset_default_host()
 
 
 def _child(argv: list[str], workdir: Path) -> int:
@@ -113,19 +132,21 @@ def run_chain(request: dict[str, Any]) -> list[dict[str, Any]]:
     timeout = float(request.get("timeout", 60))
     model = str(workdir / request["model"])
     out = str(workdir / "out")
-    results = [run_command(["inspect", model], timeout, workdir, "inspect")]
+    setup = {key: request[key] for key in ("env", "pythonpath") if key in request}
+    results = [run_command(["inspect", model], timeout, workdir, "inspect", setup)]
     rewrite = ["rewrite", model, "-o", out] + (["--recipe", request["recipe"]] if request.get("recipe") else [])
-    results.append(run_command(rewrite, timeout, workdir, "rewrite"))
+    results.append(run_command(rewrite + list(request.get("rewrite_args", [])), timeout, workdir, "rewrite", setup))
     if results[-1].get("code") != 0:
         return results
-    data = str(workdir / "data.npz")
-    made = run_command(["__make_data__", out, data], timeout, workdir, "data")
-    if made.get("code") != 0:
-        results.append(made)
-        return results
-    results.append(run_command(["train", out, "--data", data, "--epochs", "1", "--batch-size", "2", "--no-progress"],
-                               timeout, workdir, "train"))
-    results.append(run_command(["export", out, "-o", str(workdir / "exported.onnx")], timeout, workdir, "export"))
+    data = request.get("data") or str(workdir / "data.npz")
+    if not request.get("data"):
+        made = run_command(["__make_data__", out, data], timeout, workdir, "data")
+        if made.get("code") != 0:
+            results.append(made)
+            return results
+    train = ["train", out, "--data", data, "--epochs", "1", "--batch-size", "2", "--no-progress"] + list(request.get("train_args", []))
+    results.append(run_command(train, timeout, workdir, "train", setup))
+    results.append(run_command(["export", out, "-o", str(workdir / "exported.onnx")], timeout, workdir, "export", setup))
     return results
 
 
@@ -140,7 +161,8 @@ def serve() -> None:
             reply: Any = run_chain(request)
         else:
             workdir = Path(request.get("workdir", "."))
-            reply = [run_command(request["argv"], float(request.get("timeout", 60)), workdir, request.get("label", "command"))]
+            setup = {key: request[key] for key in ("env", "pythonpath") if key in request}
+            reply = [run_command(request["argv"], float(request.get("timeout", 60)), workdir, request.get("label", "command"), setup)]
         print(json.dumps(reply), flush=True)
 
 
