@@ -13,7 +13,9 @@ from edgeplug.errors import OutputError
 
 
 def _check_parent_writable(target: Path) -> Path:
-    parent = target.resolve().parent
+    # the folder the name lives in, not where a symbolic link called `target` points: a link named LATEST
+    # pointing at /dev/zero is replaced, never written through
+    parent = Path(os.path.abspath(target)).parent.resolve()
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"cannot write {target}: {parent} is a file, not a folder; choose another output path")
     if not parent.exists():

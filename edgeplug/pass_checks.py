@@ -46,7 +46,9 @@ def run_phase(info: PassInfo, phase: str, call: Callable[..., T], *args: Any, ti
         if is_disk_full(error):  # not the plugin's fault
             raise DiskFullError(disk_full_detail(error)) from None
         raise PassError(info.name, phase, f"raised {type(error).__name__}: {error} (plugin '{info.plugin}' {info.version})") from error
-    except (Exception, SystemExit) as error:  # a plugin bug: name the pass and phase, keep the cause for --debug
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - a plugin bug (SystemExit, GeneratorExit too): name the pass and phase
         raise PassError(info.name, phase, f"raised {type(error).__name__}: {error} (plugin '{info.plugin}' {info.version})") from error
 
 

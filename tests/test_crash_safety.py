@@ -318,3 +318,22 @@ def test_rewrite_force_through_a_symlink_replaces_the_real_folder(tmp_path: Path
     import json
 
     assert json.loads((tmp_path / "real" / "report.json").read_text())["parameters"]["total_values"] == 8 * 4 + 4 + 4 * 3 + 3
+
+
+@pytest.mark.parametrize("pointee", ["outside-file", "dev-null"])
+def test_a_latest_pointer_that_is_a_symlink_is_replaced_not_written_through(tmp_path: Path, pointee: str) -> None:
+    """Found by the fuzz suite: LATEST linked to /dev/zero made train write its staging file into /dev."""
+    rewrite(mlp(), None, tmp_path / "out")
+    data = classification_data((8,), 3, n=16)
+    Trainer(tmp_path / "out", progress=False).fit(data, epochs=1, batch_size=8)
+    target = tmp_path / "elsewhere.txt" if pointee == "outside-file" else Path("/dev/null")
+    if pointee == "outside-file":
+        target.write_text("keep me")
+    latest = checkpoints_dir(tmp_path / "out") / "LATEST"
+    latest.unlink()
+    latest.symlink_to(target)
+    Trainer(tmp_path / "out", progress=False).fit(data, epochs=2, batch_size=8)
+    assert not latest.is_symlink() and latest.read_text().strip() == latest_checkpoint(tmp_path / "out").name  # type: ignore[union-attr]
+    if pointee == "outside-file":
+        assert target.read_text() == "keep me"
+    assert not list(Path("/dev").glob(".LATEST.partial-*"))

@@ -59,6 +59,31 @@ def test_keyboard_interrupt_at_import_is_one_line_naming_the_plugin(fake_plugin,
     one_line(err, "interrupted", "plugin 'sleeper'")
 
 
+@pytest.mark.parametrize("phase", ["__init__", "rewrite_forward", "report"])
+def test_generator_exit_in_a_pass_phase_is_a_pass_error(tmp_path: Path, phase: str) -> None:
+    """Found by the fuzz suite: GeneratorExit (a BaseException) escaped the pass wrapper (exit 99 in the worker)."""
+    import edgeplug
+    from edgeplug.plugins import PluginHost
+    from edgeplug.recipe import PassSpec, Recipe
+
+    def leave(self: object, *args: object) -> None:
+        raise GeneratorExit
+
+    methods = {phase: leave, "summary": "leaves", "name": "leaver"}
+    methods.setdefault("report", lambda self: edgeplug.PassReport(False, "x"))
+    leaver = type("Leaver", (edgeplug.Pass,), methods)
+
+    class Plugin:
+        @edgeplug.hookimpl
+        def edgeplug_register_passes(self, register: object) -> None:
+            register(leaver)  # type: ignore[operator]
+
+    host = PluginHost(only={"normalize"})
+    host.register(Plugin(), name="leaving", version="1")
+    with pytest.raises(edgeplug.PassError, match=rf"pass 'leaver' \({phase}\): raised GeneratorExit"):
+        rewrite(mlp(), Recipe((PassSpec("leaver", {}),)), tmp_path / "out", host=host)
+
+
 @pytest.mark.parametrize("statement", ["sys.exit(0)", "raise SystemExit(1)", "raise KeyboardInterrupt"])
 def test_an_exit_in_the_registration_hook_is_named(fake_plugin, capsys: pytest.CaptureFixture[str], statement: str) -> None:
     """SystemExit in edgeplug_register_passes emptied the pass list (exit 0)."""
