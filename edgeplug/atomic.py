@@ -68,6 +68,8 @@ def atomic_directory(target: Path, *, overwrite: bool = False, replaceable: Call
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder that is renamed onto `target` on success."""
     target = Path(target)
+    if target.is_dir() and not target.is_symlink():  # a rename cannot replace a folder with a file
+        raise OutputError(f"cannot write {target}: a folder of that name is in the way; remove it or choose another path")
     parent = _check_parent_writable(target)
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=parent)
     os.close(handle)

@@ -337,3 +337,16 @@ def test_a_latest_pointer_that_is_a_symlink_is_replaced_not_written_through(tmp_
     if pointee == "outside-file":
         assert target.read_text() == "keep me"
     assert not list(Path("/dev").glob(".LATEST.partial-*"))
+
+
+def test_a_folder_where_edgeplug_writes_a_file_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the fuzz suite: a folder named checkpoints/LATEST made train exit 1 (IsADirectoryError)."""
+    rewrite(mlp(), None, tmp_path / "out")
+    np.savez(tmp_path / "d.npz", **classification_data((8,), 3, n=16))
+    (checkpoints_dir(tmp_path / "out") / "LATEST").mkdir(parents=True)
+    code = main(["train", str(tmp_path / "out"), "--data", str(tmp_path / "d.npz"), "--batch-size", "8", "--no-progress"])
+    assert code == 2
+    one_error_line(capsys.readouterr().err, "LATEST", "folder")
+    (tmp_path / "e.onnx").mkdir()
+    assert main(["export", str(tmp_path / "out"), "-o", str(tmp_path / "e.onnx")]) == 2
+    one_error_line(capsys.readouterr().err, "e.onnx", "folder")
