@@ -107,6 +107,7 @@ def test_a_run_keeps_the_protocol(tmp_path: Path) -> None:
         best = max(choice["candidates"], key=lambda c: (c["validation_accuracy"], -c["validation_loss"], -c["lr"]))
         assert best["lr"] == r["lr"], "the lr must be the best on the validation shots"
         assert r["memory"]["peak_reset"] and r["memory"]["rss_added_bytes"] > 0
+        assert r["memory"]["rss_added_with_loading_bytes"] >= r["memory"]["rss_added_bytes"] > 0
         assert r["threads"]["onnxruntime"]["intra_op_num_threads"] == 1
         if r["row"] != "full_manual_ort":
             assert r["head_difference"] == 0.0, "every row must start from the episode's head"

@@ -58,12 +58,27 @@ def reset_peak() -> bool:
 
 @dataclasses.dataclass
 class MemoryProbe:
-    """Call `ready()` after loading, before step 1; `finish()` after the last step."""
+    """Call `loading()` before the row loads its model (runtime imported, data in memory), `ready()` after
+    loading, before step 1, and `finish()` after the last step.
+
+    Two figures follow: RSS added by training (ready point to the end) and RSS added with loading
+    (from `loading()` to the end: the sessions or module, and whatever a runtime does before step 1, e.g.
+    edgeplug's frozen-prefix cache fill). Without `loading()` the second is None.
+    """
 
     rss_ready: int | None = None
     hwm_ready: int | None = None
     peak_reset: bool = False
+    rss_loading: int | None = None
+    hwm_loading: int | None = None  # peak before loading() (interpreter, imports, data)
     _result: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+
+    def loading(self) -> None:
+        if self.rss_loading is not None or self.rss_ready is not None:
+            return
+        self.hwm_loading = proc_status()["VmHWM"]
+        reset_peak()
+        self.rss_loading = proc_status()["VmRSS"]
 
     def ready(self) -> None:
         if self.rss_ready is not None:
@@ -88,11 +103,15 @@ class MemoryProbe:
         hwm = proc_status()["VmHWM"]
         if self.peak_reset:
             added = hwm - self.rss_ready
-            peak = max(hwm, self.hwm_ready)
+            peak = max(hwm, self.hwm_ready, self.hwm_loading or 0)
         else:
             added = hwm - self.hwm_ready
             peak = hwm
+        with_loading = None
+        if self.rss_loading is not None and self.peak_reset:
+            with_loading = max(hwm, self.hwm_ready) - self.rss_loading  # hwm_ready: the peak between loading() and ready()
         return {"peak_rss_bytes": peak, "rss_added_bytes": added, "rss_ready_bytes": self.rss_ready,
+                "rss_added_with_loading_bytes": with_loading, "rss_loading_bytes": self.rss_loading,
                 "peak_before_ready_bytes": self.hwm_ready, "peak_reset": self.peak_reset}
 
 

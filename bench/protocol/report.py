@@ -215,8 +215,8 @@ def _extra_comparisons(result: Mapping[str, Any], rows: list[dict[str, Any]]) ->
 def _cost_table(result: Mapping[str, Any], rows: list[dict[str, Any]], reference: str) -> list[str]:
     lines = ["## Memory and time (medians over episodes; measured on each row's first learning-rate candidate in its fresh process)", "",
              "| row | trainable values | static training bytes (MiB) | retained activations (MiB) | peak RSS (MiB) | RSS added by training (MiB) "
-             "| RSS at ready point (MiB) | median step (ms) | fine-tune, one lr (s) | rewrite (s) | CPU s per episode |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| RSS added with loading (MiB) | RSS at ready point (MiB) | median step (ms) | fine-tune, one lr (s) | rewrite (s) | CPU s per episode |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         name = row["name"]
         if row["kind"] == "head":
@@ -232,15 +232,17 @@ def _cost_table(result: Mapping[str, Any], rows: list[dict[str, Any]], reference
             f"| `{name}` | {'–' if trainable is None else f'{trainable:,.0f}'} | {_mib(static.get('total_training_bytes'), 2)} "
             f"| {_mib(static.get('retained_activation_bytes'), 2)} | {_mib(_median(result, name, lambda r: r['memory']['peak_rss_bytes']))} "
             f"| {_mib(_median(result, name, lambda r: r['memory']['rss_added_bytes']))} "
+            f"| {_mib(_median(result, name, lambda r: r['memory']['rss_added_with_loading_bytes']))} "
             f"| {_mib(_median(result, name, lambda r: r['memory']['rss_ready_bytes']))} "
             f"| {'–' if step is None else f'{1000 * step:.1f}'} | {'–' if fit is None else f'{fit:.1f}'} "
             f"| {'–' if rewrite is None else f'{rewrite:.1f}'} | {'–' if cpu is None else f'{cpu:.1f}'} |")
     lines += ["", "Static bytes come from `edgeplug.profiling.static_profile` at the training batch of episode 0 (parameters + gradients + "
-              "optimizer state + retained activations); RSS from /proc/self/status (peak = VmHWM; added = peak after the ready point − RSS "
-              "at it, the peak counter reset at the ready point). edgeplug's Trainer caches a frozen prefix (everything before the first "
-              "trainable layer) once per example when it can (`edgeplug.prefix_cache`, bit-identical training): then the cache is filled "
-              "before step 1, so its memory shows in peak RSS but not in RSS added, and its time in fine-tune seconds (the whole "
-              "`fit`/loop of the first lr candidate) but not in the median step. Times vary with the shared machine's load: compare rows "
+              "optimizer state + retained activations); RSS from /proc/self/status (peak = VmHWM over the process; added by training = peak "
+              "after the ready point − RSS at it; added with loading = peak after the row starts loading its model − RSS then; the peak "
+              "counter is reset at both points). edgeplug's Trainer caches a frozen prefix (everything before the first trainable layer) "
+              "once per example when it can (`edgeplug.prefix_cache`, bit-identical training): the cache is filled before step 1, so its "
+              "memory shows in peak RSS and in RSS added with loading, not in RSS added by training, and its time in fine-tune seconds "
+              "(the whole `fit`/loop of the first lr candidate, opening the sessions included) but not in the median step. Times vary with the shared machine's load: compare rows "
               "within this table.", ""]
     return lines
 

@@ -262,6 +262,8 @@ def train_recipe(job: dict[str, Any], context: Any) -> dict[str, Any]:
     from edgeplug.trainer import Trainer
 
     def train_one(lr: float, first: bool) -> tuple[dict[str, Any], Evaluator | None]:
+        if first:
+            context.probe.loading()
         trainer = Trainer(job["artifacts"], seed=job["seed"], lr=lr, checkpoints=False, progress=False, threads=context.pinning.threads)
         hook = ready_hook(context.probe) if first else None
         if hook is not None:
@@ -302,6 +304,8 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
 
     def train_one(lr: float, first: bool) -> tuple[dict[str, Any], Evaluator | None]:
         started = time.perf_counter()  # like Trainer.fit: opening the sessions counts
+        if first:
+            context.probe.loading()
         state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
         module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"),
                             session_options=context.pinning.ort_session_options())
@@ -346,10 +350,11 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
     from edgeplug.schedules import make_schedule
 
     context.pinning.pin_torch()
+    x, y = (torch.from_numpy(a) for a in _arrays(job["train"]))
+    context.probe.loading()
     module_name, _, function = job["builder"].partition(":")
     model = getattr(importlib.import_module(module_name), function)(Path(job["headed"]), **job.get("builder_args", {}))
     initial = copy.deepcopy(model.state_dict())
-    x, y = (torch.from_numpy(a) for a in _arrays(job["train"]))
     evaluation = {split: tuple(torch.from_numpy(a) for a in _arrays(job[split])) for split in ("validation", "query")}
     loss_fn = torch.nn.CrossEntropyLoss()
 
