@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 import shutil
 import tempfile
@@ -50,7 +51,6 @@ BATCH_MIXING_OPS = frozenset({"BatchNormalization", "BatchNormInternal", "Dropou
 PASS_THROUGH_SHAPE_OPS = frozenset({"Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "ConcatTraining", "Cast", "Reshape", "Identity", "Mul",
                                     "Add", "Sub", "Div"})
 DEFAULT_MEMORY_BYTES = 256 * 2**20
-CHUNK = 32  # examples per prefix run when filling the cache
 
 
 class NotCacheable(Exception):
@@ -349,12 +349,12 @@ class PrefixCache:
     """Computes the boundary tensors of datasets with the folder's training model and opens the cut model."""
 
     def __init__(self, cut: Cut, artifact_dir: Path, state: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 folder: Path | None = None, session_options: Any = None) -> None:
+                 folder: Path | None = None, threads: int | None = None) -> None:
         self.cut = cut
         self.artifact_dir = Path(artifact_dir)
         self.memory_left = memory_bytes
         self._state = state
-        self._session_options = session_options
+        self._threads = threads
         self._folder = Path(tempfile.mkdtemp(prefix="edgeplug-prefix-cache-", dir=folder))
         self._paths = cut.write(self.model_folder())
         self._augmented: Any = None
@@ -369,11 +369,20 @@ class PrefixCache:
         folder.mkdir(exist_ok=True)
         return folder
 
+    def _options(self, arena: bool) -> Any:
+        options = _ort.inference_runtime().SessionOptions()
+        if self._threads is not None:
+            options.intra_op_num_threads = self._threads
+            options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = arena
+        return options
+
     def _module(self) -> Any:
         if self._augmented is None:
             api = _ort.training_api()
             state = api.CheckpointState.load_checkpoint(str(self._state))
-            module = api.Module(str(self._paths[1]), state, session_options=self._session_options)
+            # no arena: the whole model's buffers go back before the cut model trains
+            module = api.Module(str(self._paths[1]), state, session_options=self._options(arena=False))
             module.train()
             self._augmented = (state, module, list(module.input_names()), list(module.output_names()))
         return self._augmented
@@ -386,7 +395,7 @@ class PrefixCache:
         named = dict(zip(outputs, values if isinstance(values, (list, tuple)) else [values], strict=True))
         return {name: np.array(named[name], copy=True) for name in self.cut.boundary}
 
-    def reference_step(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _reference_step(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Loss and gradients of one step of the uncut model on `batch` (no update)."""
         state, module, inputs, _ = self._module()
         values = module(*[batch[name] for name in inputs])
@@ -394,7 +403,7 @@ class PrefixCache:
         module.lazy_reset_grad()
         return np.array(values[0] if isinstance(values, (list, tuple)) else values), grads
 
-    def check_per_example(self, data: Dataset) -> None:
+    def _check_per_example(self, data: Dataset) -> None:
         """Refuse a prefix whose output for one example depends on the other examples of its batch."""
         if len(data) < 2:
             return
@@ -406,40 +415,52 @@ class PrefixCache:
             if not np.array_equal(value, np.concatenate([s[name] for s in singles])):
                 raise NotCacheable(f"the frozen prefix's output '{name}' for one example depends on the others in its batch")
 
-    def dataset(self, data: Dataset, chunk: int = CHUNK) -> Dataset:
-        """`data` with its inputs replaced by the cached boundary tensors (labels unchanged)."""
+    def dataset(self, data: Dataset) -> Dataset:
+        """`data` with its inputs replaced by the cached boundary tensors (labels unchanged).
+
+        One example per run of the uncut model (the fill then needs the activations of one
+        example, not of a batch: boundary values do not depend on the batch, checked first);
+        then one step of the cut model on the first examples is checked against the uncut
+        model's, bit for bit, and the uncut session is released.
+        """
         started = time.perf_counter()
-        self.check_per_example(data)
+        self._check_per_example(data)
+        check_rows = np.arange(min(2, len(data)))
+        reference = self._reference_step(data.batch(check_rows))
         total = len(data)
         arrays: dict[str, _Spilled] = {}
         spill = self._folder / f"data{len(self.stats)}"
         spill.mkdir()
-        for begin in range(0, total, chunk):
-            values = self.run(data.batch(np.arange(begin, min(begin + chunk, total))))
+        for begin in range(total):
+            values = self.run(data.batch(np.array([begin])))
             if not arrays:
                 per_example = sum(int(v[0].nbytes) for v in values.values())
                 fits = max(self.memory_left // max(per_example, 1), 0)
                 arrays = {name: _Spilled(total, tuple(v.shape[1:]), v.dtype, int(fits), spill, name) for name, v in values.items()}
             for name, value in values.items():
                 arrays[name].put(begin, value)
+        self.release()
+        cached = Dataset(arrays, data.labels, data.source)  # type: ignore[arg-type]  # _Spilled indexes like an array
+        self._verify(cached, check_rows, *reference)
         memory = sum(a.memory_bytes for a in arrays.values())
         self.memory_left -= memory
         self.stats.append(CacheStats(total, sum(math.prod(a.shape[1:]) * a.memory.dtype.itemsize for a in arrays.values()),
                                      memory, sum(a.disk_bytes for a in arrays.values()), time.perf_counter() - started,
                                      self.cut.boundary, self.cut.prefix_nodes))
-        return Dataset(arrays, data.labels, data.source)  # type: ignore[arg-type]  # _Spilled indexes like an array
+        return cached
 
-    def verify(self, data: Dataset, cached: Dataset, indices: np.ndarray) -> None:
+    def _verify(self, cached: Dataset, rows: np.ndarray, loss: np.ndarray, grads: Mapping[str, np.ndarray]) -> None:
         """One step of the cut model on cached data must give the uncut model's loss and gradients, bit for bit."""
-        loss, grads = self.reference_step(data.batch(indices))
         api = _ort.training_api()
         state = api.CheckpointState.load_checkpoint(str(self._state))
-        module = api.Module(str(self._paths[0]), state, session_options=self._session_options)
+        module = api.Module(str(self._paths[0]), state, session_options=self._options(arena=False))
         module.train()
-        feed = cached.batch(indices)
+        feed = cached.batch(rows)
         values = module(*[feed[name] for name in module.input_names()])
         cut_loss = np.array(values[0] if isinstance(values, (list, tuple)) else values)
         differing = [name for name, p in state.parameters if p.requires_grad and not np.array_equal(np.asarray(p.grad), grads[name])]
+        del module, state
+        gc.collect()
         if not np.array_equal(cut_loss, loss) or differing:
             raise NotCacheable("onnxruntime rounds the cut model differently from the whole one "
                                f"(first step: loss {float(cut_loss):.9g} vs {float(loss):.9g}, gradients of {differing[:3]} differ)")
@@ -447,13 +468,14 @@ class PrefixCache:
     def release(self) -> None:
         """Free the uncut training session (the cache is filled)."""
         self._augmented = None
+        gc.collect()
 
     def open(self, folder: Path, state: Path) -> tuple[Any, Any, Any]:
         """The checkpoint state of `folder` (from `state`), a module on the cut training model with the folder's
         own eval model, and the folder's optimizer."""
         api = _ort.training_api()
         checkpoint = api.CheckpointState.load_checkpoint(str(state))
-        module = api.Module(str(self._paths[0]), checkpoint, str(folder / EVAL_MODEL), session_options=self._session_options)
+        module = api.Module(str(self._paths[0]), checkpoint, str(folder / EVAL_MODEL), session_options=self._options(arena=True))
         return checkpoint, module, api.Optimizer(str(folder / OPTIMIZER_MODEL), module)
 
     def close(self) -> None:

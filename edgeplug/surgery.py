@@ -57,6 +57,8 @@ def extract(model: onnx.ModelProto, outputs: Sequence[str], inputs: Iterable[str
     needed tensor that is neither an input, an initializer nor computed from them
     is a ModelError naming it.
     """
+    if not model.functions and not _has_subgraphs(model.graph):
+        return _typed_outputs(_extract_flat(model, outputs, inputs, name))
     import onnx_ir
     from onnx_ir.passes.common import RemoveUnusedFunctionsPass
 
@@ -110,6 +112,8 @@ def remove_unused(model: onnx.ModelProto) -> int:
     `model.graph` stays the same object (references to it stay valid; references to
     its nodes do not when something was removed).
     """
+    if not model.functions and not _has_subgraphs(model.graph):
+        return _remove_unused_flat(model.graph)
     import onnx_ir
     from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
 
@@ -123,6 +127,77 @@ def remove_unused(model: onnx.ModelProto) -> int:
         model.graph.CopyFrom(cleaned.graph)
         del model.functions[:]
         model.functions.extend(cleaned.functions)
+    return removed
+
+
+def _extract_flat(model: onnx.ModelProto, outputs: Sequence[str], inputs: Iterable[str] | None, name: str | None) -> onnx.ModelProto:
+    """`extract` for a graph without subgraphs or functions, built on the proto (no onnx-ir round trip:
+    about 2 s per call on EfficientNet-Lite0, plus 1.5-4 s to import onnx-ir, paid by passes on the device)."""
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    wanted_inputs = [v.name for v in graph.input if v.name not in initializers] if inputs is None else list(inputs)
+    producer = {out: node for node in graph.node for out in node.output if out}
+    known = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+    unknown = [t for t in (*wanted_inputs, *outputs) if t not in producer and t not in known and t not in initializers]
+    if unknown:
+        raise ModelError(f"the model has no tensor named {', '.join(repr(tensor) for tensor in unknown)}")
+    stop, keep, frontier = set(wanted_inputs), set(), [t for t in outputs if t not in wanted_inputs]
+    while frontier:
+        tensor = frontier.pop()
+        node = producer.get(tensor)
+        if node is None:
+            if tensor not in initializers and tensor not in stop:
+                raise ModelError(f"cannot cut the model at {', '.join(wanted_inputs) or 'its inputs'}: "
+                                 f"'{tensor}' is needed but neither an input nor computed from them")
+            continue
+        if id(node) in keep:
+            continue
+        keep.add(id(node))
+        frontier.extend(t for t in node.input if t and t not in stop)
+    nodes = [node for node in graph.node if id(node) in keep]
+    read = {t for node in nodes for t in node.input if t} | set(outputs)
+    produced = {t for node in nodes for t in node.output if t}
+
+    def value(tensor: str) -> onnx.ValueInfoProto:
+        return known[tensor] if tensor in known else onnx.helper.make_empty_tensor_value_info(tensor)
+
+    result_graph = onnx.helper.make_graph(
+        nodes, name if name is not None else graph.name, [value(t) for t in wanted_inputs], [value(t) for t in outputs],
+        [tensor for tensor in graph.initializer if tensor.name in read and tensor.name not in stop],
+        value_info=[v for v in graph.value_info if v.name in produced and v.name not in outputs])
+    result = onnx.helper.make_model(result_graph, opset_imports=list(model.opset_import))
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(result, field, getattr(model, field))
+    return result
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in graph.node for attribute in node.attribute)
+
+
+def _remove_unused_flat(graph: onnx.GraphProto) -> int:
+    """`remove_unused` for a graph without subgraphs or functions, on the proto itself: the onnx-ir round
+    trip copies every initializer (about 2 s per call on EfficientNet-Lite0, plus 1.5-4 s to import onnx-ir),
+    which sparse-update pays on the device."""
+    outputs = {value.name for value in graph.output}
+    nodes = list(graph.node)
+    removed = 0
+    while True:
+        read = outputs | {name for node in nodes for name in node.input if name}
+        alive = [node for node in nodes if any(name in read for name in node.output if name)]
+        if len(alive) == len(nodes):
+            break
+        removed += len(nodes) - len(alive)
+        nodes = alive
+    read = outputs | {value.name for value in graph.input} | {name for node in nodes for name in node.input if name}
+    initializers = [tensor for tensor in graph.initializer if tensor.name in read]
+    removed += len(graph.initializer) - len(initializers)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
     return removed
 
 

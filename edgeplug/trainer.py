@@ -380,7 +380,7 @@ class Trainer:
             shutil.rmtree(checkpoints_dir(self.artifact_dir), ignore_errors=True)
         checkpoint, progress = self._resume_point() if resume else (None, None)
         progress = progress or {"epoch": 0, "batch": 0, "step": 0, "history": []}
-        train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]), batch_size)
+        train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]))
         _ort.seed_random_ops(step_seed(self.seed, int(progress["step"])))  # random ops seeded when sessions open
         self._open(checkpoint)
         if checkpoint:
@@ -466,7 +466,7 @@ class Trainer:
                       "neither reseeds per step nor checkpoints: this resumed run is not bit-identical to an "
                       "uninterrupted one (Dropout is)")
 
-    def _start_prefix_cache(self, train_set: Dataset, epochs_left: int, batch_size: int) -> tuple[Dataset, dict[str, Any] | None]:
+    def _start_prefix_cache(self, train_set: Dataset, epochs_left: int) -> tuple[Dataset, dict[str, Any] | None]:
         """Cut the frozen prefix and cache its outputs for `train_set` (see `cache_prefix`); the dataset to train on."""
         if self._prefix is not None:
             self._prefix.close()
@@ -481,12 +481,11 @@ class Trainer:
             cut = prefix_cache.cut_models(self.artifact_dir, self.report)
             # the folder's initial state: the prefix reads frozen parameters only, and the check compares
             # the cut and the whole model at the same weights
+            _return_freed_buffers()  # the uncut session's buffers go back to the system before the cut one opens
             cache = prefix_cache.PrefixCache(cut, self.artifact_dir, self.artifact_dir / CHECKPOINT, self.cache_memory, self.cache_dir,
-                                             session_options=_thread_options(self.threads))
+                                             threads=self.threads)
             try:
-                cached = cache.dataset(train_set, chunk=batch_size)
-                cache.verify(train_set, cached, np.arange(min(batch_size, len(train_set))))
-                cache.release()
+                cached = cache.dataset(train_set)
             except BaseException:
                 cache.close()
                 raise

@@ -264,6 +264,22 @@ def test_last_k_and_bias_path(tmp_path: Path) -> None:
     assert details["bias_only"] == [f"conv{i}" for i in range(earliest + 1, 3) if f"conv{i}" not in [layer["node"] for layer in details["layers"]]]
 
 
+def test_last_k_with_a_budget_takes_the_most_last_layers_that_fit(tmp_path: Path) -> None:
+    model = mbconv(blocks=2, width=4, seed=1)
+    facts = model_facts(model, "logits", 8)
+    candidates = find_candidates(facts, frozenset(facts.index.parameters()))
+    chosen = {}
+    for budget in (20_000, 60_000, 400_000):
+        report = edgeplug.rewrite(model, _recipe(strategy="last-k", memory_budget_bytes=budget, batch_size=8), tmp_path / str(budget)).report
+        details = _details(report)
+        assert details["predicted"]["backward_memory_bytes"] <= budget
+        chosen[budget] = [layer["node"] for layer in details["layers"]]
+        assert chosen[budget] == [c.node for c in candidates[-len(chosen[budget]):]]  # a contiguous tail
+    assert 1 <= len(chosen[20_000]) < len(chosen[60_000]) < len(chosen[400_000])
+    with pytest.raises(edgeplug.RecipeError, match="does not cover"):
+        edgeplug.rewrite(model, _recipe(strategy="last-k", memory_budget_bytes=100, batch_size=8), tmp_path / "none")
+
+
 @pytest.mark.parametrize("axis", ["input", "output"])
 def test_a_frozen_bias_survives_the_split(tmp_path: Path, axis: str) -> None:
     """Biases frozen by an earlier pass are not candidates, yet the split layer must keep adding them."""

@@ -36,7 +36,7 @@ class Settings:
     steps: int = 20  # target optimizer steps per candidate (whole epochs: at least this many)
     batch_size: int = 16
     grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # default learning-rate grid (a row may set its own)
-    budget_bytes: int = 4 * 2**20  # "$budget" in recipes: backward-memory budget of the sparse schemes
+    budget_bytes: int = 28 * 2**20  # "$budget" in recipes: backward-memory budget of the sparse schemes (see bench/run.py)
     threads: int = 1
     head_options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"init": "prototypes"})
     schedule: Mapping[str, Any] | None = None  # lr schedule of the built-in manual/torch rows (recipes say their own)

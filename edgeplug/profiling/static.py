@@ -272,11 +272,8 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     )
     submodel = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
     submodel.ir_version = model.ir_version
-    try:
-        from onnx.reference import ReferenceEvaluator
-
-        values = ReferenceEvaluator(submodel).run(None, {})
-    except Exception:  # folding is an aid to shape inference, never a requirement
+    values = _evaluate_constants(submodel)
+    if values is None:
         return
     kept = [node for node in model.graph.node if node not in foldable]
     del model.graph.node[:]
@@ -284,3 +281,24 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     for name, value in zip(needed, values, strict=True):
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
 
+
+
+def _evaluate_constants(model: onnx.ModelProto) -> list[Any] | None:
+    """The outputs of an input-less model: onnxruntime (loaded anyway, fast), else onnx's reference
+    evaluator (whose first import alone takes ~2 s), else None."""
+    try:
+        from edgeplug import _ort
+
+        runtime = _ort.inference_runtime()
+        options = runtime.SessionOptions()
+        options.log_severity_level = 3
+        session = runtime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return list(session.run(None, {}))
+    except Exception:  # noqa: BLE001 - an op or type onnxruntime does not run: try the reference evaluator
+        pass
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        return list(ReferenceEvaluator(model).run(None, {}))
+    except Exception:  # folding is an aid to shape inference, never a requirement
+        return None

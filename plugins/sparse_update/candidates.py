@@ -68,7 +68,7 @@ class ModelFacts:
 def model_facts(model: onnx.ModelProto, output: str, batch_size: int) -> ModelFacts:
     index = GraphIndex(model)
     data_inputs = {v.name for v in model.graph.input if v.name not in index.initializers}
-    shapes, dtypes = forward_shapes(model, data_inputs, batch_size)
+    shapes, dtypes = forward_shapes(_without_layer_weights(model, index), data_inputs, batch_size)
     constants = set(index.initializers)
     for node in model.graph.node:
         if all(not name or name in constants for name in node.input):
@@ -81,6 +81,33 @@ def model_facts(model: onnx.ModelProto, output: str, batch_size: int) -> ModelFa
             first_use.setdefault(name, position)
     return ModelFacts(index, shapes, {k: int(v.itemsize) for k, v in dtypes.items()}, dict(dtypes), constants,
                       on_path, output, batch_size, path, first_use)
+
+
+def _without_layer_weights(model: onnx.ModelProto, index: GraphIndex) -> onnx.ModelProto:
+    """`model` with the values of the layers' weights left out (dims and type kept): shape inference needs
+    none of them, and its copies of a model hold every value (tens of MB on the device, in the selection)."""
+    weights = {name for name, readers in index.consumers.items()
+               if name in index.initializers and readers and all(node.op_type in ("Conv", "Gemm", "MatMul") and slot == 1
+                                                                  for node, slot in readers)}
+    if not weights:
+        return model  # forward_shapes works on its own copy
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(model, field))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            graph.initializer.append(onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type))
+        else:
+            graph.initializer.append(tensor)
+    return skeleton
 
 
 def find_candidates(facts: ModelFacts, trainable: frozenset[str]) -> list[Candidate]:

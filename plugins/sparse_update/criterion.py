@@ -46,6 +46,7 @@ from edgeplug.plugin_api import (
 )
 
 from .candidates import Candidate, ModelFacts
+from .memory import trim_heap
 from .probe_cut import Cut, cut_at, tail_model
 
 
@@ -149,8 +150,13 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
             feed.update(zip((o.name for o in prefix.get_outputs()), computed, strict=True))
         return feed
 
-    first = chunk_at(0)
+    # every chunk's prefix outputs first, then the prefix session goes: the probe's peak is the larger of the
+    # two sessions, not their sum
+    feeds = [chunk_at(begin) for begin in range(0, total, batch)]
+    prefix = None
+    trim_heap()
     prefix_first = timer.seconds
+    first = feeds[0]
     probed, probes = probe_model(tail_model(model, cut, output, first), candidates, output, batch, ranks, input_probes)
     artifacts = training_artifacts()
     frozen = [t.name for t in probed.graph.initializer if t.name not in probes]
@@ -164,7 +170,8 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
                 )
                 api = training_api()
                 state = api.CheckpointState.load_checkpoint(str(Path(folder) / CHECKPOINT))
-                module = api.Module(str(Path(folder) / TRAINING_MODEL), state)  # no eval model: never evaluated
+                module = api.Module(str(Path(folder) / TRAINING_MODEL), state,  # no eval model: never evaluated
+                                    session_options=_no_arena())
             except Exception as error:  # noqa: BLE001 - onnxruntime raises RuntimeError/Fail/InvalidArgument
                 tail = " ".join(native_log)[-400:]
                 raise ModelError(f"sparse-update: could not build the probe graph for the Fisher criterion: {error} {tail}") from None
@@ -173,9 +180,8 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     names = module.input_names()
     sums = {name: np.zeros(state.parameters[name].data.shape[1], dtype=np.float64) for name in probes}
     module.train()
-    for begin in range(0, total, batch):
+    for begin, feed in zip(range(0, total, batch), feeds, strict=True):
         real = min(batch, total - begin)
-        feed = first if begin == 0 else chunk_at(begin)
         module.lazy_reset_grad()
         module(*[feed[name] if name in feed else feed["labels"] for name in names])
         for name in probes:
@@ -195,9 +201,16 @@ def _prefix_session(cut: Cut) -> Any:
     if cut.prefix is None:
         return None
     onnxruntime = inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
-    options = onnxruntime.SessionOptions()
+    return onnxruntime.InferenceSession(cut.prefix.SerializeToString(), _no_arena(), providers=["CPUExecutionProvider"])
+
+
+def _no_arena() -> Any:
+    """Session options without onnxruntime's memory arena: what a probe session allocates goes back when it
+    is done, instead of staying reserved in the process the fine-tuning may run in next."""
+    options = inference_runtime().SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(cut.prefix.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.enable_cpu_mem_arena = False
+    return options
 
 
 class _Timer:

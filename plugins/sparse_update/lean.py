@@ -58,14 +58,19 @@ def is_pointwise_frozen_conv(node: onnx.NodeProto, index: GraphIndex, trainable:
 
 
 def lean_frozen_path(model: onnx.ModelProto, trainable: frozenset[str] | set[str],
-                     shapes: Mapping[str, tuple[int, ...]]) -> LeanResult:
-    """Rewrite the frozen 1x1 convs on the gradient path of `model` as MatMuls.
+                     shapes: Mapping[str, tuple[int, ...]], *, in_place: bool = False) -> LeanResult:
+    """Rewrite the frozen 1x1 convs on the gradient path of `model` as MatMuls (on a copy, or on
+    `model` itself with `in_place`: a copy of the weights less on the device).
 
-    `shapes` (at any batch size) gives the spatial sizes a MatMul form needs; a conv
-    whose input shape is unknown stays a conv.
+    `shapes` (at any batch size) gives the spatial sizes a MatMul form needs (the
+    channel slices `split` gathers are derived from them); a conv whose input shape
+    is unknown stays a conv.
     """
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result = model
+    if not in_place:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+    shapes = _with_gathered(result, shapes)
     index = GraphIndex(result)
     needs = gradient_tensors(index, trainable)
     editor = GraphEditor(result)
@@ -81,6 +86,22 @@ def lean_frozen_path(model: onnx.ModelProto, trainable: frozenset[str] | set[str
     replace_nodes(result, replacements)
     remove_unused(result)
     return LeanResult(result, tuple(matmuls))
+
+
+def _with_gathered(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """`shapes` plus the outputs of Gather nodes that take constant channel indices (axis 1) of a known tensor."""
+    known = dict(shapes)
+    constants = {node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in model.graph.node
+                 if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in known or node.input[1] not in constants:
+            continue
+        axis = next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"), 0)
+        indices, shape = constants[node.input[1]], list(known[node.input[0]])
+        if axis == 1 and indices.ndim == 1 and len(shape) > 1:
+            shape[1] = int(indices.shape[0])
+            known[node.output[0]] = tuple(shape)
+    return known
 
 
 def _static_input(shape: tuple[int, ...] | None) -> bool:

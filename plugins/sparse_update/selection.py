@@ -142,21 +142,17 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
         biases = trained_biases(facts, candidates, updates, options["bias"])
         return plan_cost(facts, candidates, updates, biases, options["optimizer"], loss, options["lean_backward"]), biases
 
-    if strategy == "last-k":
-        count = options.get("layers", 1)
-        if count > len(candidates):
-            raise RecipeError(f"sparse-update: layers={count} but the model has only {len(candidates)} candidate layers")
-        tail = {c.position: Update(c) for c in candidates[-count:]}
-        cost, biases = cost_of(tail)
-        return Selection(tail, biases, cost, scores)
-
     memory_budget = options.get("memory_budget_bytes")
     macs_budget = options.get("backward_macs_budget")
-    if memory_budget is None and macs_budget is None:
-        raise RecipeError(f"sparse-update: strategy '{strategy}' needs a budget: set memory_budget_bytes and/or backward_macs_budget")
 
     def fits(cost: Cost) -> bool:
         return (memory_budget is None or cost.memory_bytes <= memory_budget) and (macs_budget is None or cost.backward_macs <= macs_budget)
+
+    if strategy == "last-k":
+        return _last_k(options, candidates, cost_of, fits, scores, budgeted=memory_budget is not None or macs_budget is not None)
+
+    if memory_budget is None and macs_budget is None:
+        raise RecipeError(f"sparse-update: strategy '{strategy}' needs a budget: set memory_budget_bytes and/or backward_macs_budget")
 
     updates: dict[int, Update] = {}
     pool = list(candidates if pool is None else pool)
@@ -188,6 +184,25 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
         raise RecipeError("sparse-update: no layer fits the budget; raise memory_budget_bytes / backward_macs_budget")
     cost, biases = cost_of(updates)
     return Selection(updates, biases, cost, scores)
+
+
+def _last_k(options: Mapping[str, Any], candidates: list[Candidate], cost_of: Any, fits: Any, scores: dict[int, float],
+            budgeted: bool) -> Selection:
+    """The last `layers` candidates whole; without `layers` but with a budget, the most last layers that fit it."""
+    count = options.get("layers")
+    if count is not None and count > len(candidates):
+        raise RecipeError(f"sparse-update: layers={count} but the model has only {len(candidates)} candidate layers")
+    if count is None and budgeted:
+        count = 0
+        while count < len(candidates) and fits(cost_of({c.position: Update(c) for c in candidates[-(count + 1):]})[0]):
+            count += 1
+        if count == 0:
+            head, (cost, _) = candidates[-1], cost_of({candidates[-1].position: Update(candidates[-1])})
+            raise RecipeError(f"sparse-update: the budget does not cover training the last layer '{head.node}' alone "
+                              f"(backward memory {cost.memory_bytes:,} bytes, backward MACs {cost.backward_macs:,})")
+    tail = {c.position: Update(c) for c in candidates[-(count or 1):]}
+    cost, biases = cost_of(tail)
+    return Selection(tail, biases, cost, scores)
 
 
 def _fit_layer(options: Mapping[str, Any], facts: ModelFacts, candidate: Candidate, updates: dict[int, Update], potentials: Potentials | None,

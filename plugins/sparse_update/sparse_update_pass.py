@@ -13,13 +13,14 @@ import time
 from typing import Any
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.plugin_api import RecipeError, forward_shapes, load_schema
+from edgeplug.plugin_api import RecipeError, load_schema
 
 from . import split
 from .candidates import find_candidates, model_facts
 from .costs import Update, plan_cost, trained_biases
 from .criterion import Potentials, fisher_potentials
 from .lean import LeanResult, lean_frozen_path
+from .memory import trim_heap
 from .selection import feasible, needs_input_potentials, paper_loop, select
 
 
@@ -34,6 +35,7 @@ class SparseUpdatePass(Pass):
 
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         started = time.perf_counter()
+        trim_heap()  # what earlier passes freed goes back to the system before the probe allocates
         options = self.options
         facts = model_facts(state.model, context.output_name, options["batch_size"])
         candidates = find_candidates(facts, state.trainable)
@@ -47,15 +49,17 @@ class SparseUpdatePass(Pass):
             if context.calibration is None:
                 raise RecipeError("sparse-update: the Fisher criterion needs the support set: "
                                   "edgeplug rewrite ... --calibration-data support.npz (or rewrite(..., calibration=arrays))")
-            potentials = fisher_potentials(facts, pool, context.loss, context.calibration, options["calibration_batch"],
+            # chunks no larger than the training batch: the probe then keeps no more than a training step would
+            chunk = min(options["calibration_batch"], options["batch_size"])
+            potentials = fisher_potentials(facts, pool, context.loss, context.calibration, chunk,
                                            needs_input_potentials(options, pool))
+        trim_heap()  # the probe's sessions are gone
         chosen_at = time.perf_counter()
         selection = select(options, facts, candidates, potentials, context.loss, pool)
         model, trainable = split.rewrite(state.model, candidates, selection.updates, selection.biases, ranks)
         lean: LeanResult | None = None
         if options["lean_backward"]:
-            data_inputs = {v.name for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}}
-            lean = lean_frozen_path(model, trainable, forward_shapes(model, data_inputs, options["batch_size"])[0])
+            lean = lean_frozen_path(model, trainable, facts.shapes, in_place=True)  # `model` is split's own copy
             model = lean.model
         selection_seconds = time.perf_counter() - started
 
@@ -121,3 +125,4 @@ class SparseUpdatePass(Pass):
             f"{mem / 2**20:.2f} MiB ({full / max(mem, 1):.0f}x less than all layers), selection {d['seconds']['selection_total']:.2f} s",
             details=d,
         )
+
