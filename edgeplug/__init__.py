@@ -35,27 +35,27 @@ from edgeplug.errors import (
     ResourceError,
     SetupError,
 )
-from edgeplug.graph import GraphIndex
-from edgeplug.passes import (
-    CarriedState,
-    ForwardState,
-    Pass,
-    PassContext,
-    PassInfo,
-    PassReport,
-    Plan,
-    RuntimeContext,
-    Stage,
-    TrainingModels,
-)
-from edgeplug.plugins import PluginHost, hookimpl
 
-if TYPE_CHECKING:  # imported on first use (they load onnxruntime, jsonschema, yaml): see __getattr__
+if TYPE_CHECKING:  # imported on first use (onnx, numpy, onnxruntime, the rewrite stack): see __getattr__
     from edgeplug.collapse import TrainingWarning
     from edgeplug.data import load_dataset
     from edgeplug.exporter import export
+    from edgeplug.graph import GraphIndex
     from edgeplug.inspection import inspect_model
+    from edgeplug.passes import (
+        CarriedState,
+        ForwardState,
+        Pass,
+        PassContext,
+        PassInfo,
+        PassReport,
+        Plan,
+        RuntimeContext,
+        Stage,
+        TrainingModels,
+    )
     from edgeplug.pipeline import RewriteResult, rewrite
+    from edgeplug.plugins import PluginHost, hookimpl
     from edgeplug.recipe import Recipe, load_recipe
     from edgeplug.trainer import FitResult, Trainer
 
@@ -99,6 +99,11 @@ __all__ = [
 ]
 
 _LAZY = {
+    "GraphIndex": "edgeplug.graph",
+    **{name: "edgeplug.passes" for name in ("CarriedState", "ForwardState", "Pass", "PassContext", "PassInfo", "PassReport", "Plan",
+                                            "RuntimeContext", "Stage", "TrainingModels")},
+    "PluginHost": "edgeplug.plugins",
+    "hookimpl": "edgeplug.plugins",
     "rewrite": "edgeplug.pipeline",
     "RewriteResult": "edgeplug.pipeline",
     "Trainer": "edgeplug.trainer",
@@ -113,7 +118,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import the heavy parts of the API (onnxruntime, the rewrite stack) only when they are used."""
+    """Import the heavy parts of the API (onnx, onnxruntime, the rewrite stack) only when they are used, so that
+    `edgeplug --version` and `import edgeplug.errors` stay fast."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'edgeplug' has no attribute {name!r}")

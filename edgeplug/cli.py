@@ -1,44 +1,81 @@
-"""The `edgeplug` command line. User errors print one line and exit 2."""
+"""The `edgeplug` command line.
+
+Every command follows one convention (`edgeplug.console`): its result on stdout, as text or, with
+`--json`, as one JSON document; what happens on the way through `logging`; progress bars on stderr,
+on a terminal only. User errors print one line and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from edgeplug import __version__
-from edgeplug.errors import DiskFullError, EdgeplugError, disk_full_detail, is_disk_full
+from edgeplug.commands import ArgumentParser, CommandRegistry, HelpFormatter, UsageError, add_global_options, walk
+from edgeplug.console import captured_for_json, cli_logging, output_mode, print_result
+from edgeplug.errors import DiskFullError, EdgeplugError, SetupError, disk_full_detail, is_disk_full
 from edgeplug.terminal import EscapingWriter, escape
 
 INTERNAL_ERROR = 1
 INTERRUPTED = 130
+TRAIN_BATCH_SIZE = 32
+"""Default batch size of `train` and `profile` (profile describes the step train runs)."""
+
+log = logging.getLogger(__name__)
+
+
+def version_text() -> str:
+    """`edgeplug X (onnxruntime-training Y, Python Z)`, read from package metadata: nothing is imported."""
+    import importlib.metadata
+    import platform
+
+    try:
+        runtime = importlib.metadata.version("onnxruntime-training-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            runtime = importlib.metadata.version("onnxruntime-training")
+        except importlib.metadata.PackageNotFoundError:
+            runtime = "not installed"
+    return f"edgeplug {__version__} (onnxruntime-training {runtime}, Python {platform.python_version()})"
+
+
+def require_matplotlib(option: str = "--plot") -> None:
+    """Refuse before any work starts when a plot is asked for and matplotlib is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SetupError(f"{option} needs matplotlib: pip install 'edgeplug[plot]'")
+
+
+# -- commands ---------------------------------------------------------------------------------------
 
 
 def _passes(args: argparse.Namespace) -> int:
     from edgeplug.plugins import default_host
 
     passes = sorted(default_host().passes().values(), key=lambda p: p.name)
-    if args.json:
-        print(json.dumps([{"name": p.name, "plugin": p.plugin, "version": p.version, "summary": p.summary} for p in passes], indent=2))
-        return 0
-    rows = [("PASS", "PLUGIN", "VERSION", "SUMMARY")] + [(p.name, escape(p.plugin), escape(p.version), escape(p.summary)) for p in passes]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
-    return 0
+    document = [{"name": p.name, "plugin": p.plugin, "version": p.version, "summary": p.summary} for p in passes]
+
+    def text() -> str:
+        rows = [("PASS", "PLUGIN", "VERSION", "SUMMARY")] + [(p.name, escape(p.plugin), escape(p.version), escape(p.summary)) for p in passes]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3] for row in rows)
+
+    return print_result(document, text)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from edgeplug.inspection import format_inspection, inspect_model
 
     info = inspect_model(args.model)
-    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
-    return 0
+    return print_result(info, lambda: format_inspection(info))
 
 
 def _rewrite(args: argparse.Namespace) -> int:
@@ -50,14 +87,17 @@ def _rewrite(args: argparse.Namespace) -> int:
                      max_memory=args.max_memory, pass_timeout=args.pass_timeout,
                      ort_format=args.ort_format, nominal_checkpoint=args.nominal_checkpoint)
     report = result.report
-    for entry in report["passes"]:
-        print(f"{entry['name']:<14} {escape(entry['summary'])}")
-    params = report["parameters"]
-    print(f"wrote {escape(result.output_dir)}/: {params['trainable_count']} trainable parameter tensors "
-          f"({params['trainable_values']:,} of {params['total_values']:,} weight values after the passes), loss {report['training']['loss']} "
-          f"on '{escape(report['training']['output'])}'")
-    print(_size_line(report["artifacts"]))
-    return 0
+
+    def text() -> str:
+        lines = [f"{entry['name']:<14} {escape(entry['summary'])}" for entry in report["passes"]]
+        params = report["parameters"]
+        lines.append(f"wrote {escape(result.output_dir)}/: {params['trainable_count']} trainable parameter tensors "
+                     f"({params['trainable_values']:,} of {params['total_values']:,} weight values after the passes), loss {report['training']['loss']} "
+                     f"on '{escape(report['training']['output'])}'")
+        lines.append(_size_line(report["artifacts"]))
+        return "\n".join(lines)
+
+    return print_result({"output": str(result.output_dir), "report": report}, text)
 
 
 def _size_line(artifacts: dict[str, int]) -> str:
@@ -94,6 +134,10 @@ def _size_line(artifacts: dict[str, int]) -> str:
 def _train(args: argparse.Namespace) -> int:
     from edgeplug.trainer import Trainer
 
+    if args.epochs is None:
+        args.epochs = 1
+    if args.batch_size is None:
+        args.batch_size = TRAIN_BATCH_SIZE
     if args.runtime == "node":
         from edgeplug.node_runtime import train_with_node
 
@@ -102,43 +146,45 @@ def _train(args: argparse.Namespace) -> int:
         raise EdgeplugError("--threads applies to --runtime node; the Python runtime uses onnxruntime's default")
     trainer = Trainer(
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, echo=print, checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
+        checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
         cache_prefix=args.cache_prefix, cache_memory=args.cache_memory,
-        warn=lambda text: print(f"edgeplug: warning: {_one_line(text)}", file=sys.stderr),
+        warn=lambda text: log.warning("%s", text),
     )
     result = trainer.fit(args.data, args.eval, epochs=args.epochs, batch_size=args.batch_size, resume=not args.restart)
     if result.steps_run == 0:
-        print(f"nothing to do: the latest checkpoint already covers {args.epochs} epochs (use --epochs to train longer or --restart)")
-    step = f"{result.median_step_seconds * 1000:.1f} ms" if result.median_step_seconds is not None else "-"
-    print(f"done: {result.steps_run} steps, median step {step}, peak memory {result.peak_rss_bytes / 2**20:.0f} MiB")
+        log.info("nothing to do: the latest checkpoint already covers %d epochs (use --epochs to train longer or --restart)", args.epochs)
+    document = _fit_json(result)
     if args.metrics:
         from edgeplug.atomic import write_text
 
-        write_text(Path(args.metrics), json.dumps(_fit_json(result), indent=2) + "\n")
-    return 0
+        write_text(Path(args.metrics), json.dumps(document, indent=2) + "\n")
+    step = f"{result.median_step_seconds * 1000:.1f} ms" if result.median_step_seconds is not None else "-"
+    return print_result(document, f"done: {result.steps_run} steps, median step {step}, peak memory {result.peak_rss_bytes / 2**20:.0f} MiB")
 
 
 def _pack_data(args: argparse.Namespace) -> int:
     from edgeplug.node_runtime import pack_data
 
     path, count = pack_data(args.artifacts, args.data, args.output)
-    print(f"wrote {path}: {count} samples ({path.stat().st_size / 1e6:.2f} MB)")
-    return 0
+    size = path.stat().st_size
+    return print_result({"output": str(path), "samples": count, "bytes": size},
+                        f"wrote {escape(path)}: {count} samples ({size / 1e6:.2f} MB)")
 
 
 def _fit_json(result: Any) -> dict[str, Any]:
     import dataclasses
 
-    return dataclasses.asdict(result)
+    document: dict[str, Any] = dataclasses.asdict(result)
+    return document
 
 
 def _export(args: argparse.Namespace) -> int:
     from edgeplug.exporter import export
 
     path = export(args.artifacts, args.output, checkpoint=args.checkpoint)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    size = path.stat().st_size
     _qcore_note(args.artifacts)
-    return 0
+    return print_result({"output": str(path), "bytes": size}, f"wrote {escape(path)} ({size / 1e6:.2f} MB)")
 
 
 def _qcore_note(artifacts: Path) -> None:
@@ -146,72 +192,73 @@ def _qcore_note(artifacts: Path) -> None:
     from edgeplug.artifacts import read_report
 
     if any(entry.get("name") == "qcore" for entry in read_report(artifacts).get("passes", [])):
-        print(f"edgeplug: note: {artifacts} was rewritten with the 'qcore' pass: this is its float model. The quantized "
-              f"model (recalibrated by 'edgeplug calibrate'): edgeplug export-quantized {artifacts} -o model.onnx "
-              "(after 'edgeplug quantize')", file=sys.stderr)
+        log.warning("%s was rewritten with the 'qcore' pass: this is its float model. The quantized model (recalibrated by "
+                    "'edgeplug calibrate'): edgeplug export-quantized %s -o model.onnx (after 'edgeplug quantize')", artifacts, artifacts)
 
 
 def _profile(args: argparse.Namespace) -> int:
     from edgeplug.atomic import write_text
+
+    if args.plot:
+        require_matplotlib()
+    if args.nodes < 0:
+        raise EdgeplugError(f"--nodes must be 0 or more, not {args.nodes}")
+    output = args.output
+    if isinstance(args.json, str):  # the old `--json FILE`
+        log.warning("'--json FILE' is deprecated: use '-o FILE' to write the profile to a file (--json alone prints it)")
+        output = output or Path(args.json)
     from edgeplug.profiling import profile
     from edgeplug.profiling.render import format_profile, plot_profile
 
-    if args.nodes < 0:
-        raise EdgeplugError(f"--nodes must be 0 or more, not {args.nodes}")
     result = profile(args.artifacts, args.batch_size, args.steps, args.warmup, measured=not args.static_only)
-    print(format_profile(result, nodes=args.nodes))
-    if args.json:
-        write_text(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
-        print(f"wrote {args.json}")
+    document = result.to_dict()
+    if output:
+        write_text(Path(output), json.dumps(document, indent=2) + "\n")
+        log.info("wrote %s", output)
     if args.plot:
         plot_profile(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+        log.info("wrote %s", args.plot)
+    return print_result(document, lambda: format_profile(result, nodes=args.nodes))
 
 
 def _schema(args: argparse.Namespace) -> int:
     from edgeplug.plugins import default_host
-    from edgeplug.validation import load_schema
+    from edgeplug.validation import load_schema, schema_names
 
     passes = default_host().passes()
+    shipped = schema_names()
     if args.name is None:
-        print("recipe\nreport\nprofile\n" + "\n".join(f"{name}  (options of pass '{name}')" for name in sorted(passes)))
-        return 0
-    if args.name in ("recipe", "report", "profile"):
+        listed = [{"name": name, "describes": "shipped schema"} for name in shipped if not name.startswith("passes/")]
+        listed += [{"name": name, "describes": f"options of pass '{name}' (plugin '{passes[name].plugin}')"} for name in sorted(passes)]
+        width = max(len(entry["name"]) for entry in listed)
+        return print_result(listed, lambda: "\n".join(f"{entry['name']:<{width}}  {entry['describes']}" for entry in listed))
+    if args.name in passes:
+        document: Any = passes[args.name].factory.options_schema
+    elif args.name in shipped:
         document = load_schema(args.name)
-    elif args.name in passes:
-        document = passes[args.name].factory.options_schema
     else:
         raise EdgeplugError(f"no schema named '{args.name}'; run 'edgeplug schema' for the list")
-    print(json.dumps(document, indent=2, ensure_ascii=False))
-    return 0
+    return print_result(document, lambda: json.dumps(document, indent=2, ensure_ascii=False))
 
 
-class UsageError(EdgeplugError):
-    """A command line argparse refuses (unknown flag, a value of the wrong type): one line, exit 2."""
+# -- the parser -----------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is a UsageError (one line naming the flag) instead of usage text
-    and SystemExit; subcommand parsers, plugin ones included, are of this class too."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edgeplug", description="Make ONNX models trainable on edge devices.")
-    parser.add_argument("--version", action="version", version=f"edgeplug {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The whole command tree: core commands, `fleet`, and (with `plugins`) the installed plugins' commands.
+    Every parser gets the global options and the help format that shows defaults."""
+    parser = ArgumentParser(
+        prog="edgeplug", description="Make ONNX models trainable on edge devices.", formatter_class=HelpFormatter,
+        epilog="Global options work before or after the command. Run 'edgeplug COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=version_text(), help="print the version and exit (loads no plugin)")
+    add_global_options(parser, top_level=True)
+    commands = CommandRegistry(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     sub = commands.add_parser("passes", help="list registered passes")
-    sub.add_argument("--json", action="store_true", help="print JSON")
     sub.set_defaults(run=_passes)
 
     sub = commands.add_parser("inspect", help="ops, parameters, shapes and ops without gradients")
-    sub.add_argument("model", type=Path)
-    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("model", type=Path, help="the .onnx model to describe")
     sub.set_defaults(run=_inspect)
 
     sub = commands.add_parser(
@@ -222,14 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "every layer at lr 1e-5): edgeplug rewrite model.onnx --recipe fine-tune --calibration-data "
                     "support.npz -o out",
     )
-    sub.add_argument("model", type=Path)
+    sub.add_argument("model", type=Path, help="the .onnx model to make trainable")
     sub.add_argument("--recipe", type=Path,
                      help="recipe file (.yaml/.json) or the name of a shipped recipe: fine-tune (new classes from a few "
                           "examples; needs --calibration-data), sparse-update-int8, sparse-update-shortcut, "
                           "sparse-update-shortcut-int8; default: every parameter trains, the model's own head, AdamW 1e-3")
     sub.add_argument("-o", "--output", type=Path, required=True, help="artifact folder to create")
     sub.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    sub.add_argument("--calibration-data", type=Path, help=".npz given to data-driven passes")
+    sub.add_argument("--calibration-data", type=Path, metavar="NPZ", help=".npz given to data-driven passes (e.g. a labelled support set)")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse artifacts whose training step (batch size 1) needs more, e.g. 512M, 2G")
     sub.add_argument("--pass-timeout", type=float, metavar="SECONDS", help="time limit of each pass phase (default: $EDGEPLUG_PASS_TIMEOUT or 600; 0: none)")
     sub.add_argument("--ort-format", action="store_true", help="also write the training, eval and optimizer models in ORT format (.ort)")
@@ -237,27 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_rewrite)
 
     sub = commands.add_parser("train", help="train an artifact folder on .npz data (resumes automatically)")
-    sub.add_argument("artifacts", type=Path)
-    sub.add_argument("--data", type=Path, required=True, help="training .npz")
-    sub.add_argument("--eval", type=Path, help="evaluation .npz (accuracy before and after every epoch)")
-    sub.add_argument("--epochs", type=int, default=1)
-    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("artifacts", type=Path, help="artifact folder written by 'edgeplug rewrite'")
+    sub.add_argument("--data", type=Path, required=True, metavar="NPZ", help="training .npz")
+    sub.add_argument("--eval", type=Path, metavar="NPZ", help="evaluation .npz (accuracy before and after every epoch)")
+    sub.add_argument("--epochs", type=int, metavar="N", help="total epochs; a resumed run trains until N are done (default: 1)")
+    sub.add_argument("--batch-size", type=int, metavar="N", help=f"examples per step; a resumed run must keep it (default: {TRAIN_BATCH_SIZE})")
     sub.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     sub.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps (always at epoch ends)")
     sub.add_argument("--restart", action="store_true", help="discard checkpoints and start from the initial weights")
     sub.add_argument("--no-checkpoints", action="store_true", help="write no checkpoints (no resume; export then gives the initial weights)")
-    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_argument("--cache-prefix", action=argparse.BooleanOptionalAction, default=None,
                      help="compute the frozen layers before the first trained one once per example and train only the rest "
                           "(bit-identical weights); default: when it applies and two or more epochs are left")
     sub.add_argument("--cache-memory", metavar="SIZE", default="256M",
-                     help="memory for the frozen-prefix cache; examples beyond it go to a temporary file (default 256M)")
-    sub.add_argument("--metrics", type=Path, help="write per-epoch metrics as JSON here")
+                     help="memory for the frozen-prefix cache; examples beyond it go to a temporary file")
+    sub.add_argument("--metrics", type=Path, metavar="FILE", help="also write the result (what --json prints) to FILE")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated training step needs more, e.g. 512M, 2G")
     sub.add_argument("--runtime", choices=("python", "node"), default="python",
                      help="python: onnxruntime-training here; node: the JavaScript runtime (onnxruntime-web, WebAssembly) in runtimes/web")
-    sub.add_argument("--threads", type=int, metavar="N", help="WebAssembly threads of --runtime node (default 1)")
+    sub.add_argument("--threads", type=int, metavar="N", help="WebAssembly threads of --runtime node (default: 1)")
     sub.set_defaults(run=_train)
 
     sub = commands.add_parser("pack-data", help="write .npz data as a safetensors file for device runtimes (the JavaScript runtime, the web page)")
@@ -267,34 +313,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_pack_data)
 
     sub = commands.add_parser("export", help="write the inference model with trained weights")
-    sub.add_argument("artifacts", type=Path)
-    sub.add_argument("-o", "--output", type=Path, required=True)
-    sub.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the latest)")
+    sub.add_argument("artifacts", type=Path, help="artifact folder written by 'edgeplug rewrite' (and trained)")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="the .onnx inference model to write")
+    sub.add_argument("--checkpoint", type=Path, help="checkpoint folder or state file (default: the latest, else the initial weights)")
     sub.set_defaults(run=_export)
 
     sub = commands.add_parser("profile", help="count and measure the memory and compute of a training step")
-    sub.add_argument("artifacts", type=Path)
-    sub.add_argument("--batch-size", type=int, default=16)
-    sub.add_argument("--steps", type=int, default=20, help="timed training steps (median reported)")
-    sub.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    sub.add_argument("artifacts", type=Path, help="artifact folder written by 'edgeplug rewrite'")
+    sub.add_argument("--batch-size", type=int, default=TRAIN_BATCH_SIZE, metavar="N", help="batch size of the counts and the measurements (train's default)")
+    sub.add_argument("--steps", type=int, default=20, metavar="N", help="timed training steps (median reported)")
+    sub.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first")
     sub.add_argument("--static-only", action="store_true", help="count only; run nothing")
     sub.add_argument("--nodes", type=int, default=10, metavar="N", help="show the N costliest nodes (0: none)")
-    sub.add_argument("--json", type=Path, help="write the profile as JSON (schemas/profile.schema.json)")
-    sub.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
+    sub.add_argument("-o", "--output", type=Path, metavar="FILE", help="also write the profile as JSON to FILE (edgeplug schema profile)")
+    sub.add_argument("--json", nargs="?", const=True, default=argparse.SUPPRESS, metavar="FILE",
+                     help="print the profile as one JSON document on stdout ('--json FILE' is a deprecated alias of -o FILE)")
+    sub.add_argument("--plot", type=Path, metavar="PNG", help="write a PNG chart (needs matplotlib: pip install 'edgeplug[plot]')")
     sub.set_defaults(run=_profile)
 
-    sub = commands.add_parser("schema", help="print the JSON Schema of recipes, reports or a pass's options")
-    sub.add_argument("name", nargs="?", help="recipe, report, profile or a pass name; omit to list")
+    sub = commands.add_parser("schema", help="list the JSON Schemas, or print one (recipes, reports, profiles, a pass's options)")
+    sub.add_argument("name", nargs="?", help="a name from the list ('recipe', 'report', a pass name, ...); omit to list")
     sub.set_defaults(run=_schema)
 
     from edgeplug.fleet.cli import add_fleet_command
 
     add_fleet_command(commands)
 
-    from edgeplug.plugins import default_host
+    if plugins:
+        from edgeplug.plugins import default_host
 
-    default_host().add_commands(commands)
+        default_host().add_commands(commands)
+    for _, command in walk(parser):
+        command.formatter_class = HelpFormatter
+        if command is not parser:
+            add_global_options(command, top_level=False)
     return parser
+
+
+# -- running a command ----------------------------------------------------------------------------------
 
 
 def _detail(interrupt: KeyboardInterrupt) -> str:
@@ -307,15 +363,29 @@ def _one_line(text: str) -> str:
     return escape(text)
 
 
+def _asks_version(argv: Sequence[str]) -> bool:
+    """`--version` before the command: answered before any plugin (or onnx) is imported."""
+    for token in argv:
+        if token == "--version":
+            return True
+        if not token.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its standard output passes through `EscapingWriter` (no terminal escapes)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if _asks_version(arguments):
+        print(version_text())
+        return 0
     from edgeplug.guard import exit_on_overrun
 
     previous = exit_on_overrun(True)  # this process is ours: a pass that ignores its time limit ends it (guard.py)
     real_stdout = sys.stdout
     sys.stdout = EscapingWriter(real_stdout)  # type: ignore[assignment]
     try:
-        return _main(argv)
+        return _main(arguments)
     finally:
         exit_on_overrun(previous)
         if sys.stdout is not real_stdout:
@@ -324,11 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = real_stdout
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: list[str]) -> int:
     try:
         parser = build_parser()
     except EdgeplugError as error:  # a broken plugin: say which, even for --help
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
+        if "--debug" in argv:
             traceback.print_exc()
         print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
         return error.exit_code
@@ -340,6 +410,32 @@ def _main(argv: Sequence[str] | None) -> int:
     except UsageError as error:
         print(f"edgeplug: error: {_one_line(str(error))}", file=sys.stderr)
         return error.exit_code
+    from edgeplug import progress
+
+    json_output = getattr(args, "json", False) is True
+    previous = progress.set_enabled(False if (args.quiet or args.no_progress) else None)
+    try:
+        with cli_logging(json_output=json_output, quiet=args.quiet, verbose=args.verbose):
+            return _run(args, json_output)
+    finally:
+        progress.set_enabled(previous)
+
+
+def _run(args: argparse.Namespace, json_output: bool) -> int:
+    if not json_output:
+        return _guarded(args)
+    with captured_for_json() as held:
+        code = _guarded(args)
+    text = held.getvalue()
+    if code == 0 and not output_mode().result_printed:  # a command that predates print_result: wrap what it printed
+        sys.stdout.write(json.dumps({"command": args.command, "output": text}, indent=2, ensure_ascii=False) + "\n")
+    elif text:
+        sys.stderr.write(text)
+    return code
+
+
+def _guarded(args: argparse.Namespace) -> int:
+    """The command's exit status; its errors as one line (with --debug: the traceback)."""
     try:
         return int(args.run(args))
     except EdgeplugError as error:

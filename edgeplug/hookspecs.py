@@ -6,7 +6,6 @@ without breaking plugins that do not use them.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from edgeplug.commands import CommandRegistry
     from edgeplug.passes import Pass
     from edgeplug.trainer import StepInfo
 
@@ -85,16 +85,23 @@ def edgeplug_load_state(directory: Path) -> None:
 
 
 @hookspec
-def edgeplug_register_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def edgeplug_register_commands(commands: CommandRegistry) -> None:
     """Add subcommands to the ``edgeplug`` command line.
 
-    Call ``commands.add_parser(name, help=...)`` and give the parser a
-    ``run`` default: ``parser.set_defaults(run=function)``, where ``function(args)``
-    returns the exit status. Raise :class:`edgeplug.EdgeplugError` subclasses for
-    user errors: the CLI prints them as one line and exits 2. A name that a core
-    command or another plugin already uses is refused.
+    Call ``commands.add_parser(name, help=...)`` (it returns an ``argparse.ArgumentParser``) and
+    give the parser a ``run`` default: ``parser.set_defaults(run=function)``, where
+    ``function(args)`` returns the exit status. Print the result with
+    :func:`edgeplug.plugin_api.print_result` (text, or one JSON document under ``--json``), log
+    what happens on the way with ``logging``, show long work with
+    :class:`edgeplug.plugin_api.Progress`. Every command gets the global options (``--json``,
+    ``-q``, ``-v``, ``--no-progress``, ``--debug``) and help that shows defaults. Raise
+    :class:`edgeplug.EdgeplugError` subclasses for user errors: the CLI prints them as one line
+    and exits 2. A name that a core command or another plugin already uses is refused.
 
-    :param commands: the ``edgeplug`` parser's subcommand collection.
+    :param commands: the ``edgeplug`` command collection (:class:`edgeplug.plugin_api.CommandRegistry`).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0
+       ``commands`` is a ``CommandRegistry`` (it was argparse's private subparsers action, whose
+       ``add_parser`` it keeps).
     """

@@ -22,7 +22,10 @@ ones; the other modules of `edgeplug` are internal and may change. Groups:
 - training vocabulary: `LOSS_TYPES`, `OPTIMIZER_TYPES`, `OPTIMIZER_STATES`, the
   artifact folder's file names (`TRAINING_MODEL`, `CHECKPOINT`, ...);
 - data and files: `load_dataset`, `load_npz`, `Dataset`, `TensorSpec`,
-  `atomic_file`, `atomic_directory`, `write_text`, `load_schema`, `first_error`.
+  `atomic_file`, `atomic_directory`, `write_text`, `load_schema`, `first_error`;
+- commands (`edgeplug_register_commands`): `CommandRegistry` (what the hook receives),
+  `print_result` (text, or one JSON document under `--json`), `Progress` (bars on a
+  terminal only); log with `logging.getLogger("edgeplug.plugins.<name>")`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from edgeplug._ort import (
     training_artifacts,
 )
 from edgeplug.atomic import atomic_directory, atomic_file, write_text
+from edgeplug.commands import CommandRegistry
+from edgeplug.console import print_result
 from edgeplug.data import Dataset, TensorSpec, load_dataset, load_npz
 from edgeplug.errors import (
     DataError,
@@ -95,12 +100,14 @@ from edgeplug.passes import (
 from edgeplug.plugins import hookimpl
 from edgeplug.profiling.macs import forward_macs
 from edgeplug.profiling.static import forward_shapes
+from edgeplug.progress import Progress
 from edgeplug.surgery import extract, on_ir, remove_unused, to_ir, to_proto
 from edgeplug.validation import first_error, load_schema
 
 __all__ = [
     "CHECKPOINT",
     "CarriedState",
+    "CommandRegistry",
     "EVAL_MODEL",
     "FLOAT_TYPES",
     "FORWARD_MODEL",
@@ -130,6 +137,7 @@ __all__ = [
     "PassReport",
     "Plan",
     "PluginError",
+    "Progress",
     "RecipeError",
     "ResourceError",
     "RuntimeContext",
@@ -158,6 +166,7 @@ __all__ = [
     "load_schema",
     "on_ir",
     "open_artifacts",
+    "print_result",
     "remove_unused",
     "replace_nodes",
     "save_model",

@@ -174,7 +174,12 @@ class PluginHost:
     # -- training-loop hooks -------------------------------------------------------------
 
     def add_commands(self, commands: Any) -> None:
-        """Let plugins add CLI subcommands; a name already taken is a PluginError naming the plugin."""
+        """Let plugins add CLI subcommands to `commands` (a `CommandRegistry`, or argparse's subparsers action,
+        which is wrapped in one); a name already taken is a PluginError naming the plugin."""
+        from edgeplug.commands import CommandRegistry, is_command
+
+        if not isinstance(commands, CommandRegistry):
+            commands = CommandRegistry(commands)
         for impl in self._manager.hook.edgeplug_register_commands.get_hookimpls():
             before = dict(commands.choices)
             try:
@@ -192,7 +197,7 @@ class PluginHost:
             if taken:
                 raise PluginError(f"plugin '{impl.plugin_name}' adds a command whose name is taken: {', '.join(taken)}")
             for name in set(commands.choices) - set(before):
-                if commands.choices[name].get_default("run") is None:
+                if commands.choices[name].get_default("run") is None and is_command(commands.choices[name]):
                     raise PluginError(f"plugin '{impl.plugin_name}' added command '{name}' without a run function "
                                       "(call parser.set_defaults(run=function))")
 

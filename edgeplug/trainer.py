@@ -16,10 +16,10 @@ import ctypes
 import dataclasses
 import functools
 import json
+import logging
 import resource
 import shutil
 import statistics
-import sys
 import time
 import warnings
 import weakref
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from edgeplug import _ort
 from edgeplug.artifacts import output_shape, read_report, stage_folders
@@ -55,7 +54,10 @@ from edgeplug.locking import output_lock, remove_stale_staging_in
 from edgeplug.optimizers import DEFAULT_LR, check_learning_rate
 from edgeplug.passes import RuntimeContext, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
+from edgeplug.progress import Progress
 from edgeplug.schedules import make_schedule
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -185,7 +187,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.checkpoints = checkpoints  # False: no resume, nothing written (benchmarks measure the steps alone)
         self.progress = progress
-        self.echo = echo or (lambda text: None)
+        self.echo = echo or _log_line  # what happens on the way: logged (the CLI shows it), or given to `echo`
         self.warn = warn or (lambda text: warnings.warn(text, TrainingWarning, stacklevel=5))
         self.host = host or default_host()
         training = self.report["training"]
@@ -512,9 +514,8 @@ class Trainer:
             started = time.perf_counter()
             sums: dict[str, Any] = progress.setdefault("running", {"loss": 0.0, "correct": 0, "seen": 0})
             spread = OutputSpread()
-            bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                       disable=None if self.progress else True, leave=False, file=sys.stderr, dynamic_ncols=True)
-            with bar:
+            with Progress(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, unit="step", show=self.progress) as bar:
+                bar.advance(progress["batch"])
                 while progress["batch"] < steps_per_epoch:
                     indices = order[progress["batch"] * batch_size : (progress["batch"] + 1) * batch_size]
                     batch = train_set.batch(indices)
@@ -539,8 +540,7 @@ class Trainer:
                     sums["seen"] += len(indices)
                     progress["batch"] += 1
                     progress["step"] += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    bar.advance(status=f"loss {loss:.4f}")
                     if self.checkpoint_every and progress["step"] % self.checkpoint_every == 0 and progress["batch"] < steps_per_epoch:
                         self._save(progress, train_set, batch_size)
             train_metrics = Metrics(sums["loss"] / sums["seen"], sums["correct"] / sums["seen"] if self.loss_kind == "cross-entropy" else None)
@@ -712,6 +712,10 @@ def _correct(outputs: Mapping[str, np.ndarray], labels: np.ndarray, loss: str, o
         return 0
     logits = outputs[output_name]
     return int((logits.reshape(len(labels), -1).argmax(axis=1) == labels).sum())
+
+
+def _log_line(text: str) -> None:
+    log.info("%s", text)
 
 
 def _metrics_text(prefix: str, metrics: Metrics) -> str:

@@ -3,10 +3,10 @@ and the `edgeplug personalize` commands (anchors, train-generator, generate, bas
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import edgeplug
+from edgeplug.plugin_api import CommandRegistry
 
 from .personalize_pass import PersonalizePass
 
@@ -17,7 +17,7 @@ def edgeplug_register_passes(register: Callable[[type[edgeplug.Pass]], None]) ->
 
 
 @edgeplug.hookimpl
-def edgeplug_register_commands(commands: argparse._SubParsersAction) -> None:
+def edgeplug_register_commands(commands: CommandRegistry) -> None:
     from .commands import register
 
     register(commands)

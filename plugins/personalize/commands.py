@@ -8,73 +8,89 @@ Cloud: `train-generator` (once per device model, onnxruntime-training), `generat
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from typing import TYPE_CHECKING
+
+from edgeplug.plugin_api import CommandRegistry, print_result
 
 from .options import GeneratorOptions
 
 if TYPE_CHECKING:
     import numpy as np
 
+log = logging.getLogger("edgeplug.plugins.personalize")
 
-def register(commands: argparse._SubParsersAction) -> None:
+GENERATOR_HELP = {
+    "steps": "training steps of the generator",
+    "batch_size": "examples of one source domain per step (the generator's batch; one domain at a time, so larger than train's)",
+    "hidden": "width of the generator's two hidden layers",
+    "device_samples": "unlabelled samples a simulated device summarises into anchors",
+    "draws": "anchor draws precomputed per source domain (variety of the generator's input)",
+    "count": "anchors per device",
+    "seed": "seed of the domain order, the draws and the initial weights",
+}
+
+
+def register(commands: CommandRegistry) -> None:
     top = commands.add_parser("personalize", help="backprop-free personalisation: anchors, generator, slot files")
-    top.set_defaults(run=lambda args: _usage(top))
-    sub = top.add_subparsers(dest="personalize_command", metavar="STEP")
+    sub = top.add_subparsers(dest="personalize_command", metavar="STEP", required=True)
 
-    p = sub.add_parser("anchors", help="device: pick representative anchors of unlabelled data and pack them for upload")
+    def step(name: str, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        return parser
+
+    p = step("anchors", "device: pick representative anchors of unlabelled data and pack them for upload")
     p.add_argument("artifacts", help="artifact folder rewritten with the personalize pass")
-    p.add_argument("--data", required=True, help=".npz with the device's unlabelled samples (model input name or x)")
-    p.add_argument("-o", "--output", required=True, help="anchors file to upload (.npz)")
-    p.add_argument("--count", type=int, default=None, help="number of anchors (default: the generator's, else 8)")
-    p.add_argument("--method", choices=["kmeans", "kcenter"], default="kmeans")
-    p.add_argument("--generator", help="generator folder: take its anchor count and method")
+    p.add_argument("--data", required=True, metavar="NPZ", help=".npz with the device's unlabelled samples (model input name or x)")
+    p.add_argument("-o", "--output", required=True, metavar="ANCHORS", help="anchors file to upload (.npz)")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="number of anchors (default: the generator's, else 8)")
+    p.add_argument("--method", choices=["kmeans", "kcenter"], default="kmeans",
+                   help="how anchors are chosen: k-means centres or k-center (farthest-point) picks (--generator overrides it)")
+    p.add_argument("--generator", metavar="DIR", help="generator folder: take its anchor count and method")
     p.add_argument("--statistics", metavar="STATS.npz",
                    help="first re-estimate normalisation statistics on the data and keep them in this slot file "
                         "(stays on the device; needed by generators trained with device statistics)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the anchor selection")
     p.set_defaults(run=_anchors)
 
-    p = sub.add_parser("train-generator", help="cloud: train the slot generator over labelled source domains")
-    p.add_argument("artifacts")
-    p.add_argument("--domains", required=True, help=".npz with x, y and domain (integer id per sample)")
-    p.add_argument("-o", "--output", required=True, help="generator folder to write")
+    p = step("train-generator", "cloud: train the slot generator over labelled source domains")
+    p.add_argument("artifacts", help="artifact folder rewritten with the personalize pass")
+    p.add_argument("--domains", required=True, metavar="NPZ", help=".npz with x, y and domain (integer id per sample)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="generator folder to write")
     defaults = GeneratorOptions()
-    for name in ("steps", "batch_size", "hidden", "device_samples", "draws", "count", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name, text in GENERATOR_HELP.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), metavar="N", help=text)
     p.add_argument("--model-statistics", action="store_true",
                    help="generate for the model's own normalisation statistics instead of device re-estimated ones")
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--method", choices=["kmeans", "kcenter"], default=defaults.method)
-    p.add_argument("--validation-domains", type=float, default=defaults.validation_domains,
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the generator (cosine decay)")
+    p.add_argument("--method", choices=["kmeans", "kcenter"], default=defaults.method, help="how the simulated devices choose anchors")
+    p.add_argument("--validation-domains", type=float, default=defaults.validation_domains, metavar="SHARE",
                    help="share of source domains held out to choose the best step")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("generate", help="cloud: slot values from a device's anchors (one forward pass)")
-    p.add_argument("generator", help="generator folder")
-    p.add_argument("--anchors", required=True)
-    p.add_argument("-o", "--output", required=True, help="slot file to send to the device (.npz)")
+    p = step("generate", "cloud: slot values from a device's anchors (one forward pass)")
+    p.add_argument("generator", help="generator folder written by train-generator")
+    p.add_argument("--anchors", required=True, metavar="ANCHORS", help="anchors file uploaded by the device")
+    p.add_argument("-o", "--output", required=True, metavar="SLOTS", help="slot file to send to the device (.npz)")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("baseline", help="device: forward-only slot values (stats re-estimation or prototype classifier)")
-    p.add_argument("artifacts")
-    p.add_argument("--data", required=True)
-    p.add_argument("--method", choices=["stats", "prototype"], required=True)
-    p.add_argument("-o", "--output", required=True)
+    p = step("baseline", "device: forward-only slot values (stats re-estimation or prototype classifier)")
+    p.add_argument("artifacts", help="artifact folder rewritten with the personalize pass")
+    p.add_argument("--data", required=True, metavar="NPZ", help="the device's samples (.npz; prototype needs labels y)")
+    p.add_argument("--method", choices=["stats", "prototype"], required=True,
+                   help="stats: re-estimate normalisation statistics; prototype: class means as the classifier")
+    p.add_argument("-o", "--output", required=True, metavar="SLOTS", help="slot file to write (.npz)")
     p.set_defaults(run=_baseline)
 
-    p = sub.add_parser("apply", help="device: check a slot file and evaluate and/or export the personalised model")
-    p.add_argument("artifacts")
-    p.add_argument("--slots", required=True, action="append",
+    p = step("apply", "device: check a slot file and evaluate and/or export the personalised model")
+    p.add_argument("artifacts", help="artifact folder rewritten with the personalize pass")
+    p.add_argument("--slots", required=True, action="append", metavar="SLOTS",
                    help="slot file (from generate, baseline, anchors --statistics or fine-tuning); repeat to combine")
-    p.add_argument("--data", help=".npz to predict; accuracy is printed when it has labels y")
-    p.add_argument("-o", "--output", help="write the personalised inference model (.onnx)")
+    p.add_argument("--data", metavar="NPZ", help=".npz to predict; accuracy is printed when it has labels y")
+    p.add_argument("-o", "--output", metavar="MODEL", help="write the personalised inference model (.onnx)")
     p.set_defaults(run=_apply)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _anchors(args: argparse.Namespace) -> int:
@@ -96,13 +112,14 @@ def _anchors(args: argparse.Namespace) -> int:
     side = device_side(device, x, count, method, args.seed, statistics=bool(args.statistics))
     if args.statistics:
         write_slots(args.statistics, side.statistics, device.manifest, "stats", {"samples": len(x)})
-        print(f"wrote {args.statistics}: statistics of {len(side.statistics) // 2} normalisation layers (keep it on the device)")
+        log.info("wrote %s: statistics of %d normalisation layers (keep it on the device)", args.statistics, len(side.statistics) // 2)
     packed = side.packed
     size = anchor_ops.write_anchors(args.output, packed, device.manifest.fingerprint, method, len(x), x.nbytes,
                                     statistics=bool(args.statistics))
-    print(f"wrote {args.output}: {len(packed.codes)} anchors x {packed.codes.shape[1]} features, 8-bit, {size:,} bytes "
-          f"(raw samples {x.nbytes:,} bytes: {x.nbytes / size:.1f}x smaller)")
-    return 0
+    document = {"output": str(args.output), "anchors": len(packed.codes), "features": int(packed.codes.shape[1]), "bytes": size,
+                "raw_bytes": int(x.nbytes), "method": method, "statistics": args.statistics}
+    return print_result(document, f"wrote {args.output}: {len(packed.codes)} anchors x {packed.codes.shape[1]} features, 8-bit, "
+                                  f"{size:,} bytes (raw samples {x.nbytes:,} bytes: {x.nbytes / size:.1f}x smaller)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -122,13 +139,12 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "hidden", "device_samples", "draws", "count"):
         if getattr(options, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1")
-    info = train_generator(args.artifacts, domains, args.output, options, force=args.force, echo=print)
+    info = train_generator(args.artifacts, domains, args.output, options, force=args.force, echo=log.info)
     training = info["training"]
     validation = training["validation_accuracy"]
     tail = (f"; held-out source domains: {training['validation_accuracy_untrained']:.4f} untrained -> {validation:.4f}"
             if validation is not None else "")
-    print(f"wrote {args.output}/ (best step {training['best_step']}, {training['seconds']:.1f} s{tail})")
-    return 0
+    return print_result({"output": str(args.output), **info}, f"wrote {args.output}/ (best step {training['best_step']}, {training['seconds']:.1f} s{tail})")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -141,8 +157,9 @@ def _generate(args: argparse.Namespace) -> int:
     values = generator.generate(packed, meta)
     size = write_slot_file(args.output, values, generator.fingerprint, "generator",
                            {"anchors": meta["count"], "samples": meta["samples"]})
-    print(f"wrote {args.output}: {len(values)} slots, {sum(v.size for v in values.values()):,} values, {size:,} bytes")
-    return 0
+    count = sum(int(v.size) for v in values.values())
+    return print_result({"output": str(args.output), "slots": len(values), "values": count, "bytes": size},
+                        f"wrote {args.output}: {len(values)} slots, {count:,} values, {size:,} bytes")
 
 
 def _baseline(args: argparse.Namespace) -> int:
@@ -156,12 +173,11 @@ def _baseline(args: argparse.Namespace) -> int:
     x = device.inputs(load_npz(args.data), args.data)
     values = baselines.statistics(device, x) if args.method == "stats" else baselines.prototype(device, x)
     size = write_slots(args.output, values, device.manifest, args.method, {"samples": len(x)})
-    print(f"wrote {args.output}: {args.method} values for {len(values)} slots from {len(x)} samples, {size:,} bytes")
-    return 0
+    return print_result({"output": str(args.output), "method": args.method, "slots": len(values), "samples": len(x), "bytes": size},
+                        f"wrote {args.output}: {args.method} values for {len(values)} slots from {len(x)} samples, {size:,} bytes")
 
 
 def _apply(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -175,14 +191,16 @@ def _apply(args: argparse.Namespace) -> int:
         raise DataError("apply needs --data (to predict) and/or -o (to write the personalised model)")
     device = DeviceModel(args.artifacts)
     values: dict[str, np.ndarray] = {}
+    document: dict[str, object] = {"slot_files": []}
+    lines: list[str] = []
     for path in args.slots:
         more, meta = read_slots(path, device.manifest)
         twice = sorted(set(values) & set(more))
         if twice:
             raise DataError(f"{path} sets slot '{twice[0]}' that an earlier --slots file already sets; combine files that fill different slots")
         values.update(more)
-        print(f"{path}: {meta['method']} values for {len(more)} slots, checked against device model "
-              f"{device.manifest.fingerprint[:12]}")
+        document["slot_files"].append({"path": str(path), "method": meta["method"], "slots": len(more)})  # type: ignore[attr-defined]
+        lines.append(f"{path}: {meta['method']} values for {len(more)} slots, checked against device model {device.manifest.fingerprint[:12]}")
     if args.data:
         arrays = load_npz(args.data)
         x = device.inputs(arrays, args.data)
@@ -191,11 +209,15 @@ def _apply(args: argparse.Namespace) -> int:
             labels = np.asarray(arrays["y"])
             if labels.shape != (len(x),) or labels.dtype.kind not in "iu":
                 raise DataError(f"{args.data}: 'y' must hold one integer class per sample ({len(x)}), not {labels.dtype} {labels.shape}")
-            before = accuracy(device.logits(x), arrays["y"])
-            print(f"accuracy on {args.data}: {before:.4f} with the model's own values -> {accuracy(logits, arrays['y']):.4f}")
+            before, after = accuracy(device.logits(x), arrays["y"]), accuracy(logits, arrays["y"])
+            document.update(accuracy_before=before, accuracy=after)
+            lines.append(f"accuracy on {args.data}: {before:.4f} with the model's own values -> {after:.4f}")
         else:
-            print(json.dumps({"predictions": np.argmax(logits, axis=1).tolist()}))
+            predictions = np.argmax(logits, axis=1).tolist()
+            document["predictions"] = predictions
+            lines.append(json.dumps({"predictions": predictions}))
     if args.output:
         save_model(personalised_model(device, values), Path(args.output))
-        print(f"wrote {args.output}")
-    return 0
+        document["output"] = str(args.output)
+        lines.append(f"wrote {args.output}")
+    return print_result(document, "\n".join(lines))

@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import edgeplug
+from edgeplug.plugin_api import CommandRegistry
 
 from .commands import register
 from .export import export_quantized
@@ -22,7 +22,7 @@ def edgeplug_register_passes(register: Callable[[type[edgeplug.Pass]], None]) ->
 
 
 @edgeplug.hookimpl
-def edgeplug_register_commands(commands: argparse._SubParsersAction) -> None:
+def edgeplug_register_commands(commands: CommandRegistry) -> None:
     register(commands)
 
 

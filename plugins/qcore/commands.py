@@ -5,35 +5,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from edgeplug.plugin_api import DataError, Dataset, TensorSpec, load_dataset
+from edgeplug.plugin_api import CommandRegistry, DataError, Dataset, Progress, TensorSpec, load_dataset, print_result
 
 QCORE_DIR = "qcore"
+QUANTIZE_BATCH_SIZE = 32
+"""The float model's batch size, as `edgeplug train`'s."""
+
+log = logging.getLogger("edgeplug.plugins.qcore")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: CommandRegistry) -> None:
     quantize = commands.add_parser("quantize", help="qcore: train the float model with forgetting records, quantize, draw the coreset, train the bit-flip networks")
     quantize.add_argument("artifacts", type=Path, help="artifact folder rewritten with the 'qcore' pass")
     quantize.add_argument("--data", type=Path, required=True, help="training .npz (x, y)")
     quantize.add_argument("--epochs", type=int, default=10, help="float training epochs (total target; records every record_every epochs)")
-    quantize.add_argument("--batch-size", type=int, default=32)
+    quantize.add_argument("--batch-size", type=int, default=QUANTIZE_BATCH_SIZE, metavar="N", help="batch size of the float training (train's default)")
     quantize.add_argument("--drift-data", type=Path, help="labelled examples grouped by domain (.npz: x, y, domain) the flip "
                           "networks learn from, e.g. people the float model is not trained on; default: synthetic drifts")
     quantize.add_argument("--reuse-records", action="store_true", help="keep the trained float model and forgetting records of "
                           "an earlier run in OUT/qcore/ and redo only quantization, coreset and flip networks (e.g. after "
                           "changing bits or flip options)")
-    quantize.add_argument("--no-progress", action="store_true", help="no progress lines")
     quantize.set_defaults(run=run_quantize)
     calibrate = commands.add_parser("calibrate", help="qcore: recalibrate the quantized model on a stream of chunks, forward passes only")
     calibrate.add_argument("artifacts", type=Path, help="artifact folder after 'edgeplug quantize'")
     calibrate.add_argument("--stream", type=Path, nargs="+", required=True, help="chunk .npz files (x, y), in stream order")
-    calibrate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    calibrate.add_argument("--json", action="store_true", help="print the per-chunk table as JSON")
     calibrate.set_defaults(run=run_calibrate)
     exporter = commands.add_parser("export-quantized", help="qcore: write the quantized model with its current (recalibrated) weights")
     exporter.add_argument("artifacts", type=Path, help="artifact folder after 'edgeplug quantize' (and 'edgeplug calibrate')")
@@ -47,7 +46,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise DataError("--epochs and --batch-size must be at least 1")
-    echo = (lambda text: None) if args.no_progress else (lambda text: print(text, file=sys.stderr))
+    echo = log.info
     drift = _drift_data(args.drift_data) if args.drift_data else None
     if args.reuse_records:
         summary = rebuild(args.artifacts, args.data, echo=echo, drift_data=drift)
@@ -55,10 +54,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         summary = build(args.artifacts, args.data, epochs=args.epochs, batch_size=args.batch_size, echo=echo, drift_data=drift)
     folder = args.artifacts / QCORE_DIR
     ratio = summary["quantized_bytes"] / summary["float_bytes"]
-    print(f"wrote {folder}/: model.int{summary['bits']}.onnx {summary['quantized_bytes']} bytes "
-          f"({ratio:.1%} of the float model's {summary['float_bytes']}), coreset {summary['coreset_size']} of "
-          f"{summary['examples']} examples ({summary['coreset_share']:.2%}), {len(summary['flipnets'])} flip networks")
-    return 0
+    return print_result({"output": str(folder), **summary},
+                        f"wrote {folder}/: model.int{summary['bits']}.onnx {summary['quantized_bytes']} bytes "
+                        f"({ratio:.1%} of the float model's {summary['float_bytes']}), coreset {summary['coreset_size']} of "
+                        f"{summary['examples']} examples ({summary['coreset_share']:.2%}), {len(summary['flipnets'])} flip networks")
 
 
 def _drift_data(path: Path) -> Any:
@@ -108,32 +107,34 @@ def run_calibrate(args: argparse.Namespace) -> int:
     calibrator = Calibrator(args.artifacts / QCORE_DIR, options)
     chunks = _chunks(args.artifacts, args.stream)
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(chunks), desc="calibrate", unit="chunk", file=sys.stderr, disable=True if args.no_progress else None) as bar:
+    with Progress("calibrate", total=len(chunks), unit="chunk") as bar:
         # chunks keep counting across calls: coreset examples from an earlier call are old, not this chunk's
         first = int(calibrator.coreset.origin.max()) + 1
         for number, (path, chunk) in enumerate(zip(args.stream, chunks), start=first):
+            bar.status(path.name)
             x = next(iter(chunk.inputs.values()))
             result = calibrator.step(x, chunk.labels, number, path.name)
             calibrator.save()
             rows.append(dataclasses.asdict(result))
-            bar.update(1)
-            bar.set_postfix(acc=f"{result.accuracy_after:.3f}", refresh=False)
+            bar.advance(status=f"acc {result.accuracy_after:.3f}")
     # the folder's quantized model follows the recalibrated state
     refreshed = export_quantized(args.artifacts, args.artifacts / QCORE_DIR / f"model.int{calibrator.state.bits}.onnx")
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'chunk':>5}  {'file':<24} {'n':>5}  {'acc before':>10}  {'acc after':>9}  {'flips':>6}  {'kept':>5}  {'coreset new':>11}  {'s':>6}")
-    for row in rows:
-        print(f"{row['chunk']:>5}  {row['source'][:24]:<24} {row['examples']:>5}  {row['accuracy_before']:>10.3f}  "
-              f"{row['accuracy_after']:>9.3f}  {row['flips_proposed']:>6}  {row['flips_kept']:>5}  {row['coreset_from_stream']:>11}  {row['seconds']:>6.2f}")
-    print(f"updated {refreshed} (recalibrated); 'edgeplug export-quantized {args.artifacts} -o FILE' writes it elsewhere")
-    return 0
+    log.info("updated %s (recalibrated); 'edgeplug export-quantized %s -o FILE' writes it elsewhere", refreshed, args.artifacts)
+
+    def text() -> str:
+        lines = [f"{'chunk':>5}  {'file':<24} {'n':>5}  {'acc before':>10}  {'acc after':>9}  {'flips':>6}  {'kept':>5}  {'coreset new':>11}  {'s':>6}"]
+        lines += [f"{row['chunk']:>5}  {row['source'][:24]:<24} {row['examples']:>5}  {row['accuracy_before']:>10.3f}  "
+                  f"{row['accuracy_after']:>9.3f}  {row['flips_proposed']:>6}  {row['flips_kept']:>5}  {row['coreset_from_stream']:>11}  "
+                  f"{row['seconds']:>6.2f}" for row in rows]
+        return "\n".join(lines)
+
+    return print_result(rows, text)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import export_quantized
 
     path = export_quantized(args.artifacts, args.output, initial=args.initial)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, quantized{' (as quantized, before calibration)' if args.initial else ''})")
-    return 0
+    size = path.stat().st_size
+    return print_result({"output": str(path), "bytes": size, "initial": args.initial},
+                        f"wrote {path} ({size / 1e6:.2f} MB, quantized{' (as quantized, before calibration)' if args.initial else ''})")
