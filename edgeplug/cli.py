@@ -28,7 +28,7 @@ INTERRUPTED = 130
 TRAIN_BATCH_SIZE = 32
 """Default batch size of `train` and `profile` (profile describes the step train runs)."""
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgeplug.cli")  # not __name__: run as `python -m edgeplug.cli` it is __main__
 
 
 def version_text() -> str:

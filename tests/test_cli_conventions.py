@@ -156,6 +156,7 @@ ERROR_RUNS: dict[str, str] = {
     "fleet client": "a network client: tests/test_fleet.py",
     "quantize": "minutes of qcore training: tests/test_qcore_cli.py runs it with --json",
     "calibrate": "needs quantize first: tests/test_qcore_cli.py runs it with --json",
+    "export-quantized": "needs quantize first: tests/test_qcore_cli.py runs it with --json",
     "personalize anchors": "tests/test_personalize.py runs every step with --json",
     "personalize train-generator": "tests/test_personalize.py",
     "personalize generate": "tests/test_personalize.py",

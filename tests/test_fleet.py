@@ -151,10 +151,11 @@ def test_simulate_cli_prints_a_table_and_writes_valid_json(sparse_folder: Path, 
 
     report = tmp_path / "fleet.json"
     assert main(["fleet", "simulate", str(sparse_folder), "--clients", "2", "--rounds", "1", "--partition", "distortion",
-                 "--no-save", "--json", str(report)]) == 0
-    out = capsys.readouterr().out
-    assert "round 1/1: 2 devices trained" in out and "up B/client" in out
+                 "--no-save", "-o", str(report), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "round 1/1: 2 devices trained" in captured.err  # --json: information on stderr, one document on stdout
     document = json.loads(report.read_text())
+    assert json.loads(captured.out) == document
     jsonschema.validate(document, json.loads((REPO / "schemas" / "fleet-simulation.schema.json").read_text()))
     assert document["trainable_values"] * 10 < document["full_values"]
     assert not (sparse_folder / "checkpoints").exists()  # --no-save

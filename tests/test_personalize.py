@@ -175,6 +175,21 @@ def test_cli_end_to_end_cloud_and_device_halves(artifacts: Path, tmp_path: Path,
     assert cli.main(["personalize", "generate", str(gen), "--anchors", str(anchors_file), "-o", str(slots)]) == 2
     assert "expects anchors computed with device statistics" in capsys.readouterr().err
 
+    # every step prints one JSON document with --json (tests/test_cli_conventions.py leaves them to this test)
+    steps = {
+        "train-generator": [str(artifacts), "--domains", str(tmp_path / "domains.npz"), "-o", str(tmp_path / "gen2"), "--steps", "2",
+                            "--draws", "1", "--device-samples", "16", "--count", "4", "--hidden", "8", "--validation-domains", "0",
+                            "--model-statistics"],
+        "anchors": [str(artifacts), "--data", str(tmp_path / "device.npz"), "-o", str(tmp_path / "a2.npz"), "--generator", str(tmp_path / "gen2")],
+        "generate": [str(tmp_path / "gen2"), "--anchors", str(tmp_path / "a2.npz"), "-o", str(tmp_path / "s2.npz")],
+        "baseline": [str(artifacts), "--data", str(tmp_path / "device.npz"), "--method", "stats", "-o", str(tmp_path / "b2.npz")],
+        "apply": [str(artifacts), "--slots", str(tmp_path / "s2.npz"), "--data", str(tmp_path / "test.npz")],
+    }
+    for step, arguments in steps.items():
+        assert cli.main(["personalize", step, *arguments, "--json"]) == 0, step
+        document = json.loads(capsys.readouterr().out)
+        assert document.get("output") or "accuracy" in document, (step, document)
+
 
 DEVICE_SCRIPT = textwrap.dedent("""
     import sys

@@ -154,7 +154,7 @@ def test_chunk_numbers_continue_across_calibrate_calls(built: Path, tmp_path: Pa
     assert numbers[1] > numbers[0]
 
 
-def test_drift_data_and_reuse_records_through_the_cli(built: Path, tmp_path: Path) -> None:
+def test_drift_data_and_reuse_records_through_the_cli(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--drift-data feeds the flip targets from labelled domains; --reuse-records redoes everything after the float
     training from the saved records (same float model, same coreset candidates), here with real drift domains."""
     import shutil
@@ -165,9 +165,11 @@ def test_drift_data_and_reuse_records_through_the_cli(built: Path, tmp_path: Pat
     np.savez(tmp_path / "drifts.npz", x=np.concatenate([p["x"] for p in parts]), y=np.concatenate([p["y"] for p in parts]),
              domain=np.repeat([7, 9], 20))
     float_before = (folder / "qcore" / "float.onnx").read_bytes()
+    capsys.readouterr()
     status = cli.main(["quantize", str(folder), "--data", str(built / "train.npz"), "--drift-data", str(tmp_path / "drifts.npz"),
-                       "--reuse-records", "--no-progress"])
+                       "--reuse-records", "--no-progress", "--json"])
     assert status == 0
+    assert sorted(json.loads(capsys.readouterr().out)["flipnets"]) == ["conv0", "conv1", "fc"]  # --json: one document
     assert (folder / "qcore" / "float.onnx").read_bytes() == float_before  # no retraining
     with np.load(folder / "qcore" / "reference.npz") as reference:
         assert {"class_mean/conv0", "class_mean/conv1"} <= set(reference.files)  # hidden layers' alignment targets
@@ -200,7 +202,8 @@ def test_the_recalibrated_model_is_exported_by_a_public_command_and_export_says_
     np.testing.assert_array_equal(logits(tmp_path / "before.onnx"), before)
     assert cli.main(["calibrate", str(copy), "--stream", *(str(built / f"chunk_{k}.npz") for k in (1, 2, 3)), "--no-progress"]) == 0
     assert "updated" in capsys.readouterr().out
-    assert cli.main(["export-quantized", str(copy), "-o", str(tmp_path / "recalibrated.onnx")]) == 0
+    assert cli.main(["export-quantized", str(copy), "-o", str(tmp_path / "recalibrated.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == str(tmp_path / "recalibrated.onnx")
     assert cli.main(["export-quantized", str(copy), "-o", str(tmp_path / "initial.onnx"), "--initial"]) == 0
     recalibrated = logits(tmp_path / "recalibrated.onnx")
     # what the device loop runs is what is exported, and the folder's own copy follows the calibration

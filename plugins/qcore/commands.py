@@ -119,7 +119,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
             bar.advance(status=f"acc {result.accuracy_after:.3f}")
     # the folder's quantized model follows the recalibrated state
     refreshed = export_quantized(args.artifacts, args.artifacts / QCORE_DIR / f"model.int{calibrator.state.bits}.onnx")
-    log.info("updated %s (recalibrated); 'edgeplug export-quantized %s -o FILE' writes it elsewhere", refreshed, args.artifacts)
 
     def text() -> str:
         lines = [f"{'chunk':>5}  {'file':<24} {'n':>5}  {'acc before':>10}  {'acc after':>9}  {'flips':>6}  {'kept':>5}  {'coreset new':>11}  {'s':>6}"]
@@ -128,7 +127,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
                   f"{row['seconds']:>6.2f}" for row in rows]
         return "\n".join(lines)
 
-    return print_result(rows, text)
+    status = print_result(rows, text)
+    log.info("updated %s (recalibrated); 'edgeplug export-quantized %s -o FILE' writes it elsewhere", refreshed, args.artifacts)
+    return status
 
 
 def run_export(args: argparse.Namespace) -> int:
