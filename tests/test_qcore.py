@@ -172,3 +172,83 @@ def test_a_model_without_quantizable_layers_is_a_model_error() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
     with pytest.raises(ModelError, match="no Conv, Gemm or MatMul"):
         find_layers(helper.make_model(graph))
+
+
+def _quantized(model: onnx.ModelProto, x: np.ndarray, bits: int) -> QuantizedRunner:
+    """`model` at `bits` with statistics and activation ranges from `x` (as `edgeplug quantize` sets them)."""
+    state = initial_state(model, bits)
+    runner = QuantizedRunner(model, state)
+    runner.refresh_norm_stats(x)
+    inputs = runner.layer_inputs(x)
+    for layer in runner.layers:
+        if not layer.first:
+            state.activation_grids[layer.node] = activation_grid(inputs[layer.node], 8 if layer.last else bits, 99.9)
+    return QuantizedRunner(model, state, batch=7)
+
+
+def _residual_cnn() -> onnx.ModelProto:
+    """cnn with a skip from the first block's output around the third conv: no cut at that conv's input."""
+    model = cnn((4, 4, 4), 5)
+    nodes = model.graph.node
+    pool = next(n for n in nodes if n.name == "pool")
+    pool.input[0] = "res"
+    nodes.insert(list(nodes).index(pool), helper.make_node("Add", ["a2", "a0"], ["res"], name="skip"))
+    return model
+
+
+@pytest.mark.parametrize(("make", "cuts"), [(lambda: cnn((4, 8), 10), {"conv0": False, "conv1": True, "fc": True}),
+                                            (_residual_cnn, {"conv0": False, "conv1": True, "conv2": False, "fc": True})],
+                         ids=["plain", "residual"])
+def test_rerunning_after_a_layer_equals_a_whole_forward_pass(make, cuts: dict[str, bool]) -> None:
+    """Flips are judged from kept activations through the layer's suffix; where a skip crosses the cut
+    (the residual model's conv2) or the layer reads the graph input, the whole model runs instead."""
+    from edgeplug_plugins.qcore.calibrate import feature_probes
+
+    model = make()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((23, 1, 8, 8)).astype(np.float32)
+    runner = _quantized(model, x, 4)
+    probes = feature_probes(model, runner.layers)
+    runner = QuantizedRunner(model, runner.state, probes=probes, batch=7)
+    acts = runner.activations(x, probes)
+    for layer in reversed(runner.layers):  # as the device loop goes: the classifier first
+        runner.state.codes[layer.node] = apply_flips(layer, runner.state, rng.integers(-1, 2, runner.state.codes[layer.node].shape))
+        acts = runner.rerun_from(layer, acts, x)
+        whole = runner.activations(x, probes)
+        np.testing.assert_allclose(acts.logits, whole.logits, rtol=1e-5, atol=1e-5)
+        for name in probes:
+            np.testing.assert_allclose(acts.values[name], whole.values[name], rtol=1e-5, atol=1e-5)
+    assert {layer.node: runner._suffix(layer) is not None for layer in runner.layers} == cuts
+
+
+@pytest.mark.parametrize("momentum", [1.0, 0.3])
+def test_norm_statistics_are_those_of_all_the_data_layer_after_layer(momentum: float) -> None:
+    model = cnn((4, 8), 10)
+    x = np.random.default_rng(2).standard_normal((37, 1, 8, 8)).astype(np.float32) * 2 + 0.5
+    runner = _quantized(model, x[:20], 8)
+    expected = runner.state.copy()
+    check = QuantizedRunner(model, expected)
+    for bn in check.norms:  # the reference: the whole batch at once, one norm after the other
+        (value,) = check.run(x, [bn.input[0]])
+        mean, var = expected.norm_stats[bn.name]
+        expected.norm_stats[bn.name] = ((1 - momentum) * mean + momentum * value.mean(axis=(0, 2, 3), dtype=np.float64),
+                                        (1 - momentum) * var + momentum * value.var(axis=(0, 2, 3), dtype=np.float64))
+    runner.refresh_norm_stats(x, momentum)  # batches of 7, merged
+    for name, (mean, var) in expected.norm_stats.items():
+        np.testing.assert_allclose(runner.state.norm_stats[name][0], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(runner.state.norm_stats[name][1], var, rtol=1e-5, atol=1e-6)
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=4), st.data())
+def test_a_stacked_view_reads_like_the_concatenation(sizes: list[int], data: st.DataObject) -> None:
+    from edgeplug_plugins.qcore.coreset import Stacked
+
+    parts = [np.arange(10 * k, 10 * k + 2 * n, dtype=np.float32).reshape(n, 2) for k, n in enumerate(sizes)]
+    stacked, whole = Stacked(*parts), np.concatenate(parts)
+    assert len(stacked) == len(whole)
+    start = data.draw(st.integers(0, len(whole)))
+    stop = data.draw(st.integers(start, len(whole) + 3))
+    np.testing.assert_array_equal(stacked[start:stop], whole[start:stop])
+    if len(whole):
+        rows = np.asarray(data.draw(st.lists(st.integers(0, len(whole) - 1), max_size=8)), dtype=np.int64)
+        np.testing.assert_array_equal(stacked[rows], whole[rows])

@@ -183,7 +183,10 @@ def test_calibrate_holds_out_part_of_each_chunk_for_the_guard(built: Path) -> No
     chunk = _digits(20, 5, shift=0.3)
     result = calibrator.step(chunk["x"], chunk["y"], 1)
     assert result.rounds >= 1 and result.examples == 20
-    assert len(calibrator._guard_rows(20)) == 10 and len(calibrator._guard_rows(1)) == 0
+    rows = calibrator._rows(12, 20)  # 12 coreset rows, then the chunk's 20
+    assert rows.check is not None and rows.fit is not None
+    assert len(rows.check) == 12 + 10 and len(rows.fit) == 12 + 10 and not set(rows.check[12:]) & set(rows.fit[12:])
+    assert rows.old.sum() == 12 and calibrator._rows(12, 1).check is None
 
 
 def test_the_recalibrated_model_is_exported_by_a_public_command_and_export_says_so(built: Path, tmp_path: Path, capsys) -> None:

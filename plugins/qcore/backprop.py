@@ -3,7 +3,9 @@
 The dequantized model (current weights and norm statistics, batch norm folded by the
 `freeze-bn` pass) is fine-tuned with onnxruntime-training through edgeplug itself,
 only the quantized weights training, and the result is put back on the fixed integer
-grids. This builds and runs a training graph, so it never runs in the device loop.
+grids. This builds and runs a training graph, so it never runs in QCore's device loop; the bench uses it as the
+backprop baseline, its artifacts built beforehand (`backprop_artifacts`, the offline part) and only
+`backprop_train` counted as the device's work.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from edgeplug.plugin_api import captured_native_stderr, inference_runtime, open_artifacts
 
 from .layers import find_layers
 from .qmodel import QuantState, dequantized_float_model
 from .quantize import quantize_weights
 
 
-def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray, y: np.ndarray, *,
-                       epochs: int, lr: float, batch_size: int = 32, seed: int = 0) -> QuantState:
-    """A copy of `state` whose integer weights are those of a fine-tune on (x, y), requantized."""
-    from edgeplug import Trainer, export, rewrite
+def backprop_artifacts(model: onnx.ModelProto, state: QuantState, folder: Path, *, lr: float) -> Path:
+    """Training artifacts of the dequantized model in `folder` (only the quantized weights train, batch norm
+    on the current statistics). The offline part of a backprop calibration: a device would ship these."""
+    from edgeplug import rewrite
 
     layers = find_layers(model)
     pattern = "^(" + "|".join(re.escape(layer.weight) for layer in layers) + ")$"
@@ -34,16 +37,49 @@ def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray,
         "passes": [{"name": "trainable", "options": {"layers": "none", "include": [pattern], "syntax": "regex"}},
                    {"name": "freeze-bn", "options": {"layers": "all"}}],
     }
-    with tempfile.TemporaryDirectory(prefix="qcore-backprop-") as scratch:
-        root = Path(scratch)
-        (root / "recipe.yaml").write_text(json.dumps(recipe), encoding="utf-8")
-        rewrite(dequantized_float_model(model, state), root / "recipe.yaml", root / "out")
-        trainer = Trainer(root / "out", seed=seed, progress=False)
-        data_name = trainer.input_specs[0].name
-        trainer.fit({data_name: x, "y": y}, epochs=epochs, batch_size=min(batch_size, len(y)), resume=False)
-        trained = export(root / "out", root / "trained.onnx")
-        weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(trained)).graph.initializer}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(json.dumps(recipe), encoding="utf-8")
+    rewrite(dequantized_float_model(model, state), folder / "recipe.yaml", folder / "out")
+    return folder / "out"
+
+
+def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x: np.ndarray, y: np.ndarray, *, epochs: int,
+                   lr: float, batch_size: int = 32, seed: int = 0, threads: int | None = None) -> QuantState:
+    """The on-device part, as lean as a device runtime does it: open the artifacts, `epochs` of AdamW steps
+    on (x, y) in a seeded order (no checkpoint written, no evaluation), read the trained weights from the
+    checkpoint state and requantize them onto `state`'s grids."""
+    ort = inference_runtime()
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False  # as the quantized runner: no arena keeping the peak
+    options.enable_mem_pattern = False
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    with captured_native_stderr():
+        checkpoint, module, optimizer = open_artifacts(artifacts, session_options=options)
+    names = list(module.input_names())
+    data_name = next(name for name in names if name != "labels")
+    module.train()
+    optimizer.set_learning_rate(lr)
+    batch = min(batch_size, len(y))
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(y))
+        for start in range(0, len(y), batch):
+            rows = order[start:start + batch]
+            feeds = {data_name: x[rows], "labels": y[rows]}
+            module(*[feeds[name] for name in names])
+            optimizer.step()
+            module.lazy_reset_grad()
     result = state.copy()
-    for layer in layers:
-        result.codes[layer.node] = quantize_weights(layer.to_matrix(weights[layer.weight]), state.weight_grids[layer.node])
+    for layer in find_layers(model):
+        trained = np.asarray(checkpoint.parameters[layer.weight].data)
+        result.codes[layer.node] = quantize_weights(layer.to_matrix(trained), state.weight_grids[layer.node])
     return result
+
+
+def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray, y: np.ndarray, *,
+                       epochs: int, lr: float, batch_size: int = 32, seed: int = 0, threads: int | None = None) -> QuantState:
+    """A copy of `state` whose integer weights are those of a fine-tune on (x, y), requantized."""
+    with tempfile.TemporaryDirectory(prefix="qcore-backprop-") as scratch:
+        artifacts = backprop_artifacts(model, state, Path(scratch), lr=lr)
+        return backprop_train(artifacts, model, state, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, threads=threads)

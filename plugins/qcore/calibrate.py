@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ from .flipnet import (
     layer_features,
     load_normalisation,
 )
-from .qmodel import QuantizedRunner, QuantState, channel_stats
-from .signals import alignment_signal
+from .layers import QuantLayer, find_layers
+from .qmodel import Activations, QuantizedRunner, QuantState, channel_stats
+from .signals import aligned_outputs, alignment_signal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,34 +62,67 @@ def load_class_means(path: Path) -> dict[str, np.ndarray]:
         return {k.split("/", 1)[1]: archive[k] for k in archive.files if k.startswith("class_mean/")}
 
 
-def device_features(runner: QuantizedRunner, reference: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                    x: np.ndarray, y: np.ndarray, class_means: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Flip-network features of every layer from one forward pass over (x, y).
+def flip_layers(layers: Iterable[QuantLayer], option: str) -> list[QuantLayer]:
+    """The layers whose flip networks act: `last` (the classifier, whose descent direction is exact) or `all`."""
+    if option == "all":
+        return list(layers)
+    return [layer for layer in layers if layer.last]
+
+
+def feature_probes(model: onnx.ModelProto, layers: Iterable[QuantLayer]) -> list[str]:
+    """Tensors the flip features of `layers` read: each layer's input, and a hidden layer's aligned output."""
+    layers = list(layers)
+    aligned = aligned_outputs(model, find_layers(model))
+    names: list[str] = []
+    for layer in layers:
+        names.append(layer.input)
+        if not layer.last and layer.node in aligned:
+            names.append(aligned[layer.node].tensor)
+    return list(dict.fromkeys(names))
+
+
+def features_from(runner: QuantizedRunner, reference: Mapping[str, tuple[np.ndarray, np.ndarray]], acts: Activations,
+                  y: np.ndarray, layers: Iterable[QuantLayer], class_means: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Flip-network features of `layers` from the activations of a forward pass over labelled examples.
 
     The signal feature is the exact cross-entropy descent direction for a last Gemm/MatMul and the
     class-mean alignment signal (`signals`) for hidden layers that have reference class means."""
-    logits, inputs, outputs = runner.forward_all(x)
-    current = {name: channel_stats(layer, inputs[name]) for name, layer in ((layer.node, layer) for layer in runner.layers)}
-    signal: dict[str, np.ndarray | None] = {}
-    for layer in runner.layers:
+    features = {}
+    for layer in layers:
+        inputs = acts.input_of(layer)
+        signal: np.ndarray | None = None
         if layer.last:
-            signal[layer.node] = None if layer.op_type == "Conv" else error_correlation(logits, y, inputs[layer.node])
-        elif class_means and layer.node in class_means and layer.node in outputs:
-            signal[layer.node] = alignment_signal(layer, runner.nodes[layer.node], inputs[layer.node], outputs[layer.node], y,
-                                                  class_means[layer.node], runner.norm_gain(layer.node))
-        else:
-            signal[layer.node] = None
-    return {layer.node: layer_features(layer, runner.state, reference[layer.node], current[layer.node], signal[layer.node])
-            for layer in runner.layers}
+            signal = None if layer.op_type == "Conv" else error_correlation(acts.logits, y, inputs)
+        elif class_means and layer.node in class_means and runner.aligned[layer.node].tensor in acts.values:
+            signal = alignment_signal(layer, runner.nodes[layer.node], inputs, acts.values[runner.aligned[layer.node].tensor], y,
+                                      class_means[layer.node], runner.norm_gain(layer.node))
+        features[layer.node] = layer_features(layer, runner.state, reference[layer.node], channel_stats(layer, inputs), signal)
+    return features
+
+
+def device_features(runner: QuantizedRunner, reference: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    x: np.ndarray, y: np.ndarray, class_means: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Flip-network features of every layer from one forward pass over (x, y) (see `features_from`)."""
+    acts = runner.activations(x, feature_probes(runner.model, runner.layers))
+    return features_from(runner, reference, acts, y, runner.layers, class_means)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy of `logits` (float64)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -log_probabilities[np.arange(len(labels)), labels]
+
+
+def split_losses(logits: np.ndarray, labels: np.ndarray, old: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy of the old (coreset) rows and of the new (chunk) rows."""
+    values = cross_entropy(logits, labels)
+    return float(values[old].mean()) if old.any() else 0.0, float(values[~old].mean()) if (~old).any() else 0.0
 
 
 def losses(runner: QuantizedRunner, pool: Coreset, old: np.ndarray) -> tuple[float, float]:
     """Cross-entropy on the old (coreset) part and on the new chunk part of `pool`."""
-    logits = runner.logits(pool.x).astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    values = -log_probabilities[np.arange(len(pool.y)), pool.y]
-    return float(values[old].mean()) if old.any() else 0.0, float(values[~old].mean()) if (~old).any() else 0.0
+    return split_losses(runner.logits(pool.x), pool.y, old)
 
 
 def refresh_norms(runner: QuantizedRunner, pool: Coreset, check: Coreset, chunk: int, momentum: float, guard: bool) -> bool:
@@ -107,11 +141,25 @@ def refresh_norms(runner: QuantizedRunner, pool: Coreset, check: Coreset, chunk:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Which rows of the pool (coreset first, then the chunk) feed the flip features and which judge them."""
+
+    fit: np.ndarray | None  # None: all rows
+    check: np.ndarray | None
+    old: np.ndarray  # over the check rows: True for coreset rows
+
+
 class Calibrator:
-    """The device side: a quantized model, its coreset and flip networks, updated chunk by chunk."""
+    """The device side: a quantized model, its coreset and flip networks, updated chunk by chunk.
+
+    One chunk costs a handful of forward passes over coreset + chunk: one before anything changes,
+    the norm-statistics re-estimate (each norm's prefix) and one after it; the flips of a layer are
+    then judged by re-running only what lies after that layer from kept activations, so flips of the
+    last layer (the default, `flip_layers: last`) cost no forward pass of the network at all."""
 
     def __init__(self, qcore_dir: Path, options: Mapping[str, Any], *, state: QuantState | None = None,
-                 coreset: Coreset | None = None) -> None:
+                 coreset: Coreset | None = None, threads: int | None = None) -> None:
         missing = [name for name in ("float.onnx", "build.json", "reference.npz") if not (qcore_dir / name).is_file()]
         if missing:
             raise DataError(f"{qcore_dir} lacks {', '.join(missing)}; run 'edgeplug quantize OUT --data train.npz' first")
@@ -125,9 +173,17 @@ class Calibrator:
         self.class_means = load_class_means(qcore_dir / "reference.npz")
         build = json.loads((qcore_dir / "build.json").read_text(encoding="utf-8"))
         self.never_learned = int(build["never_learned_count"])
-        self.flipnets = {name: FlipNet(qcore_dir / "flipnet" / f"{name}.onnx", *load_normalisation(info))
-                         for name, info in build["flipnets"].items()}
-        self.runner = QuantizedRunner(self.model, self.state)
+        self.layers = flip_layers(find_layers(self.model), str(self.options.get("flip_layers", "last")))
+        if int(self.options["flip_rounds"]) == 0:
+            self.layers = []
+        self.probes = feature_probes(self.model, self.layers)
+        self.runner = QuantizedRunner(self.model, self.state, probes=self.probes, threads=threads)
+        self.runner.prepare(self.layers, self.coreset.x[:1])
+        missing_nets = [layer.node for layer in self.layers if layer.node not in build["flipnets"]]
+        if missing_nets:
+            raise DataError(f"{qcore_dir} has no flip network for {', '.join(missing_nets)}; run 'edgeplug quantize --reuse-records' again")
+        self.flipnets = {layer.node: FlipNet(qcore_dir / "flipnet" / f"{layer.node}.onnx", *load_normalisation(build["flipnets"][layer.node]),
+                                             threads=threads) for layer in self.layers}
         self.rng = np.random.default_rng(int(self.options["seed"]))
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
@@ -135,49 +191,77 @@ class Calibrator:
 
     def step(self, x: np.ndarray, y: np.ndarray, chunk: int, source: str = "") -> ChunkResult:
         started = time.perf_counter()
-        before = self.accuracy(x, y)
-        pool = self.coreset.pooled(x, y, chunk)
-        guard = self._guard_rows(len(y))
-        fit = np.setdiff1d(np.arange(len(y)), guard)
-        check = self.coreset.pooled(x[guard], y[guard], chunk) if len(guard) else pool
-        norms_kept = self._refresh_norms(pool, check, chunk)
-        proposed, kept, rounds = self._flip(self.coreset.pooled(x[fit], y[fit], chunk), check, chunk)
-        correct = self.runner.correct(pool.x, pool.y)
+        pool = self.coreset.pooled(x, y, chunk, stacked=True)
+        rows = self._rows(len(self.coreset), len(y))
+        probes = self.probes
+        acts = self.runner.activations(pool.x, probes)
         new = pool.origin == chunk
+        before = float((acts.logits[new].argmax(axis=1) == y).mean())
+        norms_kept, acts = self._refresh_norms(pool, acts, rows, probes)
+        proposed, kept, rounds, acts = self._flip(pool, acts, rows)
+        correct = np.asarray(acts.logits.argmax(axis=1) == pool.y)
         after = float(correct[new].mean())
         pool = recount(pool, correct, new, self.never_learned)
         self.coreset = pool.subset(draw(pool.counts, self.size, self.rng))
         return ChunkResult(chunk, source, len(y), before, after, proposed, kept,
                            int(np.count_nonzero(self.coreset.origin > 0)), time.perf_counter() - started, rounds, norms_kept)
 
-    def _guard_rows(self, n: int) -> np.ndarray:
-        """The chunk's rows held out for the guard (`guard_split` of it; none for a chunk of one example)."""
+    def _rows(self, kept: int, n: int) -> Rows:
+        """Rows of a pool of `kept` coreset examples and a chunk of `n`: the chunk's rows held out for the
+        guard are `guard_split` of it (none for a chunk of one example)."""
         share = float(self.options["guard_split"])
         count = min(n - 1, int(round(share * n))) if self.options["flip_guard"] and n > 1 else 0
+        old = np.arange(kept)
         if count <= 0:
-            return np.zeros(0, np.int64)
-        return np.sort(self.rng.choice(n, size=count, replace=False))
+            return Rows(None, None, np.arange(kept + n) < kept)
+        guard = np.sort(self.rng.choice(n, size=count, replace=False))
+        fit = np.setdiff1d(np.arange(n), guard)
+        check = np.concatenate([old, kept + guard])
+        return Rows(np.concatenate([old, kept + fit]), check, check < kept)
 
-    def _refresh_norms(self, pool: Coreset, check: Coreset, chunk: int) -> bool:
-        return refresh_norms(self.runner, pool, check, chunk, float(self.options["norm_momentum"]), bool(self.options["flip_guard"]))
+    def _losses(self, acts: Activations, pool: Coreset, rows: Rows) -> tuple[float, float]:
+        if rows.check is None:
+            return split_losses(acts.logits, pool.y, rows.old)
+        return split_losses(acts.logits[rows.check], pool.y[rows.check], rows.old)
 
-    def _flip(self, pool: Coreset, check: Coreset, chunk: int) -> tuple[int, int, int]:
-        """Rounds of flips from the flip networks, each from fresh forward statistics on coreset + chunk.
+    def _refresh_norms(self, pool: Coreset, acts: Activations, rows: Rows, probes: list[str]) -> tuple[bool, Activations]:
+        """Batch-norm statistics of coreset + chunk; with `flip_guard`, kept only if they lower the summed
+        cross-entropy of the judging rows (statistics from ~100 examples of a skewed class mix can hurt
+        more than the drift they follow). Returns whether they were kept and the activations under the
+        statistics in force."""
+        if not self.runner.norms:
+            return False, acts
+        guard = bool(self.options["flip_guard"])
+        previous = {k: (m.copy(), v.copy()) for k, (m, v) in self.state.norm_stats.items()}
+        before = sum(self._losses(acts, pool, rows))
+        self.runner.refresh_norm_stats(pool.x, float(self.options["norm_momentum"]))
+        refreshed = self.runner.activations(pool.x, probes)
+        if guard and sum(self._losses(refreshed, pool, rows)) >= before:
+            self.state.norm_stats.update(previous)
+            return False, acts
+        return True, refreshed
+
+    def _flip(self, pool: Coreset, acts: Activations, rows: Rows) -> tuple[int, int, int, Activations]:
+        """Rounds of flips from the flip networks, each from the current activations on coreset + chunk.
 
         With `flip_guard`, each layer's flips are kept only if they lower the cross-entropy on
-        the chunk's rows in `check` (held out of `pool` when `guard_split` > 0) without raising it
-        on the coreset (forward passes); the rounds stop when a round keeps nothing, or after
-        `flip_rounds`. Returns flips proposed, flips kept, rounds run.
+        the chunk's judging rows (held out of the features when `guard_split` > 0) without raising it
+        on the coreset; the rounds stop when a round keeps nothing, or after `flip_rounds`. Returns
+        flips proposed, flips kept, rounds run and the activations under the final codes.
         """
-        start = {name: codes.copy() for name, codes in self.state.codes.items()}
-        check_old = check.origin != chunk
-        best = self._losses(check, check_old)
+        start = {layer.node: self.state.codes[layer.node].copy() for layer in self.layers}
+        guard = bool(self.options["flip_guard"])
+        margin = float(self.options["guard_margin"])
+        best = self._losses(acts, pool, rows)
+        fit_y = pool.y if rows.fit is None else pool.y[rows.fit]
         proposed = rounds = 0
         for _ in range(int(self.options["flip_rounds"])):
             rounds += 1
-            features = device_features(self.runner, self.reference, pool.x, pool.y, self.class_means)
+            fit = acts if rows.fit is None else acts.take(rows.fit)
+            features = features_from(self.runner, self.reference, fit, fit_y, self.layers, self.class_means)
+            del fit
             kept_this_round = 0
-            for layer in reversed(self.runner.layers):
+            for layer in reversed(self.layers):
                 flips = self.flipnets[layer.node].steps(features[layer.node]).reshape(self.state.codes[layer.node].shape)
                 previous = self.state.codes[layer.node]
                 self.state.codes[layer.node] = apply_flips(layer, self.state, flips)
@@ -185,21 +269,19 @@ class Calibrator:
                 proposed += moved
                 if moved == 0:
                     continue
-                if self.options["flip_guard"]:
-                    losses = self._losses(check, check_old)
-                    margin = float(self.options["guard_margin"])
-                    if losses[0] > best[0] or losses[1] >= best[1] * (1.0 - margin):
+                trial = self.runner.rerun_from(layer, acts, pool.x)
+                if guard:
+                    judged = self._losses(trial, pool, rows)
+                    if judged[0] > best[0] or judged[1] >= best[1] * (1.0 - margin):
                         self.state.codes[layer.node] = previous
                         continue
-                    best = losses
+                    best = judged
+                acts = trial
                 kept_this_round += moved
             if kept_this_round == 0:
                 break
         kept = sum(int(np.count_nonzero(self.state.codes[k] != start[k])) for k in start)
-        return proposed, kept, rounds
-
-    def _losses(self, pool: Coreset, old: np.ndarray) -> tuple[float, float]:
-        return losses(self.runner, pool, old)
+        return proposed, kept, rounds, acts
 
     def save(self) -> None:
         """Write the updated coreset, then the state (each file whole or not at all)."""

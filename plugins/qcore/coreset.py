@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,49 @@ def coreset_size(option: float | int, total: int) -> int:
     return int(option)
 
 
+class Stacked:
+    """Arrays read as one along the first axis without being copied into one: the coreset followed by a
+    chunk, for the device loop, which only ever reads batches (slices) and the rows it keeps."""
+
+    def __init__(self, *parts: np.ndarray) -> None:
+        self.parts = parts
+        self.ends = np.cumsum([len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("Stacked slices step by 1")
+            pieces, begin = [], 0
+            for part, end in zip(self.parts, self.ends):
+                low, high = max(start, begin), min(stop, int(end))
+                if low < high:
+                    pieces.append(part[low - begin:high - begin])
+                begin = int(end)
+            if not pieces:
+                return self.parts[0][:0]
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        rows = np.asarray(index)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        which = np.searchsorted(self.ends, rows, side="right")
+        out = np.empty((len(rows), *self.parts[0].shape[1:]), self.parts[0].dtype)
+        begin = 0
+        for number, (part, end) in enumerate(zip(self.parts, self.ends)):
+            mine = which == number
+            out[mine] = part[rows[mine] - begin]
+            begin = int(end)
+        return out
+
+
 @dataclasses.dataclass
 class Coreset:
     """The examples kept for calibration, with their forgetting counts and last correctness."""
 
-    x: np.ndarray
+    x: np.ndarray  # or a Stacked view (`pooled(..., stacked=True)`)
     y: np.ndarray
     counts: np.ndarray
     correct: np.ndarray
@@ -76,10 +115,12 @@ class Coreset:
         with np.load(path, allow_pickle=False) as archive:
             return cls(archive["x"], archive["y"], archive["counts"], archive["correct"].astype(bool), archive["origin"])
 
-    def pooled(self, x: np.ndarray, y: np.ndarray, origin: int) -> Coreset:
-        """This coreset followed by new examples that have no record yet."""
+    def pooled(self, x: np.ndarray, y: np.ndarray, origin: int, *, stacked: bool = False) -> Coreset:
+        """This coreset followed by new examples that have no record yet (`stacked`: the inputs are not
+        copied into one array but read through a `Stacked` view)."""
         n = len(y)
-        return Coreset(np.concatenate([self.x, x]), np.concatenate([self.y, y]),
+        inputs: Any = Stacked(self.x, x) if stacked else np.concatenate([self.x, x])
+        return Coreset(inputs, np.concatenate([self.y, y]),
                        np.concatenate([self.counts, np.zeros(n, np.int64)]), np.concatenate([self.correct, np.zeros(n, bool)]),
                        np.concatenate([self.origin, np.full(n, origin, np.int64)]))
 

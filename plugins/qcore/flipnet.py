@@ -133,10 +133,15 @@ def train_flipnet(features: np.ndarray, targets: np.ndarray, destination: Path, 
 class FlipNet:
     """One layer's flip network as a plain onnxruntime session (forward only), with its feature scaling."""
 
-    def __init__(self, path: Path, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
+    def __init__(self, path: Path, mean: np.ndarray | None = None, std: np.ndarray | None = None, *,
+                 threads: int | None = None) -> None:
         ort = inference_runtime()
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = False  # see QuantizedRunner
+        options.enable_mem_pattern = False
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.mean, self.std = mean, std
 

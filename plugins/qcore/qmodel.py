@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from .quantize import (
     weight_grid,
 )
 
-BATCH = 64
+BATCH = 16  # examples per forward pass: onnxruntime's buffers grow with it, its speed hardly does (HAPT 1D-CNN)
 
 
 @dataclasses.dataclass
@@ -172,12 +172,43 @@ def initial_state(model: onnx.ModelProto, bits: int) -> QuantState:
     return QuantState(bits, grids, {layer.node: None for layer in find_layers(model)}, codes, stats)
 
 
-class QuantizedRunner:
-    """Forward passes of a quantized model in plain onnxruntime; weights and statistics are fed per run."""
+@dataclasses.dataclass
+class Activations:
+    """What a forward pass over a fixed set of examples left: the output and the probed tensors.
 
-    def __init__(self, model: onnx.ModelProto, state: QuantState) -> None:
+    The device loop keeps one of these for the coreset + chunk and, when one layer's codes change,
+    recomputes only what lies after that layer (`QuantizedRunner.rerun_from`)."""
+
+    logits: np.ndarray
+    values: dict[str, np.ndarray]  # probed tensor name -> value over the examples
+
+    def input_of(self, layer: QuantLayer) -> np.ndarray:
+        return self.values[layer.input]
+
+    def take(self, rows: np.ndarray) -> Activations:
+        """The same activations for some of the examples only."""
+        return Activations(self.logits[rows], {name: value[rows] for name, value in self.values.items()})
+
+
+class QuantizedRunner:
+    """Forward passes of a quantized model in plain onnxruntime; weights and statistics are fed per run.
+
+    Sessions are built once: the whole calibration graph, and lazily a *suffix* per quantized layer
+    (from the layer's input to the output: flips of one layer are judged without re-running the layers
+    before it) and a *prefix* per batch norm (from the input to that norm's input: statistics are
+    re-estimated without running the rest of the model). Batches are small (`batch`) and sessions run
+    without memory arena or memory pattern, so a pass adds little to the device's resident memory.
+    """
+
+    def __init__(self, model: onnx.ModelProto, state: QuantState, *, probes: Iterable[str] | None = None,
+                 threads: int | None = None, batch: int = BATCH) -> None:
+        """`probes`: the tensors besides the output that runs may ask for (default: every quantized layer's
+        input, every norm's input and every hidden layer's aligned output). onnxruntime keeps a graph output
+        alive until the end of a run, so the device loop declares only those it reads."""
         self.model = model
         self.state = state
+        self.batch = batch
+        self.threads = threads
         self.layers = find_layers(model)
         self.norms = batch_norms(model)
         data_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -189,31 +220,52 @@ class QuantizedRunner:
 
         self.nodes = {n.name: n for n in model.graph.node}
         self.aligned = aligned_outputs(model, self.layers)
-        probes = [layer.input for layer in self.layers] + [bn.input[0] for bn in self.norms] + [a.tensor for a in self.aligned.values()]
-        graph = _qdq_graph(model, state, bake=False, probes=probes)
+        every = [layer.input for layer in self.layers] + [bn.input[0] for bn in self.norms] + [a.tensor for a in self.aligned.values()]
+        self.probes = list(dict.fromkeys(every if probes is None else probes))
+        self.graph = _qdq_graph(model, state, bake=False, probes=self.probes)
+        self.session = self._session(self.graph)
+        self._suffixes: dict[str, tuple[Any, str, list[str]] | None] = {}
+        self._prefixes: dict[str, Any] = {}
+
+    def _session(self, graph: onnx.ModelProto) -> Any:
         ort = inference_runtime()
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        # no memory arena: the device loop runs a few batch sizes once per chunk, and an arena keeps
-        # each run's peak (measured on HAPT: +35 MiB per calibration with it)
+        # no memory arena and no memory pattern: the device loop runs a few batch sizes once per chunk, and
+        # both keep each run's peak (measured on HAPT: +35 MiB per calibration with the arena)
         options.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        options.enable_mem_pattern = False
+        # basic graph optimisations only, for every session alike: onnxruntime 1.19.2's extended ones fail on a
+        # suffix whose input feeds Clip -> QuantizeLinear ("RemoveNode ... should be unreachable"); on the whole
+        # model they change neither the logits (bit for bit) nor the speed (measured on the HAPT 1D-CNN)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    def _feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {self.input_name: x}
+    def _feeds(self, session: Any) -> dict[str, np.ndarray]:
+        """Codes and statistics for every parameter input `session` declares."""
+        wanted = {i.name for i in session.get_inputs()}
+        feeds: dict[str, np.ndarray] = {}
         for layer in self.layers:
-            feeds[codes_input(layer)] = layer.from_matrix(self.state.codes[layer.node])
+            if codes_input(layer) in wanted:
+                feeds[codes_input(layer)] = layer.from_matrix(self.state.codes[layer.node])
         for bn in self.norms:
             mean, var = self.state.norm_stats[bn.name]
-            feeds[bn.input[3]], feeds[bn.input[4]] = mean.astype(np.float32), var.astype(np.float32)
+            if bn.input[3] in wanted:
+                feeds[bn.input[3]], feeds[bn.input[4]] = mean.astype(np.float32), var.astype(np.float32)
         return feeds
 
-    def run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """Named outputs over `x`, in batches, concatenated along the batch axis."""
+    def run(self, x: np.ndarray, outputs: list[str], *, session: Any = None, input_name: str | None = None) -> list[np.ndarray]:
+        """Named outputs over `x` (fed as `input_name` of `session`, default the whole model's input), in batches."""
+        session = session if session is not None else self.session
+        input_name = input_name or self.input_name
         parts: list[list[np.ndarray]] = [[] for _ in outputs]
-        for start in range(0, len(x), BATCH):
-            values = self.session.run(outputs, self._feeds(x[start:start + BATCH]))
-            for part, value in zip(parts, values):
+        feeds = self._feeds(session)
+        for start in range(0, len(x), self.batch):
+            feeds[input_name] = x[start:start + self.batch]
+            for part, value in zip(parts, session.run(outputs, feeds)):
                 part.append(value)
         return [np.concatenate(p) for p in parts]
 
@@ -223,14 +275,96 @@ class QuantizedRunner:
     def correct(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.asarray(self.logits(x).argmax(axis=-1) == y)
 
-    def refresh_norm_stats(self, x: np.ndarray, momentum: float = 1.0) -> None:
-        """Batch-norm statistics of `x`, layer after layer (each sees the updated ones before it)."""
+    # -- activations kept across flips -----------------------------------------------------------
+
+    def activations(self, x: np.ndarray, probes: Iterable[str]) -> Activations:
+        """One pass over `x`: the output and the named probes (layer inputs, aligned outputs)."""
+        names = list(dict.fromkeys(probes))
+        logits, *values = self.run(x, [self.output_name, *names])
+        return Activations(logits, dict(zip(names, values)))
+
+    def prepare(self, layers: Iterable[QuantLayer], example: np.ndarray | None = None) -> None:
+        """Build now the sessions the device loop will use (every norm's prefix, `layers`' suffixes) and, given
+        an example, run each once (onnxruntime allocates on a session's first run), so that no calibration pays
+        for either."""
+        layers = list(layers)
         for bn in self.norms:
-            (value,) = self.run(x, [bn.input[0]])
-            axes = tuple(i for i in range(value.ndim) if i != 1)
+            self._prefix(bn)
+        for layer in layers:
+            self._suffix(layer)
+        if example is None:
+            return
+        acts = self.activations(example, [layer.input for layer in layers])
+        for bn in self.norms:
+            self.run(example, [bn.input[0]], session=self._prefix(bn))
+        for layer in layers:
+            self.rerun_from(layer, acts, example)
+
+    def rerun_from(self, layer: QuantLayer, current: Activations, x: np.ndarray) -> Activations:
+        """`current` with everything after `layer` recomputed under the present codes and statistics.
+
+        Runs the layer's suffix from its cached input; where no suffix can be cut (another path
+        reaches the output around the layer, e.g. a residual connection), runs the whole model on `x`."""
+        suffix = self._suffix(layer)
+        if suffix is None:
+            return self.activations(x, current.values)
+        session, _, reachable = suffix
+        names = [name for name in current.values if name in reachable]
+        logits, *values = self.run(current.input_of(layer), [self.output_name, *names], session=session, input_name=layer.input)
+        return Activations(logits, {**current.values, **dict(zip(names, values))})
+
+    def _suffix(self, layer: QuantLayer) -> tuple[Any, str, list[str]] | None:
+        if layer.node not in self._suffixes:
+            self._suffixes[layer.node] = None
+            if not layer.first:
+                reachable = [name for name in self.probes if name != layer.input and name in downstream(self.graph, layer.input)]
+                params = [i.name for i in self.graph.graph.input if i.name != self.input_name]
+                part = cut(self.graph, [layer.input, *params], [self.output_name, *reachable])
+                if part is not None:
+                    self._suffixes[layer.node] = (self._session(part), layer.input, reachable)
+        return self._suffixes[layer.node]
+
+    # -- batch-norm statistics -------------------------------------------------------------------
+
+    def refresh_norm_stats(self, x: np.ndarray, momentum: float = 1.0) -> None:
+        """Batch-norm statistics of `x`, layer after layer (each sees the updated ones before it).
+
+        Each norm's input comes from a session cut just before it, batch by batch, merged into per-channel
+        mean and variance (float64, Chan et al.'s pairwise update), so no activation of all of `x` is held."""
+        for bn in self.norms:
+            session = self._prefix(bn)
+            feeds = self._feeds(session)
+            count, new_mean, squares = 0, 0.0, 0.0
+            for start in range(0, len(x), self.batch):
+                feeds[self.input_name] = x[start:start + self.batch]
+                (value,) = session.run([bn.input[0]], feeds)
+                axes = (0, *range(2, value.ndim))
+                n = value.size // value.shape[1]
+                batch_mean = value.sum(axis=axes, dtype=np.float64) / n  # float64 accumulation, no float64 copy
+                shape = (1, -1) + (1,) * (value.ndim - 2)
+                np.subtract(value, batch_mean.astype(np.float32).reshape(shape), out=value)
+                batch_squares = np.square(value, out=value).sum(axis=axes, dtype=np.float64)
+                delta = batch_mean - new_mean
+                total = count + n
+                new_mean = new_mean + delta * (n / total)
+                squares = squares + batch_squares + delta ** 2 * (count * n / total)
+                count = total
+                del value
+            if count == 0:
+                continue
+            new_var = np.asarray(squares) / count
             mean, var = self.state.norm_stats[bn.name]
-            new_mean, new_var = value.mean(axis=axes), value.var(axis=axes)
-            self.state.norm_stats[bn.name] = ((1 - momentum) * mean + momentum * new_mean, (1 - momentum) * var + momentum * new_var)
+            self.state.norm_stats[bn.name] = (((1 - momentum) * mean + momentum * np.asarray(new_mean)).astype(np.float32),
+                                              ((1 - momentum) * var + momentum * new_var).astype(np.float32))
+
+    def _prefix(self, bn: onnx.NodeProto) -> Any:
+        if bn.name not in self._prefixes:
+            params = [i.name for i in self.graph.graph.input if i.name != self.input_name]
+            part = cut(self.graph, [self.input_name, *params], [bn.input[0]])
+            self._prefixes[bn.name] = self.session if part is None else self._session(part)
+        return self._prefixes[bn.name]
+
+    # -- convenience views -------------------------------------------------------------------------
 
     def channel_stats(self, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per input channel mean and standard deviation of every quantized layer's float input on `x`."""
@@ -263,6 +397,50 @@ class QuantizedRunner:
 
     def layer_inputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip([layer.node for layer in self.layers], self.run(x, [layer.input for layer in self.layers])))
+
+
+def cut(model: onnx.ModelProto, inputs: Sequence[str], outputs: Iterable[str]) -> onnx.ModelProto | None:
+    """The nodes of `model` that compute `outputs` from `inputs` (and initializers), as a model whose graph
+    inputs are the first of `inputs` (the cut) and those of the others the kept nodes read; None when an output needs anything else (another graph input, a tensor from around
+    the cut, a subgraph). Plain onnx, so the device loop does not load the graph-surgery library."""
+    graph = model.graph
+    outputs = list(outputs)
+    given = set(inputs)
+    produced = {name: node for node in graph.node for name in node.output}
+    initializers = {t.name for t in graph.initializer}
+    needed, stack, kept_inits = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in given or name in needed or name == "":
+            continue
+        if name in initializers:
+            kept_inits.add(name)
+            continue
+        node = produced.get(name)
+        if node is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        needed.add(name)
+        stack.extend(node.input)
+    nodes = [node for node in graph.node if any(name in needed for name in node.output)]
+    read = {name for node in nodes for name in node.input} | set(outputs)
+    inputs = [name for position, name in enumerate(inputs) if position == 0 or name in read]
+    types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+    value_inputs = [types.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inputs]
+    value_outputs = [types.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs]
+    part = helper.make_graph(nodes, f"{graph.name}_cut", value_inputs, value_outputs,
+                             [t for t in graph.initializer if t.name in kept_inits])
+    result = helper.make_model(part, opset_imports=list(model.opset_import))
+    result.ir_version = model.ir_version
+    return result
+
+
+def downstream(model: onnx.ModelProto, tensor: str) -> set[str]:
+    """Every tensor computed (directly or not) from `tensor`."""
+    reached = {tensor}
+    for node in model.graph.node:  # graph order is topological
+        if any(name in reached for name in node.input):
+            reached.update(node.output)
+    return reached
 
 
 def dequantized_float_model(model: onnx.ModelProto, state: QuantState) -> onnx.ModelProto:
