@@ -391,6 +391,56 @@ def standardize(x: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray |
     return ((x - mean) / std).astype(np.float32), mean, std
 
 
+# -- where the phone sits: sensor placement --------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How a phone sits on the waist compared with UCI's recordings: one rotation of its axes (the
+    accelerometer and the gyroscope turn together, they share the phone's frame) and per-axis gains
+    (sensor calibration). In UCI's frame x points up (about +1 g when standing), y and z lie in the
+    waist's plane; `apply` maps a window recorded in UCI's frame to what the placed phone records."""
+
+    rotation: np.ndarray  # [3, 3], applied to acc xyz and gyro xyz
+    acc_gain: np.ndarray  # [3]
+    gyro_gain: np.ndarray  # [3]
+    name: str = "as recorded"
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """[N, 6, T] windows as this placement records them."""
+        acc = np.einsum("ij,njt->nit", self.rotation, x[:, :3]) * self.acc_gain[None, :, None]
+        gyro = np.einsum("ij,njt->nit", self.rotation, x[:, 3:]) * self.gyro_gain[None, :, None]
+        return np.concatenate([acc, gyro], axis=1).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rotation": np.round(self.rotation, 4).tolist(), "acc_gain": np.round(self.acc_gain, 4).tolist(),
+                "gyro_gain": np.round(self.gyro_gain, 4).tolist()}
+
+
+AS_RECORDED = Placement(np.eye(3), np.ones(3), np.ones(3))
+
+
+def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rodrigues: rotation by `angle` (radians) about the unit vector `axis`."""
+    axis = axis / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+
+
+def random_placement(rng: np.random.Generator, *, max_tilt_degrees: float = 15.0, gain: float = 0.05) -> Placement:
+    """A phone clipped to the belt another way: turned by a multiple of 90 degrees about its screen's normal (z)
+    and facing in or out (a half turn about the vertical x), then tilted by up to `max_tilt_degrees` about a
+    random axis (how the clip sits), with per-axis gains within 1 +- `gain` (calibration)."""
+    quarter = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    turn = _axis_rotation(np.array([0.0, 0.0, 1.0]), quarter * np.pi / 2)
+    facing = _axis_rotation(np.array([1.0, 0.0, 0.0]), np.pi) if flip else np.eye(3)
+    tilt_degrees = float(rng.uniform(0, max_tilt_degrees))
+    tilt = _axis_rotation(rng.standard_normal(3), np.deg2rad(tilt_degrees))
+    rotation = np.round(tilt @ turn @ facing, 12)
+    name = f"turned {90 * quarter} deg{', facing in' if flip else ''}, tilt {tilt_degrees:.0f} deg"
+    return Placement(rotation, rng.uniform(1 - gain, 1 + gain, 3), rng.uniform(1 - gain, 1 + gain, 3), name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: {cache_dir()})")

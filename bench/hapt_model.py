@@ -63,9 +63,13 @@ class Settings:
     batch_size: int = 64
     lr: float = 0.003
     users: tuple[int, ...] = SOURCE_USERS
+    placements: int = 0  # > 0: train on the windows as recorded plus this many copies, each under a random placement
 
     def key(self) -> str:
-        text = json.dumps({**dataclasses.asdict(self), "version": MODEL_VERSION}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not self.placements:
+            del fields["placements"]  # the models cached before the field existed keep their key
+        text = json.dumps({**fields, "version": MODEL_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -168,6 +172,19 @@ def train(settings: Settings, data: hapt.Windows, work: Path, *, echo: Any = pri
     return precise_bn(onnx.load(str(work / "trained.onnx")), data.x)
 
 
+def placement_augmented(data: hapt.Windows, copies: int, seed: int) -> hapt.Windows:
+    """The windows as recorded plus `copies` copies, each window under its own random placement
+    (`hapt.random_placement`): the obvious way to a model that does not care how the phone sits."""
+    rng = np.random.default_rng([seed, 7])
+    xs = [data.x]
+    for _ in range(copies):
+        xs.append(np.concatenate([hapt.random_placement(rng).apply(data.x[i:i + 1]) for i in range(len(data))]))
+    repeat = copies + 1
+    return dataclasses.replace(data, x=np.concatenate(xs), y=np.tile(data.y, repeat), users=np.tile(data.users, repeat),
+                               experiments=np.tile(data.experiments, repeat), segments=np.tile(data.segments, repeat),
+                               starts=np.tile(data.starts, repeat))
+
+
 def pretrained(settings: Settings = Settings(), *, cache: Path | None = None, echo: Any = print) -> Path:
     """Path of the pretrained model for `settings`, training it once (cached by settings)."""
     folder = (cache if cache is not None else hapt.cache_dir()) / f"hapt-cnn-{settings.key()}"
@@ -175,6 +192,8 @@ def pretrained(settings: Settings = Settings(), *, cache: Path | None = None, ec
     if target.is_file():
         return target
     data, _ = source_split(hapt.load(), settings.users)
+    if settings.placements:
+        data = placement_augmented(data, settings.placements, settings.seed)
     with tempfile.TemporaryDirectory(prefix="hapt-cnn-") as scratch:
         model = train(settings, data, Path(scratch), echo=echo)
         folder.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ RESULTS = BENCH / "results"
 METHODS = ("none", "stats", "prototype", "generated", "fta", "fta_stats")
 LABELS = {"none": "no adaptation", "stats": "stats re-estimation", "prototype": "prototype classifier (T3A-like)",
           "generated": "generated parameters (ours)", "fta": "fine-tuning with labels (FTA)",
-          "fta_stats": "stats re-estimation + FTA"}
+          "fta_stats": "stats re-estimation + FTA", "augmented": "base model trained with placement augmentation, no adaptation"}
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 source, 3 target domains, 300 steps")
     parser.add_argument("--workload", choices=["digits", "hapt"], default="digits",
                         help="hapt: UCI HAPT, source domains = UCI's 21 training users, targets = the 9 others")
+    parser.add_argument("--placements", type=int, default=0, metavar="K",
+                        help="hapt: each source user also under K random phone placements, new users also measured placed")
+    parser.add_argument("--augment-copies", type=int, default=4, help="hapt with --placements: placed copies of the training "
+                        "windows for the placement-augmented base model")
+    parser.add_argument("--draws", type=int, default=8, help="device-sized draws per source domain for the generator")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-personalize"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--name", default="personalize")
@@ -309,9 +314,16 @@ def run(args: argparse.Namespace) -> None:
 def run_hapt(args: argparse.Namespace) -> None:
     """Source domains = UCI's 21 training users (the base model was pretrained on them); target domains = the 9
     held-out users. Per target user the device holds up to --device-samples unlabelled windows of its first
-    recording; its test set is its other recording(s)."""
+    recording; its test set is its other recording(s).
+
+    With --placements K, every source user is also a source domain under K random phone placements
+    (`hapt.random_placement`: the phone turned, flipped and tilted on the belt, per-axis gains), the slots
+    include the first convolution's weights (a placement mixes the input axes, which no per-channel slot can
+    undo) and the anchors also read the raw input's per-channel statistics; the 9 new users are measured as
+    recorded and again each under its own random placement, beside a base model trained with the same
+    placement augmentation (the obvious way not to need adaptation)."""
     import edgeplug
-    from edgeplug_plugins.personalize.device import DeviceModel
+    from edgeplug_plugins.personalize.device import DeviceModel, accuracy
     from edgeplug_plugins.personalize.generator import Generator, GeneratorOptions, load_domains, train_generator
 
     sys.path.insert(0, str(BENCH))
@@ -324,41 +336,91 @@ def run_hapt(args: argparse.Namespace) -> None:
     work.mkdir(parents=True)
     windows = hapt.load()
     base = hapt_model.pretrained(echo=lambda text: print("  " + text, flush=True))
+    placed = args.placements > 0
+    passes = [dict(step) for step in PERSONALIZE_RECIPE]
+    if placed:
+        passes[0] = {"name": "personalize", "options": {"slots": ["classifier", "normalization", "conv0.weight"],
+                                                         "features": [hapt_model.INPUT, "conv0", "conv1", "conv2", "features"]}}
     art = work / "art"
-    edgeplug.rewrite(base, recipe(PERSONALIZE_RECIPE, args.fta_lr), art, force=True)
+    edgeplug.rewrite(base, recipe(passes, args.fta_lr), art, force=True)
     device = DeviceModel(art)
     source = windows.select(users=hapt_model.SOURCE_USERS)
-    arrays = {"x": source.x, "y": source.y, "domain": source.users}
-    options = GeneratorOptions(steps=args.steps, device_samples=args.device_samples, count=args.count, seed=args.seed, lr=1e-3)
+    rng = np.random.default_rng(args.seed)
+    xs, ys, ids, source_placements = [source.x], [source.y], [source.users * 100], []
+    for user in hapt_model.SOURCE_USERS:
+        mine = source.select(users=[user])
+        for k in range(1, args.placements + 1):
+            placement = hapt.random_placement(rng)
+            source_placements.append({"user": user, **placement.to_dict()})
+            xs.append(placement.apply(mine.x))
+            ys.append(mine.y)
+            ids.append(np.full(len(mine), user * 100 + k))
+    arrays = {"x": np.concatenate(xs), "y": np.concatenate(ys), "domain": np.concatenate(ids)}
+    del xs
+    options = GeneratorOptions(steps=args.steps, device_samples=args.device_samples, count=args.count, seed=args.seed, lr=1e-3,
+                               draws=args.draws)
     cloud_started = time.perf_counter()
     info = train_generator(art, load_domains(arrays, device, "domains"), work / "generator", options, force=True,
                            echo=lambda text: print("  " + text, flush=True))
     generator_seconds = time.perf_counter() - cloud_started
+    del arrays
     generator = Generator(work / "generator")
-    rng = np.random.default_rng(args.seed)
-    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    targets = []
-    for user in hapt_model.NEW_USERS:
-        folder = work / f"user-{user}"
-        folder.mkdir()
-        first, rest = windows.select(users=[user], experiments=[0]), windows.select(users=[user])
-        rest = rest.take(rest.experiments > 0)
-        picked = np.sort(rng.choice(len(first), min(args.device_samples, len(first)), replace=False))
-        np.savez(folder / "device.npz", x=first.x[picked])
-        np.savez(folder / "device-labelled.npz", x=first.x[picked], y=first.y[picked])
-        targets.append({"user": user, "device_windows": int(len(picked)), "test_windows": len(rest)})
-        line = []
-        for method in METHODS:
-            entry = personalise(method, device, art, folder, work, generator, args, rest.x, rest.y, int(first.x[picked].nbytes),
-                                input_name=hapt_model.INPUT)
-            entry["domain"] = user
-            rows[method].append(entry)
-            line.append(f"{method} {entry['accuracy']:.3f}")
-        print(f"user {user}: " + ", ".join(line), flush=True)
-    clean = float(np.mean([r["accuracy"] for r in rows["none"]]))
-    result = summarise(args, rows, info, generator_seconds, clean, time.perf_counter() - started, targets)
+    augmented = None
+    if placed:
+        print("  placement-augmented base model", flush=True)
+        augmented = DeviceModel(_plain_artifacts(hapt_model.pretrained(hapt_model.Settings(placements=args.augment_copies),
+                                                                   echo=lambda text: print("  " + text, flush=True)), work))
+    conditions = {"as recorded": {user: hapt.AS_RECORDED for user in hapt_model.NEW_USERS}}
+    if placed:
+        target_rng = np.random.default_rng([args.seed, 1])
+        conditions["placed"] = {user: hapt.random_placement(target_rng) for user in hapt_model.NEW_USERS}
+    methods = [*METHODS, "augmented"] if placed else list(METHODS)
+    results = {}
+    for condition, placements in conditions.items():
+        rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        targets = []
+        for user in hapt_model.NEW_USERS:
+            placement = placements[user]
+            folder = work / f"{condition.replace(' ', '-')}-user-{user}"
+            folder.mkdir()
+            first, rest = windows.select(users=[user], experiments=[0]), windows.select(users=[user])
+            rest = rest.take(rest.experiments > 0)
+            picked = np.sort(rng.choice(len(first), min(args.device_samples, len(first)), replace=False))
+            device_x, test_x = placement.apply(first.x[picked]), placement.apply(rest.x)
+            np.savez(folder / "device.npz", x=device_x)
+            np.savez(folder / "device-labelled.npz", x=device_x, y=first.y[picked])
+            targets.append({"user": user, "device_windows": int(len(picked)), "test_windows": len(rest), "placement": placement.to_dict()})
+            line = []
+            for method in methods:
+                if method == "augmented":
+                    assert augmented is not None
+                    entry: dict[str, Any] = {"accuracy": accuracy(augmented.logits(test_x), rest.y)}
+                else:
+                    entry = personalise(method, device, art, folder, work, generator, args, test_x, rest.y, int(device_x.nbytes),
+                                        input_name=hapt_model.INPUT)
+                entry["domain"] = user
+                rows[method].append(entry)
+                line.append(f"{method} {entry['accuracy']:.3f}")
+            print(f"{condition}, user {user} ({placement.name}): " + ", ".join(line), flush=True)
+        clean = float(np.mean([r["accuracy"] for r in rows["none"]]))
+        results[condition] = summarise(args, rows, info, generator_seconds, clean, time.perf_counter() - started, targets)
+    result = results["as recorded"]
     result["workload"] = "hapt"
+    if placed:
+        result["conditions"] = results
+        result["source_placements"] = source_placements
+    result["seconds"] = time.perf_counter() - started
     write_results(result, args.results, args.name)
+
+
+def _plain_artifacts(model: Path, work: Path) -> Path:
+    """An artifact folder whose device model is `model` unchanged (personalize with the classifier slot only)."""
+    import edgeplug
+
+    folder = work / "augmented-art"
+    edgeplug.rewrite(model, recipe([{"name": "personalize", "options": {"slots": ["classifier"], "statistics": False}}], 0.01),
+                     folder, force=True)
+    return folder
 
 
 def personalise(method: str, device: Any, art: Path, folder: Path, work: Path, generator: Any, args: argparse.Namespace,
@@ -442,20 +504,37 @@ def write_results(result: dict[str, Any], folder: Path, name: str) -> None:
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     if result.get("workload") == "hapt":
+        placed = bool(s.get("placements"))
         head = ["# personalize: backprop-free personalisation of unseen people (UCI HAPT)", "",
-                f"`nice python bench/personalize.py --workload hapt` — base model: the HAPT 1D-CNN pretrained with edgeplug "
-                f"on UCI's 21 training users (bench/hapt_model.py); the generator trains over those 21 users as source domains; "
-                f"the 9 held-out users are the target domains: per user up to {s['device_samples']} unlabelled windows of its "
-                f"first recording on the device, its other recording(s) the test set. "
-                f"Run took {result['seconds']:.0f} s on {result['machine']['cpus']} shared cores (load {result['machine']['load_average'][0]:.1f}).", ""]
+                "`nice python bench/personalize.py --workload hapt"
+                + (f" --placements {s['placements']}" if placed else "") + "` — base model: the HAPT 1D-CNN pretrained with "
+                "edgeplug on UCI's 21 training users (bench/hapt_model.py); the generator trains over those 21 users as source "
+                "domains" + (f", each also under {s['placements']} random phone placements (hapt.random_placement: turned by a "
+                              "multiple of 90 degrees about the screen's normal, facing in or out, tilted up to 15 degrees, per-axis "
+                              "gains 1 +- 0.05; slots: classifier, batch-norm affine and the first convolution's weights; anchors also "
+                              "read the raw input's per-channel mean and std)" if placed else "")
+                + f"; the 9 held-out users are the target domains: per user up to {s['device_samples']} unlabelled windows of its "
+                f"first recording on the device, its other recording(s) the test set"
+                + ("; measured as recorded and again with each user's phone under its own random placement" if placed else "")
+                + f". Run took {result['seconds']:.0f} s on {result['machine']['cpus']} shared cores "
+                f"(load {result['machine']['load_average'][0]:.1f}).", ""]
     else:
         head = ["# personalize: backprop-free personalisation on distorted digits", "",
                 f"`nice python bench/personalize.py` — {s['source_domains']} source domains (generator training), "
                 f"{s['target_domains']} unseen target domains; per target domain {s['device_samples']} unlabelled device images, "
                 f"the remaining target-half images are the test set. Base CNN clean accuracy {result['clean_accuracy']:.3f}. "
                 f"Run took {result['seconds']:.0f} s on {result['machine']['cpus']} shared cores (load {result['machine']['load_average'][0]:.1f}).", ""]
+    if "conditions" not in result:
+        return "\n".join([*head, *_table(result)])
+    lines = list(head)
+    for condition, part in result["conditions"].items():
+        lines += [f"## New users, phone {condition}", "", *_table(part)]
+        lines += ["Per user: " + "; ".join(f"{t['user']} ({t['placement']['name']})" for t in part["target_domains"]), ""]
+    return "\n".join(lines)
+
+
+def _table(result: dict[str, Any]) -> list[str]:
     lines = [
-        *head,
         "| method | target accuracy (mean ± std over domains) | device time (median) | device peak RSS (median) | upload |",
         "|---|---|---|---|---|",
     ]
@@ -483,7 +562,7 @@ def markdown(result: dict[str, Any]) -> str:
         "to the slot file written, including imports and model load; VmHWM. Times are noisy on the shared machine.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -494,10 +573,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = result["rows"]
     names = list(rows)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.bar(range(len(names)), [rows[n]["accuracy_mean"] for n in names], yerr=[rows[n]["accuracy_std"] for n in names],
-             color=["#999", "#6a9", "#69c", "#d62", "#555", "#333"])
-    left.set_xticks(range(len(names)), names)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    parts = result.get("conditions", {"": result})
+    width = 0.8 / len(parts)
+    for number, (condition, part) in enumerate(parts.items()):
+        shown = [n for n in names if n in part["rows"]]
+        left.bar([names.index(n) + number * width for n in shown], [part["rows"][n]["accuracy_mean"] for n in shown], width,
+                 yerr=[part["rows"][n]["accuracy_std"] for n in shown], label=condition or None)
+    if len(parts) > 1:
+        left.legend(fontsize=8)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, fontsize=8)
     left.set_ylabel("target-domain accuracy")
     left.set_ylim(0, 1)
     measured = [n for n in names if "device_peak_rss_median" in rows[n]]
