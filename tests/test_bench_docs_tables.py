@@ -1,0 +1,40 @@
+"""bench/docs_tables.py: the generated "paper's claim vs our measurement" blocks of docs/passes pages.
+
+The blocks are how docs/ quotes the bench, so a stale or misplaced block must be caught.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import docs_tables  # noqa: E402
+
+
+def _result() -> dict:
+    rows = [{"name": n, "order": i} for i, n in enumerate(("last_layer", "full", "sparse_tinytrain"))]
+    records = []
+    for e in range(8):
+        for i, n in enumerate(("last_layer", "full", "sparse_tinytrain")):
+            records.append({"row": n, "episode": e, "domain": "a" if e % 2 else "b", "ways": 5,
+                            "accuracy": 0.5 + 0.05 * i + 0.01 * ((e * (i + 1)) % 3)})
+    return {"meta": {"rows": rows, "title": "t", "domains": ["a", "b"]}, "records": records}
+
+
+def test_block_goes_before_measured_then_is_replaced_in_place() -> None:
+    page = "# Pass\n\nintro\n\n## Measured\n\nold numbers\n"
+    first = docs_tables.place(page, f"{docs_tables.BEGIN}\nA\n{docs_tables.END}")
+    assert first.index("A") < first.index("## Measured") and first.count(docs_tables.BEGIN) == 1
+    second = docs_tables.place(first, f"{docs_tables.BEGIN}\nB\n{docs_tables.END}")
+    assert "A" not in second.split("## Measured")[0] and "B" in second and second.count(docs_tables.BEGIN) == 1
+    assert docs_tables.place(second, f"{docs_tables.BEGIN}\nB\n{docs_tables.END}") == second, "not idempotent"
+
+
+def test_numbers_give_paired_intervals_and_name_a_clear_winner() -> None:
+    n = docs_tables.Numbers(_result(), "images")
+    assert n.episodes == 8 and n.has("full", "last_layer") and not n.has("biases")
+    cell = n.delta("sparse_tinytrain", "last_layer")
+    assert cell.startswith("+0.09") and "[" in cell and "sparse_tinytrain" in cell
+    assert n.delta("biases", "last_layer") == "n/a"
