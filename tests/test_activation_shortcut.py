@@ -27,6 +27,7 @@ from edgeplug.graph import GraphIndex
 from edgeplug.profiling.measure import measure
 from edgeplug.recipe import recipe_from_dict
 from edgeplug_plugins.activation_shortcut import calibrate, contract, ranks, tucker
+from edgeplug_plugins.activation_shortcut import layers as layers_module
 from edgeplug_plugins.activation_shortcut.layers import conv_geometry
 
 BASE = {"loss": "cross-entropy", "optimizer": {"name": "sgd", "lr": 0.05}}
@@ -98,10 +99,12 @@ def factor_feeds(artifacts: Path, rng: np.random.Generator, batch: int) -> dict[
     return feeds
 
 
-def refreshed(x: np.ndarray, feeds: dict[str, np.ndarray], node: str) -> list[np.ndarray | None]:
-    """The factors the graph compresses this step's X with: one subspace iteration from the fed ones."""
+def approximation(x: np.ndarray, feeds: dict[str, np.ndarray], node: str, *, axis: int = 1, center: bool = True) -> np.ndarray:
+    """What the graph's weight gradient sees: the per-channel mean (kept exactly, `center`) plus the Tucker
+    form of the rest, its factors refreshed once from the fed ones, channel mode first (tucker.asi_step)."""
     fed = [feeds.get(f"{node}.asi.U{mode}") for mode in range(x.ndim)]
-    return [None if f is None else tucker.subspace_step(x, f, mode) for mode, f in enumerate(fed)]
+    mean, factors, core = tucker.asi_step(x, fed, axis, center)
+    return (0 if mean is None else mean) + tucker.reconstruct(core, factors)
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,7 +141,7 @@ def test_full_ranks_give_vanillas_gradients(tmp_path: Path, compress_batch: bool
     assert [la["node"] for la in details["layers"]] == ["c0", "c1", "c2", "fc"]
 
 
-@pytest.mark.parametrize("ranks_option,compress_batch", [([3, 2, 3, 2], True), ([4, 3, 2, 2], False), ([2, 1, 1, 1], True)])
+@pytest.mark.parametrize("ranks_option,compress_batch", [([3, 2, 3, 2], True), ([4, 2, 2, 2], False), ([2, 1, 1, 1], True)])
 def test_reduced_ranks_match_numpy_on_the_reconstruction(tmp_path: Path, ranks_option: list[int], compress_batch: bool) -> None:
     model = convnet()
     rng = np.random.default_rng(1)
@@ -152,8 +155,7 @@ def test_reduced_ranks_match_numpy_on_the_reconstruction(tmp_path: Path, ranks_o
     got = run_training_graph(tmp_path / "asi", model, feeds, GRADS)
     for weight, node in weights.items():
         x, dy = vanilla[node.input[0]], vanilla[f"{node.output[0]}_grad"]
-        factors = refreshed(x, feeds, node.name)
-        approx = tucker.reconstruct(tucker.compress(x, factors), factors)
+        approx = approximation(x, feeds, node.name)
         if node.op_type == "Conv":
             expected = tucker.conv_weight_grad(approx, dy, conv_geometry(node, x.shape, numpy_helper.to_array(
                 next(t for t in model.graph.initializer if t.name == weight)).shape))
@@ -215,7 +217,7 @@ def conv_cases(draw: st.DrawFn) -> dict[str, Any]:
     size = (draw(st.integers(5, 8)), draw(st.integers(5, 8)))
     ranks = [draw(st.integers(1, 3)), draw(st.integers(1, channels)), draw(st.integers(1, size[0])), draw(st.integers(1, size[1]))]
     return {"group": group, "channels": channels, "out": out, "kernel": kernel, "stride": stride, "dilation": dilation,
-            "pads": pads, "size": size, "ranks": ranks, "compress_batch": draw(st.booleans())}
+            "pads": pads, "size": size, "ranks": ranks, "compress_batch": draw(st.booleans()), "center": draw(st.booleans())}
 
 
 def single_conv(case: dict[str, Any], seed: int) -> onnx.ModelProto:
@@ -240,20 +242,35 @@ def single_conv(case: dict[str, Any], seed: int) -> onnx.ModelProto:
 def test_random_convs_compress_exactly_as_specified(tmp_path: Path, case: dict[str, Any]) -> None:
     """Any shape/stride/padding/dilation/groups: dW = numpy dW of the reconstruction, and dX stays exact
     (the trainable conv below gets vanilla's gradient)."""
+    check_conv_case(tmp_path, case)
+
+
+def test_a_depthwise_conv_whose_network_costs_more_rebuilds_its_input_in_backward(tmp_path: Path) -> None:
+    """A depthwise conv with high spatial ranks: contracting the network costs more than rebuilding X~ from the core
+    and factors in backward and running onnxruntime's ConvGrad on it, so that is what the graph does; the gradient
+    is the same reconstruction's."""
+    case = {"group": 8, "channels": 8, "out": 8, "kernel": (3, 3), "stride": (1, 1), "dilation": (1, 1), "pads": [1, 1, 1, 1],
+            "size": (12, 12), "ranks": [BATCH, 6, 10, 10], "compress_batch": False, "center": True}
+    check_conv_case(tmp_path, case)
+    training = onnx.load(str(tmp_path / "asi" / "training_model.onnx"))
+    assert any(n.op_type == "ConvGrad" and ".asi.dW" in n.name for n in training.graph.node)
+
+
+def check_conv_case(tmp_path: Path, case: dict[str, Any]) -> None:
     (h, w), (kh, kw), (dh, _) = case["size"], case["kernel"], case["dilation"]
     if h + case["pads"][0] + case["pads"][2] < (kh - 1) * dh + 1 or w + case["pads"][1] + case["pads"][3] < kw:
         return
     model = single_conv(case, 0)
     rng = np.random.default_rng(3)
-    options = {"ranks": case["ranks"], "batch_size": BATCH, "compress_batch": case["compress_batch"], "include": ["conv"]}
+    options = {"ranks": case["ranks"], "batch_size": BATCH, "compress_batch": case["compress_batch"], "include": ["conv"],
+               "center": case["center"]}
     rewrite(model, tmp_path, "vanilla", None)
     rewrite(model, tmp_path, "asi", options)
     feeds = {**batch(rng, (BATCH, 2, h, w), 3), **factor_feeds(tmp_path / "asi", rng, BATCH)}
     vanilla = run_training_graph(tmp_path / "vanilla", model, feeds, ["x1", "y_grad", "pre.w_grad", "conv.b_grad"])
     got = run_training_graph(tmp_path / "asi", model, feeds, ["conv.w_grad", "pre.w_grad", "conv.b_grad"])
     x = vanilla["x1"]
-    factors = refreshed(x, feeds, "conv")
-    approx = tucker.reconstruct(tucker.compress(x, factors), factors)
+    approx = approximation(x, feeds, "conv", center=case["center"])
     node = next(n for n in model.graph.node if n.name == "conv")
     expected = tucker.conv_weight_grad(approx, vanilla["y_grad"], conv_geometry(node, x.shape, (case["out"], case["channels"] // case["group"], kh, kw)))
     assert relative(got["conv.w_grad"], expected) < 1e-4
@@ -293,6 +310,39 @@ def test_gradient_network_contracts_in_a_cheap_order_with_small_intermediates() 
     assert np.allclose(arrays[result], expected)
 
 
+def test_a_zero_pad_in_front_of_a_conv_is_folded_into_the_compression(tmp_path: Path) -> None:
+    """TF-style exports pad with a separate Pad node: ASI compresses the Pad's input (fewer values) with the Pad
+    folded into the conv's padding; dW is that of the reconstruction, dX stays exact, neither the padded tensor
+    nor its source is read by backward."""
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Conv", ["x", "pre.w"], ["x1"], name="pre"),
+        helper.make_node("Constant", [], ["pads"], name="pads", value=numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 2, 1], np.int64))),
+        helper.make_node("Pad", ["x1", "pads"], ["xp"], name="pad", mode="constant"),
+        helper.make_node("Conv", ["xp", "dw.w", "dw.b"], ["y"], name="dw", group=4, strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["y"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.w"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [_init("pre.w", rng.standard_normal((4, 2, 1, 1))), _init("dw.w", rng.standard_normal((4, 1, 3, 3))),
+             _init("dw.b", rng.standard_normal(4)), _init("fc.w", rng.standard_normal((3, 4)))]
+    model = _model(nodes, inits, ["N", 2, 7, 8], 3)
+    rewrite(model, tmp_path, "vanilla", None)
+    result = rewrite(model, tmp_path, "asi", {"ranks": [BATCH, 3, 4, 5], "batch_size": BATCH, "include": ["dw"]})
+    layer = result.report["passes"][-1]["details"]["layers"][0]
+    assert layer["input_shape"] == [BATCH, 4, 10, 9] and layer["compressed_input"]["shape"] == [BATCH, 4, 7, 8]
+    assert layer["compressed_input"]["pads"] == [1, 0, 2, 1] and layer["input_freed"]
+    feeds = {**batch(rng, (BATCH, 2, 7, 8), 3), **factor_feeds(tmp_path / "asi", rng, BATCH)}
+    vanilla = run_training_graph(tmp_path / "vanilla", model, feeds, ["x1", "y_grad", "pre.w_grad", "dw.b_grad"])
+    got = run_training_graph(tmp_path / "asi", model, feeds, ["dw.w_grad", "pre.w_grad", "dw.b_grad"])
+    approx = approximation(vanilla["x1"], feeds, "dw")
+    geometry = layers_module.ConvGeometry((3, 3), (2, 2), (1, 1), (1, 0, 2, 1), 4)
+    assert relative(got["dw.w_grad"], tucker.conv_weight_grad(approx, vanilla["y_grad"], geometry)) < 1e-4
+    assert relative(got["pre.w_grad"], vanilla["pre.w_grad"]) < 1e-4 and relative(got["dw.b_grad"], vanilla["dw.b_grad"]) < 1e-4
+    training = onnx.load(str(tmp_path / "asi" / "training_model.onnx"))
+    assert backward_readers(training, "xp") == [] and backward_readers(training, "x1") == []
+
+
 def test_matmul_layer_with_sequence_input(tmp_path: Path) -> None:
     """MatMul on a [B, L, I] input: dW from the 3-mode Tucker form."""
     rng = np.random.default_rng(4)
@@ -305,8 +355,7 @@ def test_matmul_layer_with_sequence_input(tmp_path: Path) -> None:
              **factor_feeds(tmp_path / "asi", rng, BATCH)}
     vanilla = run_training_graph(tmp_path / "vanilla", model, feeds, ["h_grad"])
     got = run_training_graph(tmp_path / "asi", model, feeds, ["w_grad"])
-    factors = refreshed(feeds["x"], feeds, "mm")
-    approx = tucker.reconstruct(tucker.compress(feeds["x"], factors), factors)
+    approx = approximation(feeds["x"], feeds, "mm", axis=2)
     assert relative(got["w_grad"], tucker.linear_weight_grad(approx, vanilla["h_grad"])) < 1e-4
 
 
@@ -334,7 +383,7 @@ def toy_data(n: int = 48, seed: int = 0) -> dict[str, np.ndarray]:
 
 def test_memory_budget_selects_ranks_and_reports_them(tmp_path: Path) -> None:
     data = toy_data()
-    budget = 1600
+    budget = 2000
     result = rewrite(convnet(), tmp_path, "asi", {"memory_budget_bytes": budget, "batch_size": 8}, calibration=data)
     details = result.report["passes"][-1]["details"]
     chosen = details["rank_selection"]["chosen"]
@@ -457,7 +506,7 @@ def test_factors_are_refreshed_in_the_graph_from_this_steps_input(tmp_path: Path
     compressed (rank 3 of 8): the mode whose subspace changes completely from batch to batch."""
     model = convnet()
     rewrite(model, tmp_path, "vanilla", None)
-    rewrite(model, tmp_path, "asi", {"ranks": [3], "batch_size": 8, "compress_batch": True})
+    rewrite(model, tmp_path, "asi", {"ranks": [3], "batch_size": 8, "compress_batch": True, "center": False})
     # like real activations: a few patterns (the same in every batch), mixed differently in each sample
     rng = np.random.default_rng(7)
     patterns = rng.standard_normal((3, 3, 9, 9))

@@ -45,6 +45,14 @@ class Plan:
     method: str
     ranks: tuple[int, ...] = ()
     patch: int = 1
+    center: bool = False  # asi: compress X minus its per-channel mean; the mean is kept exactly
+    opset: int = 17
+    original: Layer | None = None  # the layer itself when `layer` is its view through a zero Pad
+
+    @property
+    def real(self) -> Layer:
+        """The layer as the graph has it (its own input and padding): what dX and vanilla's ConvGrad see."""
+        return self.original or self.layer
 
     @property
     def active(self) -> list[int]:
@@ -105,39 +113,78 @@ def _replace_letter(term: str, old: str, new: str) -> str:
 
 # -- forward: the compressed form ----------------------------------------------------------------
 
-def asi_forward(nodes: Nodes, plan: Plan) -> tuple[str, str, dict[int, str], int]:
-    """One subspace iteration per compressed mode on this step's X, orthonormalised in the graph,
-    then the core S = X x_m U_m^T with the refreshed factors.
+def reduce_mean(nodes: Nodes, tensor: str, axes: Sequence[int], base: str, opset: int) -> str:
+    """ReduceMean keeping the reduced axes (its axes moved from an attribute to an input in opset 18)."""
+    if opset >= 18:
+        return nodes.op("ReduceMean", [tensor, nodes.ints(f"{base}_axes", axes)], base, keepdims=1)
+    return nodes.op("ReduceMean", [tensor], base, axes=list(axes), keepdims=1)
 
-    Returns (core name, core einsum term, {mode: refreshed factor}, MACs). The refreshed factors
-    are graph outputs too: the runtime hook feeds them back as next step's warm start."""
+
+def asi_forward(nodes: Nodes, plan: Plan) -> tuple[str, str, dict[int, str], str | None, int]:
+    """This step's compressed X, mirrored by tucker.asi_step. Modes are taken channel first (it shrinks X
+    most), each on what the earlier projections left: one warm-started subspace iteration
+    P_m = A_(m) A_(m)^T U_m on that tensor A, orthonormalised in the graph (U'_m, a graph output that is
+    carried to the next step), then A <- A x_m U'_m^T. Only the channel mode reads the full X (three
+    passes: V = X x U^T, P = X V^T, the projection); the other modes work on the small core.
+
+    With `plan.center` the per-channel mean mu (over batch and positions) is kept exactly and the rest is
+    compressed, without building X - mu: for the channel mode, Vc = V - U^T mu gives P = X Vc^T exactly
+    (Vc sums to zero over the positions) and the core is X x U'^T - U'^T mu. Returns (core, its einsum
+    term, {mode: refreshed factor}, mean or None, MACs)."""
     layer, base = plan.layer, f"{plan.layer.node}.asi"
-    rank = len(layer.x_shape)
+    shape = layer.x_shape
+    rank = len(shape)
     dims = DIMS[:rank]
+    channel = layer.channel_axis
+    size = math.prod(shape)
     refreshed: dict[int, str] = {}
     macs = 0
-    for mode in plan.active:
-        k = plan.ranks[mode]
-        letter = RANKS[mode]
-        projected_term = _replace_letter(dims, dims[mode], letter)
-        # V = A_(m)^T U_m (kept as a tensor), P = A_(m) V
-        projected = nodes.op("Einsum", [layer.input, plan.factor_input(mode)], f"{base}.T{mode}",
-                             equation=f"{dims},{dims[mode]}{letter}->{projected_term}")
-        power = nodes.op("Einsum", [layer.input, projected], f"{base}.P{mode}", equation=f"{dims},{projected_term}->{dims[mode]}{letter}")
-        macs += 2 * math.prod(layer.x_shape) * k
-        refreshed[mode] = orthonormalise(nodes, power, plan.factor_input(mode), k, plan.factor(mode), f"{base}.orth{mode}")
-        macs += orthonormalise_macs(layer.x_shape[mode], k)
-    term, core = dims, layer.input
-    size = math.prod(layer.x_shape)
-    for mode in plan.active:
-        new_term = _replace_letter(term, dims[mode], RANKS[mode])
-        core = nodes.op("Einsum", [core, refreshed[mode]], f"{base}.S{mode}", equation=f"{term},{dims[mode]}{RANKS[mode]}->{new_term}")
-        macs += size * plan.ranks[mode]
-        size = size // layer.x_shape[mode] * plan.ranks[mode]
-        term = new_term
-    if not plan.active:
-        core = nodes.op("Identity", [layer.input], f"{base}.S")
-    return core, term, refreshed, macs
+    core, term = layer.input, dims
+    mean = None
+    mu = ""  # the mean as a vector over the channel axis
+    if plan.center:
+        others = [a for a in range(rank) if a != channel]
+        mean = reduce_mean(nodes, layer.input, others, f"{base}.mean", plan.opset)
+        mu = nodes.op("Reshape", [mean, nodes.ints(f"{base}.mu_shape", [shape[channel]])], f"{base}.mu")
+        macs += size
+        if channel not in plan.active:  # no cheap correction then: compress X - mu itself
+            core = nodes.op("Sub", [layer.input, mean], f"{base}.centred")
+            macs += size
+    for mode in tucker.mode_order(rank, channel):
+        if mode not in plan.active:
+            continue
+        k, letter, old = plan.ranks[mode], RANKS[mode], dims[mode]
+        projected_term = _replace_letter(term, old, letter)
+        fed = plan.factor_input(mode)
+        projected = nodes.op("Einsum", [core, fed], f"{base}.T{mode}", equation=f"{term},{old}{letter}->{projected_term}")
+        folded = plan.center and mode == channel  # the mean still sits in `core` (X)
+        if folded:
+            shift = nodes.op("Einsum", [fed, mu], f"{base}.m{mode}", equation=f"{old}{letter},{old}->{letter}")
+            projected = nodes.op("Sub", [projected, _along(nodes, shift, rank, mode, f"{base}.m{mode}_b")], f"{base}.Tc{mode}")
+        power = nodes.op("Einsum", [core, projected], f"{base}.P{mode}", equation=f"{term},{projected_term}->{old}{letter}")
+        current = math.prod(_sizes(shape, plan, term))
+        macs += 2 * current * k
+        refreshed[mode] = orthonormalise(nodes, power, fed, k, plan.factor(mode), f"{base}.orth{mode}")
+        macs += orthonormalise_macs(shape[mode], k)
+        core = nodes.op("Einsum", [core, refreshed[mode]], f"{base}.S{mode}", equation=f"{term},{old}{letter}->{projected_term}")
+        macs += current * k
+        if folded:
+            shift = nodes.op("Einsum", [refreshed[mode], mu], f"{base}.n{mode}", equation=f"{old}{letter},{old}->{letter}")
+            core = nodes.op("Sub", [core, _along(nodes, shift, rank, mode, f"{base}.n{mode}_b")], f"{base}.Sc{mode}")
+        term = projected_term
+    if core == layer.input:
+        core = nodes.op("Identity", [core], f"{base}.S")
+    return core, term, refreshed, mean, macs
+
+
+def _sizes(shape: Sequence[int], plan: Plan, term: str) -> list[int]:
+    """Axis sizes of a partly compressed tensor whose einsum term shows which modes are projected."""
+    return [plan.ranks[m] if letter in RANKS else shape[m] for m, letter in enumerate(term)]
+
+
+def _along(nodes: Nodes, vector: str, rank: int, mode: int, base: str) -> str:
+    """A vector reshaped to broadcast along axis `mode` of a rank-`rank` tensor."""
+    return nodes.op("Reshape", [vector, nodes.ints(f"{base}_shape", [-1 if a == mode else 1 for a in range(rank)])], base)
 
 
 def orthonormalise(nodes: Nodes, power: str, previous: str, rank: int, output: str, base: str) -> str:
@@ -272,13 +319,39 @@ def _spatial_is_identity(plan: Plan, mode: int) -> bool:
             and g.pads[axis + 2] == 0 and layer.y_shape[mode] == layer.x_shape[mode])
 
 
-def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: str) -> tuple[int, int]:
-    """dW[g,o,c,u,v] = sum dY[b,g,o,i,j] U0[b,e] U1[g,c,f] S[e,f,k,l] W2[u,i,k] W3[v,j,l] (W2[u,i,k] =
-    U2pad[i s + u d, k]; whole modes drop their factor), contracted in the cheapest order whose
-    intermediates stay within the larger of X and dY (contract.py). X is never rebuilt in full, and
-    every intermediate depends on dY, so nothing large is computed in forward and kept.
-    Returns (MACs, largest intermediate in elements)."""
-    layer, base = plan.layer, f"{plan.layer.node}.asi.dW"
+def _valid_taps(size: int, out: int, kernel: int, stride: int, dilation: int, pad: int) -> np.ndarray:
+    """M[u, i] = 1 when kernel tap u of output position i reads the input (not the padding)."""
+    rows = np.arange(out)[None, :] * stride + np.arange(kernel)[:, None] * dilation - pad
+    return ((rows >= 0) & (rows < size)).astype(np.float32)
+
+
+def conv_mean_weight_grad(nodes: Nodes, plan: Plan, mean: str, dy: str) -> tuple[str, int]:
+    """dW of the mean part of X (mu[c] at every input position, zero in the padding):
+    dW[g,o,c,u,v] = mu[g,c] sum_{i,j} (sum_b dY[b,g,o,i,j]) M2[u,i] M3[v,j]. Returns ([O, Cg, kH, kW], MACs)."""
+    layer, base = plan.layer, f"{plan.layer.node}.asi.dWmean"
+    g = layer.geometry
+    assert g is not None
+    batch, channels = layer.x_shape[:2]
+    out, ho, wo = layer.y_shape[1], layer.y_shape[2], layer.y_shape[3]
+    og, cg = out // g.group, channels // g.group
+    summed = nodes.op("ReduceSum", [dy, nodes.ints(f"{base}.batch_axis", [0])], f"{base}.dYsum", keepdims=0)
+    grouped = nodes.op("Reshape", [summed, nodes.ints(f"{base}.dY_shape", [g.group, og, ho, wo])], f"{base}.dY")
+    masks = [nodes.const(f"{base}.M{axis}", _valid_taps(layer.x_shape[2 + axis], layer.y_shape[2 + axis], g.kernel[axis],
+                                                        g.stride[axis], g.dilation[axis], g.pads[axis])) for axis in range(2)]
+    mu = nodes.op("Reshape", [mean, nodes.ints(f"{base}.mu_shape", [g.group, cg])], f"{base}.mu")
+    sizes = {"g": g.group, "o": og, "c": cg, "i": ho, "j": wo, "u": g.kernel[0], "v": g.kernel[1]}
+    operands = [contract.Operand(grouped, "goij"), contract.Operand(masks[0], "ui"), contract.Operand(masks[1], "vj"),
+                contract.Operand(mu, "gc")]
+    grad, macs, _ = contract.contract(operands, sizes, "gocuv", max(math.prod(layer.x_shape), math.prod(layer.y_shape)),
+                                      _einsum(nodes, base))
+    shaped = nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, *g.kernel])], f"{base}.dW")
+    return shaped, macs + batch * out * ho * wo
+
+
+def _conv_network(plan: Plan) -> tuple[list[tuple[str, str]], dict[str, int], str, list[int]]:
+    """The weight-gradient network of a conv as (role, indices) pairs: dY, U0, U1, W2, W3, S; the index sizes;
+    the output indices; the core's shape as the network reads it."""
+    layer = plan.layer
     g = layer.geometry
     assert g is not None
     batch, channels = layer.x_shape[:2]
@@ -286,22 +359,18 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: s
     og, cg = out // g.group, channels // g.group
     active = set(plan.active)
     sizes = {"b": batch, "g": g.group, "o": og, "c": cg, "i": ho, "j": wo, "u": g.kernel[0], "v": g.kernel[1]}
-    grouped_dy = nodes.op("Reshape", [dy, nodes.ints(f"{base}.dY_shape", [0, g.group, og, ho, wo])], f"{base}.dY")
-    operands = [contract.Operand(grouped_dy, "bgoij")]
+    roles = [("dY", "bgoij")]
     core_terms = ["b", "gc", "", ""]
+    core_shape = [0, g.group, cg]
     if 0 in active:
         sizes["e"] = plan.ranks[0]
-        operands.append(contract.Operand(plan.factor(0), "be"))
+        roles.append(("U0", "be"))
         core_terms[0] = "e"
-    core_shape = [0, channels]
     if 1 in active:
         sizes["f"] = plan.ranks[1]
-        u1 = nodes.op("Reshape", [plan.factor(1), nodes.ints(f"{base}.U1_shape", [g.group, cg, plan.ranks[1]])], f"{base}.U1")
-        operands.append(contract.Operand(u1, "gcf"))
+        roles.append(("U1", "gcf"))
         core_terms[1] = "f"
         core_shape = [0, plan.ranks[1]]
-    else:
-        core_shape = [0, g.group, cg]
     taps = ""
     for mode, (tap, row, rank) in zip((2, 3), (("u", "i", "k"), ("v", "j", "l"))):
         size = plan.ranks[mode] if mode in active else layer.x_shape[mode]
@@ -310,21 +379,108 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: s
             core_terms[mode] = row
             continue
         sizes[rank] = size
-        shifted = nodes.op("Reshape", [_shifted_factor(nodes, plan, mode, base),
-                                       nodes.ints(f"{base}.W{mode}_shape", [g.kernel[mode - 2], layer.y_shape[mode], size])], f"{base}.W{mode}")
-        operands.append(contract.Operand(shifted, tap + row + rank))
+        roles.append((f"W{mode}", tap + row + rank))
         core_terms[mode] = rank
         taps += tap
-    if 1 not in active:
-        core = nodes.op("Reshape", [core, nodes.ints(f"{base}.S_shape", core_shape)], f"{base}.S")
-    operands.append(contract.Operand(core, "".join(core_terms)))
+    roles.append(("S", "".join(core_terms)))
+    return roles, sizes, "goc" + taps, core_shape
+
+
+def reconstruction_macs(plan: Plan) -> int:
+    """Multiply-adds of rebuilding X from the core and factors (the mean added back), expanding the modes in
+    reverse compression order."""
+    layer = plan.layer
+    size = math.prod(k if m in plan.active else d for m, (d, k) in enumerate(zip(layer.x_shape, plan.ranks)))
+    macs = 0
+    for mode in reversed(tucker.mode_order(len(layer.x_shape), layer.channel_axis)):
+        if mode in plan.active:
+            size = size // plan.ranks[mode] * layer.x_shape[mode]
+            macs += size * plan.ranks[mode]
+    return macs + (size if plan.center else 0)
+
+
+def conv_dw_macs(layer: Layer) -> int:
+    """Multiply-adds of a conv's weight gradient from its full input (what ConvGrad does)."""
+    assert layer.geometry is not None
+    return math.prod(layer.w_shape) * math.prod(layer.y_shape[2:]) * layer.x_shape[0]
+
+
+def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: str, mean: str | None,
+                         grad_node: onnx.NodeProto) -> tuple[int, int]:
+    """dW[g,o,c,u,v] = sum dY[b,g,o,i,j] U0[b,e] U1[g,c,f] S[e,f,k,l] W2[u,i,k] W3[v,j,l] (W2[u,i,k] =
+    U2pad[i s + u d, k]; whole modes drop their factor), contracted in the cheapest order whose
+    intermediates stay within the larger of X and dY (contract.py), plus the mean's part. X is never
+    rebuilt in full, and every intermediate depends on dY, so nothing large is computed in forward and kept.
+
+    A depthwise (or any) conv whose network costs more than rebuilding X~ from the core and factors and
+    running onnxruntime's own ConvGrad on it gets that instead: X~ exists in backward only, one layer at
+    a time. Returns (MACs, largest intermediate in elements)."""
+    layer, base = plan.layer, f"{plan.layer.node}.asi.dW"
+    g = layer.geometry
+    assert g is not None
+    channels, out = layer.x_shape[1], layer.y_shape[1]
+    og, cg = out // g.group, channels // g.group
+    roles, sizes, output_indices, core_shape = _conv_network(plan)
     limit = max(math.prod(layer.x_shape), math.prod(layer.y_shape))
-    grad, macs, largest = contract.contract(operands, sizes, "goc" + taps, limit, _einsum(nodes, base))
-    nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, *g.kernel])], f"{base}.dW", output=output)
-    return macs, largest
+    dry = [contract.Operand(role, indices) for role, indices in roles]
+    _, network_macs, _ = contract.contract(dry, sizes, output_indices, limit, lambda a, b, eq, step: step)
+    if mean is not None:
+        network_macs += layer.y_shape[0] * out * math.prod(layer.y_shape[2:]) + math.prod(layer.w_shape) * math.prod(layer.y_shape[2:])
+    rebuild_macs = reconstruction_macs(plan) + conv_dw_macs(layer)
+    if rebuild_macs < network_macs:
+        rebuilt = reconstruct(nodes, plan, core, mean, f"{plan.layer.node}.asi.X")
+        attributes = {a.name: helper.get_attribute_value(a) for a in grad_node.attribute}
+        attributes.update(pads=list(g.pads), auto_pad="NOTSET", kernel_shape=list(g.kernel), strides=list(g.stride),
+                          dilations=list(g.dilation), group=g.group)
+        nodes.editor.node("ConvGrad", [dy, rebuilt, layer.weight], f"{base}.ConvGrad", **attributes)
+        built = nodes.editor.last_node()
+        built.domain = grad_node.domain
+        del built.output[:]
+        built.output.extend(["", output])
+        return rebuild_macs, math.prod(layer.x_shape)
+    tensors = {"dY": nodes.op("Reshape", [dy, nodes.ints(f"{base}.dY_shape", [0, g.group, og, layer.y_shape[2], layer.y_shape[3]])], f"{base}.dY"),
+               "S": core}
+    if 0 in plan.active:
+        tensors["U0"] = plan.factor(0)
+    if 1 in plan.active:
+        tensors["U1"] = nodes.op("Reshape", [plan.factor(1), nodes.ints(f"{base}.U1_shape", [g.group, cg, plan.ranks[1]])], f"{base}.U1")
+    else:
+        tensors["S"] = nodes.op("Reshape", [core, nodes.ints(f"{base}.S_shape", core_shape)], f"{base}.S")
+    for mode in (2, 3):
+        role = f"W{mode}"
+        if any(r == role for r, _ in roles):
+            size = plan.ranks[mode] if mode in plan.active else layer.x_shape[mode]
+            tensors[role] = nodes.op("Reshape", [_shifted_factor(nodes, plan, mode, base),
+                                                 nodes.ints(f"{base}.W{mode}_shape", [g.kernel[mode - 2], layer.y_shape[mode], size])], f"{base}.W{mode}")
+    operands = [contract.Operand(tensors[role], indices) for role, indices in roles]
+    grad, macs, largest = contract.contract(operands, sizes, output_indices, limit, _einsum(nodes, base))
+    if mean is None:
+        nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, *g.kernel])], f"{base}.dW", output=output)
+        return macs, largest
+    centred = nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, *g.kernel])], f"{base}.dWc")
+    mean_grad, mean_macs = conv_mean_weight_grad(nodes, plan, mean, dy)
+    nodes.op("Add", [centred, mean_grad], f"{base}.dW", output=output)
+    return macs + mean_macs, largest
 
 
-def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str, output: str) -> tuple[int, int]:
+def reconstruct(nodes: Nodes, plan: Plan, core: str, mean: str | None, base: str) -> str:
+    """X~ = S x_m U'_m (+ the mean), expanding the modes in reverse compression order: for backward only."""
+    layer = plan.layer
+    dims = DIMS[: len(layer.x_shape)]
+    term = "".join(RANKS[m] if m in plan.active else d for m, d in enumerate(dims))
+    tensor = core
+    for mode in reversed(tucker.mode_order(len(dims), layer.channel_axis)):
+        if mode in plan.active:
+            wider = _replace_letter(term, RANKS[mode], dims[mode])
+            tensor = nodes.op("Einsum", [tensor, plan.factor(mode)], f"{base}.R{mode}", equation=f"{term},{dims[mode]}{RANKS[mode]}->{wider}")
+            term = wider
+    if mean is not None:
+        tensor = nodes.op("Add", [tensor, mean], f"{base}.R")
+    return tensor
+
+
+def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: str, output: str,
+                           mean: str | None = None) -> tuple[int, int]:
     """dW[i,o] = sum over the leading modes of X~[..., i] dY[..., o], X~ = S x_m U_m: the network of dY, the
     core and the factors, contracted in the cheapest order (contract.py); transposed for Gemm `transB`,
     scaled by `alpha`. Returns (MACs, largest intermediate in elements)."""
@@ -340,6 +496,13 @@ def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: s
     scale = layer.alpha if layer.op_type == "Gemm" else 1.0
     limit = max(math.prod(layer.x_shape), math.prod(layer.y_shape))
     grad, macs, largest = contract.contract(operands, sizes, final, limit, _einsum(nodes, base))
+    if mean is not None:  # the mean part: mu[i] times dY summed over the leading axes
+        rows = nodes.op("ReduceSum", [dy, nodes.ints(f"{base}.lead_axes", list(range(last)))], f"{base}.dYsum", keepdims=0)
+        mu = nodes.op("Reshape", [mean, nodes.ints(f"{base}.mu_shape", [layer.x_shape[last]])], f"{base}.mu")
+        pair = (rows, mu) if final[0] == "o" else (mu, rows)
+        outer = nodes.op("Einsum", list(pair), f"{base}.dWmean", equation=f"{final[0]},{final[1]}->{final}")
+        grad = nodes.op("Add", [grad, outer], f"{base}.sum")
+        macs += math.prod(layer.y_shape) + layer.x_shape[last] * layer.y_shape[-1]
     if scale != 1.0:
         nodes.op("Mul", [grad, nodes.const(f"{base}.alpha", np.array(scale, dtype=np.float32))], f"{base}.scaled", output=output)
     else:
@@ -388,9 +551,11 @@ def rewrite_layer(model: onnx.ModelProto, editor: GraphEditor, plan: Plan) -> tu
     stored: dict[str, tuple[int, ...]] = {}
     forward_macs = 0
     if plan.method == "asi":
-        core, term, powers, forward_macs = asi_forward(nodes, plan)
+        core, term, powers, mean, forward_macs = asi_forward(nodes, plan)
         core_shape = tuple(k if m in plan.active else d for m, (d, k) in enumerate(zip(layer.x_shape, plan.ranks)))
         stored[core] = core_shape
+        if mean is not None:
+            stored[mean] = tuple(d if a == layer.channel_axis else 1 for a, d in enumerate(layer.x_shape))
         for mode in plan.active:
             dim: int | str = "batch" if mode == 0 else layer.x_shape[mode]
             inputs.append(helper.make_tensor_value_info(plan.factor_input(mode), TensorProto.FLOAT, [dim, plan.ranks[mode]]))
@@ -398,40 +563,40 @@ def rewrite_layer(model: onnx.ModelProto, editor: GraphEditor, plan: Plan) -> tu
             stored[plan.factor(mode)] = (layer.x_shape[mode], plan.ranks[mode])
         compressed = core
     else:
-        powers = {}
+        powers, mean = {}, None
         compressed = filter_forward(nodes, plan)
         ho, wo = layer.y_shape[2:]
         stored[compressed] = (layer.x_shape[0], layer.x_shape[1], -(-ho // plan.patch), -(-wo // plan.patch))
         forward_macs += math.prod(layer.x_shape)
-    anchored = (layer.output, _anchor(nodes, layer, [compressed, *(powers.values() if plan.method == "asi" else [])]))
+    anchored = (layer.output, _anchor(nodes, layer, [compressed, *([mean] if mean else []), *(powers.values() if plan.method == "asi" else [])]))
     forward = nodes.take()
 
     replacements: dict[str, list[onnx.NodeProto]] = {}
     if layer.is_conv:
-        grad = _conv_grad_node(model, layer)
+        grad = _conv_grad_node(model, plan.real)
         dy = grad.input[0]
         dx, dw = grad.output[0], grad.output[1] if len(grad.output) > 1 else ""
         db = grad.output[2] if len(grad.output) > 2 else ""
         if not dw:
             raise ModelError(f"{grad.name} computes no weight gradient for {layer.weight}")
         if plan.method == "asi":
-            macs, peak = asi_conv_weight_grad(nodes, plan, compressed, dy, dw)
+            macs, peak = asi_conv_weight_grad(nodes, plan, compressed, dy, dw, mean, grad)
         else:
             macs, peak = filter_conv_weight_grad(nodes, plan, compressed, dy, dw), 0
         if dx:
-            conv_input_grad(nodes, layer, dy, dx)
-            macs += vanilla_backward_macs(layer, False)
+            conv_input_grad(nodes, plan.real, dy, dx)
+            macs += vanilla_backward_macs(plan.real, False)
         if db:
             conv_bias_grad(nodes, layer, dy, db)
         replacements[grad.name] = nodes.take()
-        vanilla = vanilla_backward_macs(layer, bool(dx))
+        vanilla = vanilla_backward_macs(plan.real, bool(dx))
     else:
         target = f"{layer.weight}_grad"
         producer = next((n for n in model.graph.node if target in n.output), None)
         dy = f"{layer.output}_grad"
         if producer is None or not any(dy in n.output for n in model.graph.node):
             raise ModelError(f"no weight gradient '{target}' or output gradient '{dy}' for {layer.node}")
-        macs, peak = asi_linear_weight_grad(nodes, plan, compressed, term, dy, target)
+        macs, peak = asi_linear_weight_grad(nodes, plan, compressed, term, dy, target, mean)
         replacements[producer.name] = nodes.take()
         needs_dx = any(f"{layer.input}_grad" in n.output for n in model.graph.node)
         vanilla = vanilla_backward_macs(layer, needs_dx)

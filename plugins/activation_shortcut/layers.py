@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 from edgeplug.plugin_api import GraphIndex
 
@@ -47,10 +48,30 @@ class Layer:
     geometry: ConvGeometry | None = None  # Conv only
     trans_b: bool = False  # Gemm only
     alpha: float = 1.0  # Gemm only
+    unpadded: tuple[str, tuple[int, ...], tuple[int, int, int, int]] | None = None
+    """Conv only: (tensor, shape, pads) when X is a zero Pad of `tensor` on the spatial axes (exporters write
+    TF-style 'same' padding so): compressing that tensor, with the Pad folded into the conv's pads, gives the
+    same weight gradient from (H W)/(H' W') fewer values."""
+
+    @property
+    def compressed(self) -> Layer:
+        """The layer as ASI compresses it: through a zero Pad in front of it when there is one."""
+        if self.unpadded is None:
+            return self
+        tensor, shape, extra = self.unpadded
+        assert self.geometry is not None
+        pads = tuple(p + q for p, q in zip(self.geometry.pads, extra))
+        geometry = dataclasses.replace(self.geometry, pads=(pads[0], pads[1], pads[2], pads[3]))
+        return dataclasses.replace(self, input=tensor, x_shape=shape, geometry=geometry, unpadded=None)
 
     @property
     def is_conv(self) -> bool:
         return self.op_type == "Conv"
+
+    @property
+    def channel_axis(self) -> int:
+        """The input axis the weight contracts: channels (Conv) or features (the last axis of Gemm/MatMul)."""
+        return 1 if self.is_conv else len(self.x_shape) - 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "op_type": self.op_type, "input": self.input, "weight": self.weight,
@@ -109,6 +130,7 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], o
         if node.name not in backward:
             for name in node.input:
                 uses[name] = uses.get(name, 0) + 1
+    producers = {out: node for node in model.graph.node if node.name not in backward for out in node.output}
     layers, skipped = [], []
     for node in model.graph.node:
         if node.name in backward or node.op_type not in op_types or len(node.input) < 2 or node.input[1] not in trained:
@@ -121,9 +143,39 @@ def find_layers(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], o
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         layer = Layer(node.name, node.op_type, x, y, w, shapes[x], shapes[y], shapes[w],
                       geometry=conv_geometry(node, shapes[x], shapes[w]) if node.op_type == "Conv" else None,
-                      trans_b=bool(attrs.get("transB", 0)), alpha=float(attrs.get("alpha", 1.0)))
+                      trans_b=bool(attrs.get("transB", 0)), alpha=float(attrs.get("alpha", 1.0)),
+                      unpadded=_zero_pad_source(model, producers.get(x), shapes) if node.op_type == "Conv" else None)
         layers.append(layer)
     return layers, skipped
+
+
+def _zero_pad_source(model: onnx.ModelProto, pad: onnx.NodeProto | None, shapes: Mapping[str, tuple[int, ...]]
+                     ) -> tuple[str, tuple[int, ...], tuple[int, int, int, int]] | None:
+    """(source, its shape, (top, left, bottom, right)) when `pad` zero-pads a 4-D tensor on its spatial axes only."""
+    if pad is None or pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.input[0] not in shapes:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pad.attribute}
+    mode = attrs.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else str(mode)) != "constant":
+        return None
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in pad.input[1:]}
+    for node in model.graph.node:  # Constant nodes the training graph kept
+        if node.op_type == "Constant" and node.output[0] in pad.input[1:] and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    if "pads" in attrs:
+        pads = [int(v) for v in attrs["pads"]]
+        value = float(attrs.get("value", 0.0))
+    else:
+        if len(pad.input) < 2 or pad.input[1] not in constants or (len(pad.input) > 3 and pad.input[3]):
+            return None  # pads computed at run time, or an axes input
+        pads = [int(v) for v in constants[pad.input[1]].ravel()]
+        value = float(constants[pad.input[2]].ravel()[0]) if len(pad.input) > 2 and pad.input[2] in constants else 0.0
+        if len(pad.input) > 2 and pad.input[2] and pad.input[2] not in constants:
+            return None
+    source = pad.input[0]
+    if value != 0.0 or len(pads) != 8 or len(shapes[source]) != 4 or any(pads[a] or pads[a + 4] for a in (0, 1)) or min(pads) < 0:
+        return None
+    return source, shapes[source], (pads[2], pads[3], pads[6], pads[7])
 
 
 def _unsupported(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]], uses: Mapping[str, int]) -> str | None:

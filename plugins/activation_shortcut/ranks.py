@@ -30,6 +30,7 @@ class Candidate:
     bytes: int
     error: float  # ||dW(reconstruction) - dW||_F
     relative_error: float
+    factors: tuple[np.ndarray | None, ...] = dataclasses.field(default=(), repr=False, compare=False)  # initial factors
 
     def to_dict(self) -> dict[str, object]:
         return {"energy": self.energy, "ranks": list(self.ranks), "bytes": self.bytes, "error": self.error,
@@ -47,28 +48,55 @@ def weight_grad(layer: Layer, x: np.ndarray, dy: np.ndarray) -> np.ndarray:
     return grad
 
 
-def candidates(layer: Layer, x: np.ndarray, dy: np.ndarray, thresholds: Sequence[float], compress_batch: bool
-               ) -> tuple[list[Candidate], list[tuple[np.ndarray, np.ndarray]]]:
-    """One candidate per distinct rank vector over the thresholds, and the mode spectra (for initial factors)."""
-    spectra = tucker.mode_spectra(x)
+def candidates(layer: Layer, x: np.ndarray, dy: np.ndarray, thresholds: Sequence[float], compress_batch: bool,
+               center: bool = True) -> list[Candidate]:
+    """One candidate per distinct rank vector over the thresholds, with its initial factors.
+
+    As the graph compresses (tucker.asi_step), modes are taken channel first, each on what the earlier
+    projections left (sequentially truncated HOSVD): per threshold eps a mode keeps the smallest rank that
+    explains eps of that tensor's energy along it. With `center` the per-channel mean is kept exactly and
+    the Tucker form approximates X minus it: post-ReLU activations are dominated by their mean, which
+    otherwise takes the first component and leaves little of how samples differ. A candidate's error is
+    that of the weight gradient it gives on the calibration batch."""
+    axis = layer.channel_axis
+    mean, centred = tucker.centre(x, axis) if center else (np.zeros((), np.float32), x)
+    mean_bytes = x.shape[axis] * FLOAT_BYTES if center else 0
     exact = weight_grad(layer, x, dy)
     norm = float(np.linalg.norm(exact)) or 1.0
     found: dict[tuple[int, ...], Candidate] = {}
+    spectra: dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray]] = {}  # (ranks so far, mode) -> spectrum
+
+    def spectrum(current: np.ndarray, done: tuple[int, ...], mode: int) -> tuple[np.ndarray, np.ndarray]:
+        """Singular values and vectors of the unfolding: the channel mode's (over the full X) is computed once."""
+        key = (done, mode)
+        if key not in spectra:
+            unfolded = tucker.unfold(current, mode)
+            values, vectors = np.linalg.eigh(unfolded @ unfolded.T)
+            order = np.argsort(values)[::-1]
+            spectra[key] = np.sqrt(np.clip(values[order], 0, None)), vectors[:, order]
+        return spectra[key]
+
     for energy in sorted(thresholds):
-        ranks = tuple(d if (mode == 0 and not compress_batch) else tucker.energy_rank(values, energy)
-                      for mode, (d, (values, _)) in enumerate(zip(x.shape, spectra)))
-        if ranks in found:
+        ranks = list(x.shape)
+        factors: list[np.ndarray | None] = [None] * x.ndim
+        current = centred.astype(np.float64)
+        for mode in tucker.mode_order(x.ndim, axis):
+            if mode == 0 and not compress_batch:
+                continue
+            values, vectors = spectrum(current, tuple(ranks), mode)
+            ranks[mode] = tucker.energy_rank(values, energy)
+            if ranks[mode] < x.shape[mode]:
+                factors[mode] = vectors[:, : ranks[mode]].astype(np.float32)
+                current = tucker.mode_product(current, vectors[:, : ranks[mode]].T, mode)
+        key = tuple(ranks)
+        if key in found:
             continue
-        factors = initial_factors(spectra, ranks)
-        approx = tucker.reconstruct(tucker.compress(x, factors), factors)
-        error = float(np.linalg.norm(weight_grad(layer, approx, dy) - exact))
-        found[ranks] = Candidate(energy, ranks, tucker.tucker_elements(x.shape, ranks) * FLOAT_BYTES, error, error / norm)
-    return list(found.values()), spectra
-
-
-def initial_factors(spectra: Sequence[tuple[np.ndarray, np.ndarray]], ranks: Sequence[int]) -> list[np.ndarray | None]:
-    """Leading singular vectors per compressed mode (None where the rank is the full size)."""
-    return [vectors[:, :k].astype(np.float32) if k < vectors.shape[0] else None for (_, vectors), k in zip(spectra, ranks)]
+        # dW is linear in X: the error is the weight gradient of what the Tucker form leaves out
+        residual = centred - tucker.reconstruct(tucker.compress(centred, factors), factors)
+        error = float(np.linalg.norm(weight_grad(layer, residual, dy)))
+        found[key] = Candidate(energy, key, tucker.tucker_elements(x.shape, key) * FLOAT_BYTES + mean_bytes, error, error / norm,
+                               tuple(factors))
+    return list(found.values())
 
 
 def choose(options: Sequence[Sequence[Candidate]], budget: int, *, ratio: float | None = None, vanilla: int = 0) -> list[int]:

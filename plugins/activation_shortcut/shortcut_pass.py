@@ -85,7 +85,7 @@ class ActivationShortcutPass(Pass):
             self._details = {"method": o["method"], "layers": [], "skipped": skipped, "candidates": [la.node for la in found],
                              "nothing_to_compress": True, "seconds": round(time.perf_counter() - started, 4)}
             return models
-        plans, factors, choice = self._plans(chosen, training, context)
+        plans, factors, choice = self._plans(chosen, training, context, opset)
 
         removable = backward_nodes(training)
         editor = GraphEditor(training)
@@ -114,7 +114,7 @@ class ActivationShortcutPass(Pass):
         # the models that declare the input).
         return dataclasses.replace(models, training=training, carried=(*models.carried, *carried))
 
-    def _plans(self, layers: list[Layer], training: onnx.ModelProto, context: PassContext
+    def _plans(self, layers: list[Layer], training: onnx.ModelProto, context: PassContext, opset: int
                ) -> tuple[list[build.Plan], dict[tuple[str, int], np.ndarray], dict[str, Any]]:
         o = self.options
         if o["method"] == "gradient-filter":
@@ -123,12 +123,13 @@ class ActivationShortcutPass(Pass):
         if "ranks" in o:
             rng = np.random.default_rng(o["seed"])
             plans = []
-            for la in layers:
+            for real in layers:
+                la = real.compressed
                 wanted = list(la.x_shape) if o["ranks"] == "full" else list(o["ranks"]) + list(la.x_shape[len(o["ranks"]):])
                 rank = tuple(min(int(k), d) for k, d in zip(wanted, la.x_shape))
                 if not o["compress_batch"]:
                     rank = (la.x_shape[0], *rank[1:])
-                plan = build.Plan(la, "asi", ranks=rank)
+                plan = build.Plan(la, "asi", ranks=rank, center=bool(o["center"]), opset=opset, original=real)
                 for mode in plan.active:
                     factors[(la.node, mode)] = tucker.orth(rng.standard_normal((la.x_shape[mode], rank[mode])))
                 plans.append(plan)
@@ -140,24 +141,22 @@ class ActivationShortcutPass(Pass):
         if missing:
             raise RecipeError(f"weights {missing[:3]} were created by a pass after this one; put "
                               "activation-shortcut after the passes that rewrite the forward model")
-        names = [n for la in layers for n in (la.input, f"{la.output}_grad")]
+        views = [la.compressed for la in layers]
+        names = [n for la in views for n in (la.input, f"{la.output}_grad")]
         values = calibrate.capture(training, self._parameters, batch, names)
         thresholds = [float(o["energy"])] if "energy" in o else [float(t) for t in o["thresholds"]]
-        options_per_layer, spectra = [], []
-        for la in layers:
-            found, spectrum = ranks.candidates(la, values[la.input], values[f"{la.output}_grad"], thresholds, o["compress_batch"])
-            options_per_layer.append(found)
-            spectra.append(spectrum)
-        budget = None
+        options_per_layer = [ranks.candidates(la, values[la.input], values[f"{la.output}_grad"], thresholds, o["compress_batch"],
+                                              bool(o["center"])) for la in views]
         if "energy" in o:
             picks = [0] * len(layers)
+            budget = None
         else:
             budget = budget_bytes(o, layers)
             picks = ranks.choose(options_per_layer, budget, ratio=o.get("compression"), vanilla=sum(vanilla_bytes(la) for la in layers))
         plans = []
-        for la, found, pick, spectrum in zip(layers, options_per_layer, picks, spectra):
-            plan = build.Plan(la, "asi", ranks=found[pick].ranks)
-            for mode, factor in enumerate(ranks.initial_factors(spectrum, plan.ranks)):
+        for real, la, found, pick in zip(layers, views, options_per_layer, picks):
+            plan = build.Plan(la, "asi", ranks=found[pick].ranks, center=bool(o["center"]), opset=opset, original=real)
+            for mode, factor in enumerate(found[pick].factors):
                 if factor is not None:
                     factors[(la.node, mode)] = factor
             plans.append(plan)
@@ -175,10 +174,12 @@ class ActivationShortcutPass(Pass):
                 backward: set[str], training: onnx.ModelProto, seconds: float) -> dict[str, Any]:
         layers = []
         for plan, built in results:
-            la = plan.layer
+            la = plan.real
             vanilla = vanilla_bytes(la)
             compressed = sum(math.prod(shape) for shape in built.stored.values()) * FLOAT_BYTES
             readers = backward_readers(training, la.input, backward)
+            if plan.layer.input != la.input:  # compressed through a Pad: its source must be free too
+                readers += backward_readers(training, plan.layer.input, backward)
             entry = {**la.to_dict(), "vanilla_bytes": vanilla, "compressed_bytes": compressed,
                      "compression": round(vanilla / compressed, 3) if compressed else None,
                      "stored": {name: list(shape) for name, shape in built.stored.items()},
@@ -188,6 +189,9 @@ class ActivationShortcutPass(Pass):
                      "backward_intermediate_bytes": built.backward_intermediate * FLOAT_BYTES}
             if plan.method == "asi":
                 entry["ranks"] = list(plan.ranks)
+                if plan.layer.input != la.input:
+                    entry["compressed_input"] = {"tensor": plan.layer.input, "shape": list(plan.layer.x_shape),
+                                                 "through": "Pad", "pads": list(plan.layer.geometry.pads) if plan.layer.geometry else []}
                 chosen = choice.get("chosen", {}).get(la.node)
                 if chosen:
                     entry["gradient_error"], entry["relative_gradient_error"] = chosen["error"], chosen["relative_error"]

@@ -44,15 +44,33 @@ def subspace_step(array: np.ndarray, factor: np.ndarray, mode: int) -> np.ndarra
     return orth(power / np.sqrt((power**2).sum() + ORTH_EPS) + ORTH_MIX * factor)
 
 
-def mode_spectra(array: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per mode: singular values (descending) and left singular vectors of the unfolding (HOSVD)."""
-    spectra = []
-    for mode in range(array.ndim):
-        unfolded = unfold(array, mode).astype(np.float64)
-        values, vectors = np.linalg.eigh(unfolded @ unfolded.T)
-        order = np.argsort(values)[::-1]
-        spectra.append((np.sqrt(np.clip(values[order], 0, None)), vectors[:, order]))
-    return spectra
+def centre(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean over every axis but `axis`, kept as size-1 axes; array minus it), as the graph computes them."""
+    others = tuple(a for a in range(array.ndim) if a != axis)
+    mean = array.astype(np.float64).mean(axis=others, keepdims=True)
+    return mean.astype(np.float32), (array - mean).astype(np.float32)
+
+
+def mode_order(ndim: int, channel_axis: int) -> list[int]:
+    """The order in which the modes are compressed: the channel axis first (it shrinks the tensor most and
+    the weight contracts it), then the others in axis order, each on the tensor the earlier ones left."""
+    return [channel_axis, *(m for m in range(ndim) if m != channel_axis)]
+
+
+def asi_step(array: np.ndarray, fed: Sequence[np.ndarray | None], channel_axis: int, center: bool
+             ) -> tuple[np.ndarray | None, list[np.ndarray | None], np.ndarray]:
+    """What the graph does each step (build.asi_forward): the per-channel mean (`center`), then per mode with a
+    factor, in `mode_order`, one warm-started subspace iteration on the tensor left by the earlier modes
+    (`subspace_step`) and its projection. Returns (mean or None, refreshed factors, core)."""
+    mean, current = (centre(array, channel_axis) if center else (None, array))
+    current = current.astype(np.float64)
+    factors: list[np.ndarray | None] = [None] * array.ndim
+    for mode in mode_order(array.ndim, channel_axis):
+        if fed[mode] is None:
+            continue
+        factors[mode] = subspace_step(current, fed[mode], mode)
+        current = mode_product(current, factors[mode].astype(np.float64).T, mode)
+    return mean, factors, current.astype(np.float32)
 
 
 def energy_rank(singular: np.ndarray, energy: float) -> int:
@@ -95,20 +113,22 @@ def conv_weight_grad(x: np.ndarray, dy: np.ndarray, geometry: ConvGeometry) -> n
     batch, channels = x.shape[:2]
     ho, wo = dy.shape[2:]
     out = dy.shape[1]
-    dyg = dy.astype(np.float64).reshape(batch, g.group, out // g.group, ho, wo)
-    grad = np.zeros((out, channels // g.group, g.kernel[0], g.kernel[1]))
+    og, cg = out // g.group, channels // g.group
+    # [group, out per group, positions] @ [group, positions, in per group]: batched BLAS per kernel tap
+    dyg = np.ascontiguousarray(dy.astype(np.float64).reshape(batch, g.group, og, ho * wo).transpose(1, 2, 0, 3)).reshape(g.group, og, -1)
+    grad = np.zeros((out, cg, g.kernel[0], g.kernel[1]))
     for u in range(g.kernel[0]):
         for v in range(g.kernel[1]):
             top, left = u * g.dilation[0], v * g.dilation[1]
             patch = xpad[:, :, top : top + g.stride[0] * (ho - 1) + 1 : g.stride[0], left : left + g.stride[1] * (wo - 1) + 1 : g.stride[1]]
-            patch = patch.reshape(batch, g.group, channels // g.group, ho, wo)
-            grad[:, :, u, v] = np.einsum("bgohw,bgchw->goc", dyg, patch).reshape(out, channels // g.group)
+            patch = np.ascontiguousarray(patch.reshape(batch, g.group, cg, ho * wo).transpose(1, 0, 3, 2)).reshape(g.group, -1, cg)
+            grad[:, :, u, v] = np.matmul(dyg, patch).reshape(out, cg)
     return grad.astype(np.float32)
 
 
 def linear_weight_grad(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """dW[i, o] = sum over all leading axes of X[..., i] dY[..., o] (MatMul layout; transpose for Gemm transB)."""
-    return np.einsum("ni,no->io", x.reshape(-1, x.shape[-1]).astype(np.float64), dy.reshape(-1, dy.shape[-1]).astype(np.float64)).astype(np.float32)
+    return (x.reshape(-1, x.shape[-1]).astype(np.float64).T @ dy.reshape(-1, dy.shape[-1]).astype(np.float64)).astype(np.float32)
 
 
 def filter_tensors(x: np.ndarray, dy: np.ndarray, geometry: ConvGeometry, patch: int) -> tuple[np.ndarray, np.ndarray]:
