@@ -66,10 +66,12 @@ def asi_step(array: np.ndarray, fed: Sequence[np.ndarray | None], channel_axis: 
     current = current.astype(np.float64)
     factors: list[np.ndarray | None] = [None] * array.ndim
     for mode in mode_order(array.ndim, channel_axis):
-        if fed[mode] is None:
+        start = fed[mode]
+        if start is None:
             continue
-        factors[mode] = subspace_step(current, fed[mode], mode)
-        current = mode_product(current, factors[mode].astype(np.float64).T, mode)
+        factor = subspace_step(current, start, mode)
+        factors[mode] = factor
+        current = mode_product(current, factor.astype(np.float64).T, mode)
     return mean, factors, current.astype(np.float32)
 
 
