@@ -147,7 +147,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
         checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
-        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory,
+        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory, memory=args.memory,
         warn=lambda text: log.warning("%s", text),
     )
     result = trainer.fit(args.data, args.eval, epochs=args.epochs, batch_size=args.batch_size, resume=not args.restart)
@@ -301,6 +301,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
                      help="memory for the frozen-prefix cache; examples beyond it go to a temporary file")
     sub.add_argument("--metrics", type=Path, metavar="FILE", help="also write the result (what --json prints) to FILE")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated training step needs more, e.g. 512M, 2G")
+    sub.add_argument("--memory", choices=("arena", "lean"),
+                     help="arena: onnxruntime's defaults (fastest); lean: no arena, no planned buffer reuse, freed tensors go back "
+                          "to the system (least memory, slower steps); default: the recipe's training.memory (arena)")
     sub.add_argument("--runtime", choices=("python", "node"), default="python",
                      help="python: onnxruntime-training here; node: the JavaScript runtime (onnxruntime-web, WebAssembly) in runtimes/web")
     sub.add_argument("--threads", type=int, metavar="N", help="WebAssembly threads of --runtime node (default: 1)")

@@ -219,8 +219,15 @@ def device_runtime(report: Mapping[str, Any], recipe: Mapping[str, Any], sets: S
             "lr": float(optimizer.get("lr", training["lr"])),
             "schedule": optimizer.get("schedule") or {"name": "constant"},
         },
+        "training": _training_sessions(recipe),
         "artifact_sets": list(sets),
     }
+
+
+def _training_sessions(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's training.memory and the onnxruntime session options it stands for."""
+    memory = str((recipe.get("training") or {}).get("memory", "arena"))
+    return {"memory": memory, "cpu_mem_arena": memory != "lean", "mem_reuse": memory != "lean"}
 
 
 def _labels(training: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:

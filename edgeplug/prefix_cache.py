@@ -349,12 +349,13 @@ class PrefixCache:
     """Computes the boundary tensors of datasets with the folder's training model and opens the cut model."""
 
     def __init__(self, cut: Cut, artifact_dir: Path, state: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 folder: Path | None = None, threads: int | None = None) -> None:
+                 folder: Path | None = None, threads: int | None = None, memory: str = "arena") -> None:
         self.cut = cut
         self.artifact_dir = Path(artifact_dir)
         self.memory_left = memory_bytes
         self._state = state
         self._threads = threads
+        self._memory = memory  # the trainer's memory setting: "lean" sessions have no arena and no planned reuse
         self._folder = Path(tempfile.mkdtemp(prefix="edgeplug-prefix-cache-", dir=folder))
         self._paths = cut.write(self.model_folder())
         self._augmented: Any = None
@@ -374,7 +375,9 @@ class PrefixCache:
         if self._threads is not None:
             options.intra_op_num_threads = self._threads
             options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = arena
+        options.enable_cpu_mem_arena = arena and self._memory != "lean"
+        if self._memory == "lean":
+            options.enable_mem_reuse = False
         return options
 
     def _module(self) -> Any:

@@ -39,6 +39,7 @@ class Recipe:
     schedule: Mapping[str, Any] | None = None
     data_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     labels_key: str | None = None
+    memory: str = "arena"  # training sessions: "arena" (onnxruntime's defaults) or "lean" (see the recipe schema)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a document that `from_dict` reads back (written to out/recipe.json)."""
@@ -59,6 +60,8 @@ class Recipe:
             data["labels"] = self.labels_key
         if data:
             document["data"] = data
+        if self.memory != "arena":
+            document["training"] = {"memory": self.memory}
         return document
 
 
@@ -162,6 +165,7 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
         schedule=optimizer.get("schedule"),
         data_inputs=data.get("inputs", {}),
         labels_key=data.get("labels"),
+        memory=document.get("training", {}).get("memory", "arena"),
     )
 
 

@@ -152,12 +152,15 @@ class Trainer:
         cache_memory: int | str = "256M",
         cache_dir: str | Path | None = None,
         warn: Callable[[str], None] | None = None,
+        memory: str | None = None,
     ) -> None:
         """`cache_prefix`: compute the frozen prefix (everything before the first trainable layer) once per
         training example and train only the rest (`edgeplug.prefix_cache`; bit-identical weights). None (the
         default) uses it when it applies and more than one epoch remains, True insists (an error says why it
         cannot), False never. The cache keeps up to `cache_memory` in memory and the rest in a file under
-        `cache_dir` (default: the system's temporary folder)."""
+        `cache_dir` (default: the system's temporary folder). `memory`: "arena" (onnxruntime's defaults) or
+        "lean" (no arena, no planned buffer reuse: the process holds only live tensors; slower steps); None
+        takes the recipe's `training.memory`."""
         self.artifact_dir = Path(artifact_dir)
         self.cache_prefix = cache_prefix
         self.cache_memory = parse_size(cache_memory)
@@ -175,6 +178,9 @@ class Trainer:
                                 "rewrite the artifact folder") from None
         if not isinstance(self.recipe, dict):
             raise EdgeplugError(f"{self.artifact_dir / RECIPE_FILE} is not an edgeplug recipe; rewrite the artifact folder")
+        self.memory = memory if memory is not None else str((self.recipe.get("training") or {}).get("memory", "arena"))
+        if self.memory not in MEMORY_SETTINGS:
+            raise EdgeplugError(f"memory must be one of {', '.join(MEMORY_SETTINGS)}, not {self.memory!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise EdgeplugError(f"the seed (--seed) must be a whole number, 0 or more, not {seed!r}")
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
@@ -254,8 +260,8 @@ class Trainer:
                 if self._prefix is not None:
                     state, module, optimizer = self._prefix.open(folder, state_path)
                 else:
-                    state, module, optimizer = (open_stage(folder, state_path, threads=self.threads) if self._staged
-                                                else _ort.open_artifacts(folder, state_path, session_options=_thread_options(self.threads)))
+                    state, module, optimizer = (open_stage(folder, state_path, threads=self.threads, memory=self.memory) if self._staged
+                                                else _ort.open_artifacts(folder, state_path, session_options=session_options(self.threads, self.memory)))
             if foreign and checkpoint is not None:
                 for name, value in device_parameters(checkpoint, number).items():
                     state.parameters[name] = value
@@ -485,7 +491,7 @@ class Trainer:
             # the cut and the whole model at the same weights
             _return_freed_buffers()  # the uncut session's buffers go back to the system before the cut one opens
             cache = prefix_cache.PrefixCache(cut, self.artifact_dir, self.artifact_dir / CHECKPOINT, self.cache_memory, self.cache_dir,
-                                             threads=self.threads)
+                                             threads=self.threads, memory=self.memory)
             try:
                 cached = cache.dataset(train_set)
             except BaseException:
@@ -632,17 +638,29 @@ class Trainer:
         return registered
 
 
-def _thread_options(threads: int | None) -> Any:
-    """Session options that pin onnxruntime's pools (None: its defaults)."""
-    if threads is None:
+MEMORY_SETTINGS = ("arena", "lean")
+
+
+def session_options(threads: int | None, memory: str = "arena") -> Any:
+    """Session options for a training module: pinned pools (threads None: onnxruntime's defaults) and the
+    memory setting. "lean" turns off the CPU arena and the allocation planner's buffer reuse and fixes glibc's
+    mmap threshold, so freed tensors go back to the system at once: the planner otherwise gives a buffer freed
+    in forward to a same-sized tensor created much later (a gradient in backward) and holds it in between,
+    which hid activation-shortcut's saving entirely. Returns None when nothing differs from the defaults."""
+    if threads is None and memory == "arena":
         return None
     options = _ort.inference_runtime().SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if memory == "lean":
+        _return_freed_buffers()
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_reuse = False
     return options
 
 
-def open_stage(folder: Path, state: Path | None = None, *, threads: int | None = None) -> tuple[Any, Any, Any]:
+def open_stage(folder: Path, state: Path | None = None, *, threads: int | None = None, memory: str = "arena") -> tuple[Any, Any, Any]:
     """Open one stage of a staged folder (checkpoint state, module, optimizer): no memory arena, no spinning.
 
     Each session's arena would keep its stage's peak for good, so N stages would hold
@@ -658,6 +676,8 @@ def open_stage(folder: Path, state: Path | None = None, *, threads: int | None =
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if memory == "lean":
+        options.enable_mem_reuse = False
     return _ort.open_artifacts(folder, state, session_options=options)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from edgeplug import _ort
 from edgeplug.artifacts import read_report, stage_folders
-from edgeplug.layout import FORWARD_MODEL
-from edgeplug.trainer import open_stage, peak_rss_bytes
+from edgeplug.layout import FORWARD_MODEL, RECIPE_FILE
+from edgeplug.trainer import open_stage, peak_rss_bytes, session_options
 
 
 def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | None, output_shape: list[int] | None) -> dict[str, np.ndarray]:
@@ -43,14 +43,25 @@ def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | Non
     return batch
 
 
+def _memory_setting(artifacts: Path) -> str:
+    """The recipe's training.memory: the profiler measures the sessions the trainer would open."""
+    try:
+        recipe = json.loads((artifacts / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "arena"
+    return str((recipe.get("training") or {}).get("memory", "arena")) if isinstance(recipe, dict) else "arena"
+
+
 def _train(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: int) -> list[float]:
     """Timed training steps; a staged folder runs its stages in one sweep, each stepping its optimizer."""
     report = read_report(artifacts)
     passes_on = [tuple(stage["passes_on"]) for stage in report.get("stages", [])] or [()]
     opened = []
     staged = bool(report.get("stages"))
+    memory = _memory_setting(artifacts)
     for folder in stage_folders(artifacts, report):
-        _, module, optimizer = open_stage(folder) if staged else _ort.open_artifacts(folder)
+        _, module, optimizer = (open_stage(folder, memory=memory) if staged
+                                else _ort.open_artifacts(folder, session_options=session_options(None, memory)))
         module.train()
         opened.append((module, optimizer, list(module.input_names()), list(module.output_names())))
     # the trainer's sweep: an array a stage passed on is dropped after the last stage that reads it
