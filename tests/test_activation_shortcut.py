@@ -25,6 +25,7 @@ from edgeplug import _ort
 from edgeplug.errors import RecipeError
 from edgeplug.graph import GraphIndex
 from edgeplug.profiling.measure import measure
+from edgeplug.profiling.static import static_profile
 from edgeplug.recipe import recipe_from_dict
 from edgeplug_plugins.activation_shortcut import calibrate, contract, ranks, tucker
 from edgeplug_plugins.activation_shortcut import layers as layers_module
@@ -547,6 +548,25 @@ def test_profile_measures_an_asi_folder(tmp_path: Path) -> None:
     assert not any(".asi." in v.name for v in onnx.load(str(tmp_path / "asi" / "eval_model.onnx")).graph.input)
     measured = measure(tmp_path / "asi", batch_size=8, steps=1, warmup=0)
     assert measured.median_step_seconds > 0 and measured.train_peak_rss_bytes > 0
+
+
+def test_profile_counts_the_compressed_layers_real_costs(tmp_path: Path) -> None:
+    """`edgeplug profile`'s static count takes the pass's own numbers (report details.static_costs): the compressed
+    layers' backward MACs are the rewritten graph's, their kept tensors are counted instead of their inputs, no
+    tensor of the pass is of unknown shape; at another batch size the counts scale."""
+    rewrite(convnet(), tmp_path, "vanilla", None)
+    for name, options in (("asi", {"ranks": [4, 2, 2, 2], "batch_size": BATCH}), ("gf", {"method": "gradient-filter", "batch_size": BATCH})):
+        details = rewrite(convnet(), tmp_path, name, options).report["passes"][-1]["details"]
+        profile, vanilla = static_profile(tmp_path / name, BATCH), static_profile(tmp_path / "vanilla", BATCH)
+        compressed = {la["node"] for la in details["layers"]}
+        by_node = {n.name: n for n in profile.nodes}
+        assert sum(by_node[n].backward_macs for n in compressed) == details["backward_macs"] < details["vanilla_backward_macs"]
+        assert profile.backward_macs == vanilla.backward_macs - details["vanilla_backward_macs"] + details["backward_macs"]
+        assert profile.unknown_shapes == () and profile.retained_activation_bytes < vanilla.retained_activation_bytes
+        kept = {t.name for t in profile.retained}
+        cores = {name for layer in details["layers"] for name in layer["stored"] if ".U" not in name and not name.endswith(".mean")}
+        assert cores <= kept  # the core / pooled input (factors and the mean reach backward through small views)
+        assert static_profile(tmp_path / name, 2 * BATCH).backward_macs > profile.backward_macs
 
 
 def test_factors_are_carried_state_that_any_runtime_keeps(tmp_path: Path) -> None:

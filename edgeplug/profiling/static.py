@@ -134,6 +134,11 @@ def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
     data_inputs.add(report["training"]["labels_input"])
     shapes, dtypes = forward_shapes(evaluation, data_inputs, batch_size)
 
+    overrides = pass_costs(report, batch_size)
+    for name, kept_shape in overrides.tensors.items():
+        shapes[name] = kept_shape
+        dtypes[name] = np.dtype(np.float32)
+
     backward_names = _backward_node_names(training)
     forward_nodes = [node for node in training.graph.node if node.name not in backward_names]
     backward_nodes = [node for node in training.graph.node if node.name in backward_names]
@@ -152,6 +157,8 @@ def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
     retained: list[RetainedTensor] = []
     unknown: list[str] = []
     for name, consumers in readers.items():
+        if name not in overrides.tensors and produced_by.get(name, "").startswith(overrides.accounted or ("\0",)):
+            continue  # a view or small helper of what a pass keeps: its own list (`tensors`) counts the bytes
         shape = shapes.get(name)
         if shape is None:
             unknown.append(name)
@@ -166,12 +173,17 @@ def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
         retained_by_producer[tensor.producer] = retained_by_producer.get(tensor.producer, 0) + tensor.bytes
     nodes = []
     for node in forward_nodes:
+        if node.name.startswith(overrides.accounted):
+            continue  # a pass's own forward nodes: their cost is in the layer's override below
         macs = forward_macs(node, shapes)
         if macs is None:
             unknown.append(node.output[0])
             macs = 0
         needed = sum(1 for name in node.input[:2] if name and f"{name}_grad" in gradients) if macs else 0
-        nodes.append(NodeCost(node.name, node.op_type, macs, macs * needed, retained_by_producer.get(node.name, 0)))
+        backward, extra = overrides.nodes.get(node.name, (macs * needed, 0))
+        retained_here = retained_by_producer.get(node.name, 0) + sum(
+            size for producer, size in retained_by_producer.items() if overrides.owned.get(node.name) and producer.startswith(overrides.owned[node.name]))
+        nodes.append(NodeCost(node.name, node.op_type, macs + extra, backward, retained_here))
 
     return StaticProfile(
         batch_size=batch_size,
@@ -187,6 +199,43 @@ def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
         retained=tuple(sorted(retained, key=lambda t: -t.bytes)),
         unknown_shapes=tuple(sorted(set(unknown))),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PassCosts:
+    """What passes that rewrite the training graph say it really costs (`details.static_costs` in their report
+    entry): per layer node (backward MACs, extra forward MACs), the shapes of the tensors they keep for
+    backward (which exist only in the training graph), and the name prefixes of their own forward nodes."""
+
+    nodes: dict[str, tuple[int, int]]
+    tensors: dict[str, tuple[int, ...]]
+    accounted: tuple[str, ...]
+    owned: dict[str, tuple[str, ...]]  # layer node -> prefixes of the nodes that produce what it keeps
+
+
+def pass_costs(report: dict[str, Any], batch_size: int) -> PassCosts:
+    """Collect `static_costs` from every pass entry, scaled from the pass's batch size to `batch_size`.
+
+    A pass writes {"batch_size": B, "nodes": {node: {"backward_macs", "forward_extra_macs"}}, "tensors":
+    {name: shape ("batch" for an axis that follows the batch)}, "node_prefixes": [...]} (docs/plugin-guide.md).
+    MACs are scaled linearly with the batch, an approximation where a term does not depend on it."""
+    nodes: dict[str, tuple[int, int]] = {}
+    tensors: dict[str, tuple[int, ...]] = {}
+    prefixes: list[str] = []
+    owned: dict[str, tuple[str, ...]] = {}
+    for entry in report.get("passes", []):
+        costs = (entry.get("details") or {}).get("static_costs")
+        if not isinstance(costs, dict):
+            continue
+        scale = batch_size / max(int(costs.get("batch_size") or batch_size), 1)
+        for name, cost in costs.get("nodes", {}).items():
+            nodes[name] = (round(cost.get("backward_macs", 0) * scale), round(cost.get("forward_extra_macs", 0) * scale))
+        for name, shape in costs.get("tensors", {}).items():
+            tensors[name] = tuple(batch_size if size == "batch" else int(size) for size in shape)
+        prefixes += costs.get("node_prefixes", [])
+    for name in nodes:
+        owned[name] = tuple(prefix for prefix in prefixes if prefix.startswith(f"{name}."))
+    return PassCosts(nodes, tensors, tuple(prefixes), owned)
 
 
 def _backward_node_names(training: onnx.ModelProto) -> set[str]:

@@ -76,6 +76,7 @@ class Built:
     forward_extra_macs: int
     anchored: tuple[str, str] | None = None  # (layer output, its alias that forward consumers read instead)
     backward_intermediate: int = 0  # elements of the largest weight-gradient intermediate
+    batch_sized: frozenset[str] = frozenset()  # stored tensors whose first axis is the training batch
 
 
 class Nodes:
@@ -338,7 +339,8 @@ def conv_mean_weight_grad(nodes: Nodes, plan: Plan, mean: str, dy: str) -> tuple
     grouped = nodes.op("Reshape", [summed, nodes.ints(f"{base}.dY_shape", [g.group, og, ho, wo])], f"{base}.dY")
     masks = [nodes.const(f"{base}.M{axis}", _valid_taps(layer.x_shape[2 + axis], layer.y_shape[2 + axis], g.kernel[axis],
                                                         g.stride[axis], g.dilation[axis], g.pads[axis])) for axis in range(2)]
-    mu = nodes.op("Reshape", [mean, nodes.ints(f"{base}.mu_shape", [g.group, cg])], f"{base}.mu")
+    mu = _after(nodes, nodes.op("Reshape", [mean, nodes.ints(f"{base}.mu_shape", [g.group, cg])], f"{base}.mu"),
+                _dy_zero(nodes, dy, f"{base}.gate"), f"{base}.mu_gated")
     sizes = {"g": g.group, "o": og, "c": cg, "i": ho, "j": wo, "u": g.kernel[0], "v": g.kernel[1]}
     operands = [contract.Operand(grouped, "goij"), contract.Operand(masks[0], "ui"), contract.Operand(masks[1], "vj"),
                 contract.Operand(mu, "gc")]
@@ -428,7 +430,8 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: s
         network_macs += layer.y_shape[0] * out * math.prod(layer.y_shape[2:]) + math.prod(layer.w_shape) * math.prod(layer.y_shape[2:])
     rebuild_macs = reconstruction_macs(plan) + conv_dw_macs(layer)
     if rebuild_macs < network_macs:
-        rebuilt = reconstruct(nodes, plan, core, mean, f"{plan.layer.node}.asi.X")
+        rebuilt = reconstruct(nodes, plan, _after(nodes, core, _dy_zero(nodes, dy, f"{base}.gate"), f"{base}.S_gated"), mean,
+                              f"{plan.layer.node}.asi.X")
         attributes = {a.name: helper.get_attribute_value(a) for a in grad_node.attribute}
         attributes.update(pads=list(g.pads), auto_pad="NOTSET", kernel_shape=list(g.kernel), strides=list(g.stride),
                           dilations=list(g.dilation), group=g.group)
@@ -452,7 +455,9 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: s
             size = plan.ranks[mode] if mode in plan.active else layer.x_shape[mode]
             tensors[role] = nodes.op("Reshape", [_shifted_factor(nodes, plan, mode, base),
                                                  nodes.ints(f"{base}.W{mode}_shape", [g.kernel[mode - 2], layer.y_shape[mode], size])], f"{base}.W{mode}")
-    operands = [contract.Operand(tensors[role], indices) for role, indices in roles]
+    zero = _dy_zero(nodes, dy, f"{base}.gate")
+    operands = [contract.Operand(tensors[role] if role == "dY" else _after(nodes, tensors[role], zero, f"{base}.{role}_gated"), indices)
+                for role, indices in roles]
     grad, macs, largest = contract.contract(operands, sizes, output_indices, limit, _einsum(nodes, base))
     if mean is None:
         nodes.op("Reshape", [grad, nodes.ints(f"{base}.dW_shape", [out, cg, *g.kernel])], f"{base}.dW", output=output)
@@ -461,6 +466,19 @@ def asi_conv_weight_grad(nodes: Nodes, plan: Plan, core: str, dy: str, output: s
     mean_grad, mean_macs = conv_mean_weight_grad(nodes, plan, mean, dy)
     nodes.op("Add", [centred, mean_grad], f"{base}.dW", output=output)
     return macs + mean_macs, largest
+
+
+def _dy_zero(nodes: Nodes, dy: str, base: str) -> str:
+    """A float zero computed from dY's values (x > x is false even for NaN): adding it to a tensor makes every
+    node that reads the sum part of backward, so onnxruntime cannot run it during forward and keep its output
+    (a contraction of the core with a factor would otherwise be computed in forward and held until backward)."""
+    first = nodes.op("Slice", [nodes.op("Reshape", [dy, nodes.ints(f"{base}.flat", [-1])], f"{base}.dY"),
+                               nodes.ints(f"{base}.start", [0]), nodes.ints(f"{base}.end", [1])], f"{base}.first")
+    return nodes.op("Cast", [nodes.op("Greater", [first, first], f"{base}.false")], f"{base}.zero", to=TensorProto.FLOAT)
+
+
+def _after(nodes: Nodes, tensor: str, zero: str, base: str) -> str:
+    return nodes.op("Add", [tensor, zero], base)
 
 
 def reconstruct(nodes: Nodes, plan: Plan, core: str, mean: str | None, base: str) -> str:
@@ -488,10 +506,11 @@ def asi_linear_weight_grad(nodes: Nodes, plan: Plan, core: str, term: str, dy: s
     rank = len(layer.x_shape)
     dims, last = DIMS[:rank], rank - 1
     sizes = {"o": layer.y_shape[-1], **{dims[m]: d for m, d in enumerate(layer.x_shape)}}
-    operands = [contract.Operand(dy, dims[:last] + "o"), contract.Operand(core, term)]
+    zero = _dy_zero(nodes, dy, f"{base}.gate")
+    operands = [contract.Operand(dy, dims[:last] + "o"), contract.Operand(_after(nodes, core, zero, f"{base}.S_gated"), term)]
     for mode in plan.active:
         sizes[RANKS[mode]] = plan.ranks[mode]
-        operands.append(contract.Operand(plan.factor(mode), dims[mode] + RANKS[mode]))
+        operands.append(contract.Operand(_after(nodes, plan.factor(mode), zero, f"{base}.U{mode}_gated"), dims[mode] + RANKS[mode]))
     final = ("o" + dims[last]) if layer.op_type == "Gemm" and layer.trans_b else (dims[last] + "o")
     scale = layer.alpha if layer.op_type == "Gemm" else 1.0
     limit = max(math.prod(layer.x_shape), math.prod(layer.y_shape))
@@ -601,7 +620,11 @@ def rewrite_layer(model: onnx.ModelProto, editor: GraphEditor, plan: Plan) -> tu
         needs_dx = any(f"{layer.input}_grad" in n.output for n in model.graph.node)
         vanilla = vanilla_backward_macs(layer, needs_dx)
         macs += vanilla - vanilla_backward_macs(layer, False)  # onnxruntime's own dX stays
-    return Built(stored, macs, vanilla, forward_macs, anchored, peak), forward, replacements, inputs, outputs
+    if plan.method == "asi":
+        batch_sized = {plan.factor(0)} if 0 in plan.active else {compressed}
+    else:
+        batch_sized = {compressed}
+    return Built(stored, macs, vanilla, forward_macs, anchored, peak, frozenset(batch_sized)), forward, replacements, inputs, outputs
 
 
 def _anchor(nodes: Nodes, layer: Layer, needed: Sequence[str]) -> str:

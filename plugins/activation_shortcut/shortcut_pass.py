@@ -200,6 +200,12 @@ class ActivationShortcutPass(Pass):
             layers.append(entry)
         vanilla_total = sum(e["vanilla_bytes"] for e in layers)
         compressed_total = sum(e["compressed_bytes"] for e in layers)
+        static_costs = {  # read by `edgeplug profile` (edgeplug/profiling/static.py): the training graph's real costs
+            "batch_size": int(self.options["batch_size"]),
+            "nodes": {e["node"]: {"backward_macs": e["backward_macs"], "forward_extra_macs": e["forward_extra_macs"]} for e in layers},
+            "tensors": {name: _batch_marked(built, name, shape) for _, built in results for name, shape in built.stored.items()},
+            "node_prefixes": sorted({f"{plan.real.node}.{tag}." for plan, _ in results for tag in ("asi", "gf", "shortcut")}),
+        }
         return {
             "method": self.options["method"], "batch_size": int(self.options["batch_size"]),
             "layers": layers, "skipped": skipped,
@@ -208,7 +214,7 @@ class ActivationShortcutPass(Pass):
             "backward_macs": sum(e["backward_macs"] for e in layers),
             "vanilla_backward_macs": sum(e["vanilla_backward_macs"] for e in layers),
             "inputs_freed": sum(1 for e in layers if e["input_freed"]),
-            "rank_selection": choice, "seconds": round(seconds, 4),
+            "rank_selection": choice, "static_costs": static_costs, "seconds": round(seconds, 4),
         }
 
     def report(self) -> PassReport:
@@ -226,6 +232,11 @@ class ActivationShortcutPass(Pass):
             f"after forward); backward MACs {d['backward_macs']:,} vs {d['vanilla_backward_macs']:,}",
             details=d,
         )
+
+
+def _batch_marked(built: build.Built, name: str, shape: tuple[int, ...]) -> list[int | str]:
+    """A stored tensor's shape with "batch" for its first axis when that follows the training batch."""
+    return ["batch" if axis == 0 and name in built.batch_sized else int(size) for axis, size in enumerate(shape)]
 
 
 def vanilla_bytes(layer: Layer) -> int:
