@@ -46,6 +46,5 @@ def test_a_bad_memory_setting_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     edgeplug.rewrite(cnn((4,), 3, image=8), recipe_from_dict(RECIPE), tmp_path / "out")
     with pytest.raises(EdgeplugError, match="memory must be one of arena, lean"):
         edgeplug.Trainer(tmp_path / "out", memory="tiny")
-    with pytest.raises(SystemExit) as stopped:
-        main(["train", str(tmp_path / "out"), "--data", str(tmp_path / "none.npz"), "--memory", "tiny"])
-    assert stopped.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    status = main(["train", str(tmp_path / "out"), "--data", str(tmp_path / "none.npz"), "--memory", "tiny"])
+    assert status == 2 and "invalid choice" in capsys.readouterr().err
