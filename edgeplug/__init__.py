@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # imported on first use (onnx, numpy, onnxruntime, the rewrit
     from edgeplug.inspection import inspect_model
     from edgeplug.passes import (
         CarriedState,
+        ExportContext,
         ForwardState,
         Pass,
         PassContext,
@@ -63,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CarriedState",
+    "ExportContext",
     "DataError",
     "EdgeplugError",
     "FitResult",
@@ -100,7 +102,7 @@ __all__ = [
 
 _LAZY = {
     "GraphIndex": "edgeplug.graph",
-    **{name: "edgeplug.passes" for name in ("CarriedState", "ForwardState", "Pass", "PassContext", "PassInfo", "PassReport", "Plan",
+    **{name: "edgeplug.passes" for name in ("CarriedState", "ExportContext", "ForwardState", "Pass", "PassContext", "PassInfo", "PassReport", "Plan",
                                             "RuntimeContext", "Stage", "TrainingModels")},
     "PluginHost": "edgeplug.plugins",
     "hookimpl": "edgeplug.plugins",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,7 +15,7 @@ from edgeplug.artifacts import read_report, stage_folders
 from edgeplug.checkpoints import DEVICE_STATE, STATE, device_parameters, latest_checkpoint, state_file
 from edgeplug.errors import EdgeplugError, ModelError
 from edgeplug.files import check_regular_file
-from edgeplug.layout import CHECKPOINT, FORWARD_MODEL
+from edgeplug.layout import CHECKPOINT, FORWARD_MODEL, RECIPE_FILE
 from edgeplug.modelio import save_model
 
 
@@ -39,9 +41,37 @@ def export(artifact_dir: str | Path, output: str | Path, *, checkpoint: str | Pa
             model = onnx.load(str(staged))
         except Exception as error:
             raise ModelError(f"export failed: {' '.join(str(error).split())[:400]}") from None
+    model = rewrite_export(model, artifact_dir, report)
     model.producer_name, model.producer_version = "edgeplug", report["edgeplug_version"]
     save_model(model, output)
     return Path(output)
+
+
+def rewrite_export(model: onnx.ModelProto, artifact_dir: Path, report: dict[str, Any]) -> onnx.ModelProto:
+    """Let each pass whose report entry says `rewrites_export` rewrite the exported model (in recipe order),
+    with the options recorded in recipe.json and the details of its report entry."""
+    entries = [entry for entry in report.get("passes", []) if entry.get("rewrites_export")]
+    if not entries:
+        return model
+    from edgeplug.passes import ExportContext, fill_defaults
+    from edgeplug.plugins import default_host
+
+    recipe = json.loads((artifact_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+    host = default_host()
+    for entry in entries:
+        info = host.get_pass(entry["name"])
+        options: dict[str, Any] = next((p.get("options", {}) for p in recipe.get("passes", []) if p["name"] == entry["name"]), {})
+        instance = info.factory(fill_defaults(options, info.factory.options_schema))
+        context = ExportContext(artifact_dir, artifact_dir / "passes" / entry["name"], entry.get("details", {}))
+        try:
+            model = instance.rewrite_export(model, context)
+            onnx.checker.check_model(model, full_check=True)
+        except EdgeplugError:
+            raise
+        except Exception as error:
+            raise ModelError(f"export: pass '{entry['name']}' (plugin '{info.plugin}' {info.version}) could not rewrite the exported "
+                             f"model: {type(error).__name__}: {' '.join(str(error).split())[:400]}") from None
+    return model
 
 
 def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | Path, checkpoint: str | Path | None) -> Path:
@@ -81,6 +111,7 @@ def _export_staged(artifact_dir: Path, report: dict[str, object], output: str | 
         if tensor.name in trained:
             model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(
                 trained[tensor.name].astype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims)), tensor.name))
+    model = rewrite_export(model, artifact_dir, dict(report))
     model.producer_name, model.producer_version = "edgeplug", str(report["edgeplug_version"])
     save_model(model, output)
     return Path(output)

@@ -10,7 +10,9 @@ A pass is a small class. The framework runs passes in recipe order in two stages
    example, replace a gradient node).
 
 A pass may also contribute runtime hooks (`runtime_hooks`) that take part in the
-training loop, and it must always return a report entry (`report`). The
+training loop, and rewrite the inference model that `edgeplug export` writes
+(`rewrite_export`, e.g. to merge adapters into the weights they adapt); it must
+always return a report entry (`report`). The
 framework, not the pass, checks that every returned model is valid ONNX.
 
 A pass may also split training into **stages** (`ForwardState.stages`): models
@@ -168,6 +170,16 @@ class RuntimeContext:
     pass_dir: Path
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportContext:
+    """What a pass's `rewrite_export` gets: the artifact folder, the pass's own files, and the `details`
+    its report entry recorded at rewrite time (JSON values)."""
+
+    artifact_dir: Path
+    pass_dir: Path
+    details: Mapping[str, Any]
+
+
 class Pass:
     """Base class for passes. Subclasses set `name`, `summary` and `options_schema`."""
 
@@ -193,6 +205,11 @@ class Pass:
     def runtime_hooks(self, context: RuntimeContext) -> object | None:
         """Return an object with `@edgeplug.hookimpl` methods for the training loop, or None."""
         return None
+
+    def rewrite_export(self, model: onnx.ModelProto, context: ExportContext) -> onnx.ModelProto:
+        """Rewrite the exported inference model (trained weights in place) before it is written.
+        Default: unchanged. Runs where `edgeplug export` runs, so the plugin must be installed there."""
+        return model
 
     def report(self) -> PassReport:
         """Say what the pass changed, with numbers. Every pass must implement this."""

@@ -4,7 +4,7 @@ Built-in plugins import from here (and from `edgeplug`) only, like third-party
 ones; the other modules of `edgeplug` are internal and may change. Groups:
 
 - the pass contract: `Pass`, `ForwardState`, `Stage`, `TrainingModels`, `CarriedState`,
-  `PassContext`, `PassReport`, `RuntimeContext`, `hookimpl`, `fill_defaults`;
+  `PassContext`, `PassReport`, `RuntimeContext`, `ExportContext`, `hookimpl`, `fill_defaults`;
 - errors the user can fix: `EdgeplugError` and its subclasses;
 - reading graphs: `GraphIndex` (producers, consumers, parameters, layers,
   `value(name)` of an initializer), `Layer`, `WEIGHT_OPS`, `LAYER_OPS`, `FLOAT_TYPES`,
@@ -87,6 +87,7 @@ from edgeplug.onnx_edit import GraphEditor, replace_nodes
 from edgeplug.optimizers import OPTIMIZER_STATES, OPTIMIZER_TYPES
 from edgeplug.passes import (
     CarriedState,
+    ExportContext,
     ForwardState,
     Pass,
     PassContext,
@@ -108,6 +109,7 @@ __all__ = [
     "CHECKPOINT",
     "CarriedState",
     "CommandRegistry",
+    "ExportContext",
     "EVAL_MODEL",
     "FLOAT_TYPES",
     "FORWARD_MODEL",

@@ -53,6 +53,7 @@ def report_entry(info: PassInfo, instance: Pass, seconds: float, timeout: float 
         "details": details,
         "seconds": round(seconds, 4),
         "runtime_hooks": type(instance).runtime_hooks is not Pass.runtime_hooks,
+        "rewrites_export": type(instance).rewrite_export is not Pass.rewrite_export,
     }
 
 
