@@ -15,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     from edgeplug.commands import CommandRegistry
     from edgeplug.passes import Pass
-    from edgeplug.trainer import StepInfo
+    from edgeplug.trainer import EpochResult, StepInfo
 
 PROJECT_NAME = "edgeplug"
 """Name of the hook marker and of the entry-point group plugins register under."""
@@ -58,6 +58,22 @@ def edgeplug_after_step(step: StepInfo, loss: float) -> None:
     :param loss: the step's loss.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def edgeplug_epoch_end(epoch: EpochResult, epochs: int, step: int, artifact_dir: Path) -> None:
+    """Run at the end of every training epoch, once its checkpoint is written: the place for experiment
+    trackers (MLflow, Weights & Biases, TensorBoard, a CSV file) to record the epoch's metrics.
+
+    :param epoch: the epoch that ended: ``epoch.epoch`` (1-based), ``epoch.train`` and ``epoch.eval``
+        (``loss`` and ``accuracy``; ``eval`` is None without evaluation data; ``accuracy`` is None
+        for losses other than cross-entropy), ``epoch.seconds``.
+    :param epochs: the number of epochs the run trains to.
+    :param step: training steps run so far (over every run of this folder, resumed ones included).
+    :param artifact_dir: the artifact folder being trained.
+
+    .. versionadded:: 1.0
     """
 
 

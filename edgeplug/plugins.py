@@ -207,6 +207,9 @@ class PluginHost:
     def after_step(self, step: Any, loss: float) -> None:
         self._call("edgeplug_after_step", step=step, loss=loss)
 
+    def epoch_end(self, epoch: Any, epochs: int, step: int, artifact_dir: Path) -> None:
+        self._call("edgeplug_epoch_end", epoch=epoch, epochs=epochs, step=step, artifact_dir=artifact_dir)
+
     def save_state(self, directory: Path) -> None:
         self._call("edgeplug_save_state", directory=directory)
 

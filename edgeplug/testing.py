@@ -1,8 +1,10 @@
-"""Helpers and pytest fixtures for plugin authors: run a pass the way edgeplug does.
+"""Helpers for plugin authors: run a pass the way edgeplug does.
 
-In a plugin's tests: ``pytest_plugins = ["edgeplug.testing"]`` gives the
-``edgeplug_host`` fixture; ``rewrite_with`` runs the real pipeline with extra
-pass classes registered, so a test sees exactly what a user would.
+``rewrite_with`` runs the real pipeline with extra pass classes registered, so a test
+sees exactly what a user would; ``host_with`` gives a plugin host with them. Neither needs
+pytest (unittest, hypothesis or a script can call them). Under pytest,
+``pytest_plugins = ["edgeplug.testing"]`` also gives the ``edgeplug_host`` fixture; the
+fixture is defined only when pytest is installed, which edgeplug does not require.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import pytest
 
 from edgeplug.passes import Pass
 from edgeplug.pipeline import RewriteResult, rewrite
@@ -53,7 +54,14 @@ def rewrite_with(
     return rewrite(model, recipe_from_dict(dict(recipe), host=host), output_dir, host=host, calibration=calibration)
 
 
-@pytest.fixture
-def edgeplug_host() -> Iterator[PluginHost]:
-    """A fresh host with every installed plugin; register more with ``host.register(...)``."""
-    yield host_with()
+try:
+    import pytest
+except ImportError:  # pytest is not a dependency of edgeplug: the helpers above work without it
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def edgeplug_host() -> Iterator[PluginHost]:
+        """A fresh host with every installed plugin; register more with ``host.register(...)``."""
+        yield host_with()

@@ -562,6 +562,7 @@ class Trainer:
             self.echo(f"epoch {epoch + 1}/{epochs}  {_metrics_text('train', train_metrics)}"
                       + (f"  {_metrics_text('eval', eval_metrics)}" if eval_metrics else "") + f"  ({seconds:.1f} s)")
             self._save(progress, train_set, batch_size)
+            self.host.epoch_end(EpochResult(epoch + 1, train_metrics, eval_metrics, round(seconds, 3)), epochs, progress["step"], self.artifact_dir)
             message = monitor.epoch_end(epoch + 1, train_metrics.loss, train_metrics.accuracy,
                                         eval_metrics.accuracy if eval_metrics else None,
                                         spread.constant(), eval_set is not None and self._eval_spread.constant())

@@ -25,7 +25,7 @@ HOOKS = _hookspecs()
 
 def test_the_hook_surface_is_what_the_guide_documents() -> None:
     assert HOOKS == [
-        "edgeplug_after_step", "edgeplug_before_step", "edgeplug_load_state",
+        "edgeplug_after_step", "edgeplug_before_step", "edgeplug_epoch_end", "edgeplug_load_state",
         "edgeplug_register_commands", "edgeplug_register_passes", "edgeplug_save_state",
     ]
 
