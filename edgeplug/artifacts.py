@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from edgeplug.errors import EdgeplugError
-from edgeplug.layout import FORWARD_MODEL, REPORT_FILE, STAGES_DIR
+from edgeplug.layout import FORWARD_MODEL, RECIPE_FILE, REPORT_FILE, STAGES_DIR
 
 
 def read_report(artifact_dir: Path) -> dict[str, Any]:
@@ -30,6 +30,18 @@ def read_report(artifact_dir: Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("training"), dict):
         raise EdgeplugError(f"{path} is not an edgeplug report (no 'training' section); rewrite the artifact folder")
     return report
+
+
+def read_recipe_training(artifact_dir: Path) -> dict[str, Any]:
+    """The `training` section (epochs, batch_size, seed) of the folder's recipe.json; {} when there is none or the
+    file cannot be read (the trainer then says what is wrong with the folder)."""
+    try:
+        recipe = json.loads((Path(artifact_dir) / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    training = recipe.get("training") if isinstance(recipe, dict) else None
+    return {key: value for key, value in training.items() if isinstance(value, int) and not isinstance(value, bool)} \
+        if isinstance(training, dict) else {}
 
 
 def is_artifact_folder(path: Path) -> bool:

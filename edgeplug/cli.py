@@ -26,7 +26,8 @@ from edgeplug.terminal import EscapingWriter, escape
 INTERNAL_ERROR = 1
 INTERRUPTED = 130
 TRAIN_BATCH_SIZE = 32
-"""Default batch size of `train` and `profile` (profile describes the step train runs)."""
+"""Default batch size of `train` and `profile` (profile describes the step train runs), unless the recipe's
+`training.batch_size` gives one (edgeplug.trainer.DEFAULT_BATCH_SIZE)."""
 
 log = logging.getLogger("edgeplug.cli")  # not __name__: run as `python -m edgeplug.cli` it is __main__
 
@@ -132,12 +133,16 @@ def _size_line(artifacts: dict[str, int]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from edgeplug.artifacts import read_recipe_training
     from edgeplug.trainer import Trainer
 
+    defaults = read_recipe_training(args.artifacts)  # the recipe's training section; the command line overrides it
     if args.epochs is None:
-        args.epochs = 1
+        args.epochs = int(defaults.get("epochs", 1))
     if args.batch_size is None:
-        args.batch_size = TRAIN_BATCH_SIZE
+        args.batch_size = int(defaults.get("batch_size", TRAIN_BATCH_SIZE))
+    if args.seed is None:
+        args.seed = int(defaults.get("seed", 0))
     if args.runtime == "node":
         from edgeplug.node_runtime import train_with_node
 
@@ -210,6 +215,10 @@ def _profile(args: argparse.Namespace) -> int:
     from edgeplug.profiling import profile
     from edgeplug.profiling.render import format_profile, plot_profile
 
+    if args.batch_size is None:
+        from edgeplug.artifacts import read_recipe_training
+
+        args.batch_size = int(read_recipe_training(args.artifacts).get("batch_size", TRAIN_BATCH_SIZE))
     result = profile(args.artifacts, args.batch_size, args.steps, args.warmup, measured=not args.static_only)
     document = result.to_dict()
     if output:
@@ -223,19 +232,22 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     from edgeplug.plugins import default_host
+    from edgeplug.recipe import recipe_schema
     from edgeplug.validation import load_schema, schema_names
 
     passes = default_host().passes()
-    shipped = schema_names()
+    shipped = [name for name in schema_names() if not name.startswith("passes/")]
     if args.name is None:
-        listed = [{"name": name, "describes": "shipped schema"} for name in shipped if not name.startswith("passes/")]
+        listed = [{"name": name, "describes": str(load_schema(name).get("title", "shipped schema"))} for name in shipped]
         listed += [{"name": name, "describes": f"options of pass '{name}' (plugin '{passes[name].plugin}')"} for name in sorted(passes)]
         width = max(len(entry["name"]) for entry in listed)
         return print_result(listed, lambda: "\n".join(f"{entry['name']:<{width}}  {entry['describes']}" for entry in listed))
-    if args.name in passes:
-        document: Any = passes[args.name].factory.options_schema
+    if args.name == "recipe" and not args.bare:
+        document: Any = recipe_schema()
     elif args.name in shipped:
         document = load_schema(args.name)
+    elif args.name in passes:
+        document = passes[args.name].factory.options_schema
     else:
         raise EdgeplugError(f"no schema named '{args.name}'; run 'edgeplug schema' for the list")
     return print_result(document, lambda: json.dumps(document, indent=2, ensure_ascii=False))
@@ -287,10 +299,12 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("artifacts", type=Path, help="artifact folder written by 'edgeplug rewrite'")
     sub.add_argument("--data", type=Path, required=True, metavar="NPZ", help="training .npz")
     sub.add_argument("--eval", type=Path, metavar="NPZ", help="evaluation .npz (accuracy before and after every epoch)")
-    sub.add_argument("--epochs", type=int, metavar="N", help="total epochs; a resumed run trains until N are done (default: 1)")
-    sub.add_argument("--batch-size", type=int, metavar="N", help=f"examples per step; a resumed run must keep it (default: {TRAIN_BATCH_SIZE})")
+    sub.add_argument("--epochs", type=int, metavar="N",
+                     help="total epochs; a resumed run trains until N are done (default: the recipe's training.epochs, else 1)")
+    sub.add_argument("--batch-size", type=int, metavar="N",
+                     help=f"examples per step; a resumed run must keep it (default: the recipe's training.batch_size, else {TRAIN_BATCH_SIZE})")
     sub.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
-    sub.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    sub.add_argument("--seed", type=int, metavar="N", help="seed of the sample order and random ops (default: the recipe's training.seed, else 0)")
     sub.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps (always at epoch ends)")
     sub.add_argument("--restart", action="store_true", help="discard checkpoints and start from the initial weights")
     sub.add_argument("--no-checkpoints", action="store_true", help="write no checkpoints (no resume; export then gives the initial weights)")
@@ -323,7 +337,8 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
 
     sub = commands.add_parser("profile", help="count and measure the memory and compute of a training step")
     sub.add_argument("artifacts", type=Path, help="artifact folder written by 'edgeplug rewrite'")
-    sub.add_argument("--batch-size", type=int, default=TRAIN_BATCH_SIZE, metavar="N", help="batch size of the counts and the measurements (train's default)")
+    sub.add_argument("--batch-size", type=int, metavar="N",
+                     help=f"batch size of the counts and the measurements (default: train's, i.e. the recipe's training.batch_size, else {TRAIN_BATCH_SIZE})")
     sub.add_argument("--steps", type=int, default=20, metavar="N", help="timed training steps (median reported)")
     sub.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first")
     sub.add_argument("--static-only", action="store_true", help="count only; run nothing")
@@ -335,7 +350,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.set_defaults(run=_profile)
 
     sub = commands.add_parser("schema", help="list the JSON Schemas, or print one (recipes, reports, profiles, a pass's options)")
-    sub.add_argument("name", nargs="?", help="a name from the list ('recipe', 'report', a pass name, ...); omit to list")
+    sub.add_argument("name", nargs="?", help="a name from the list ('recipe', 'report', 'profile', a pass name, ...); omit to list")
+    sub.add_argument("--bare", action="store_true",
+                     help="recipe: the shipped file as is (default: with the installed passes' names and options filled in, for editors)")
     sub.set_defaults(run=_schema)
 
     from edgeplug.fleet.cli import add_fleet_command

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -40,6 +41,12 @@ class Recipe:
     data_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     labels_key: str | None = None
     memory: str = "arena"  # training sessions: "arena" (onnxruntime's defaults) or "lean" (see the recipe schema)
+    epochs: int | None = None
+    """`training.epochs`: the run's default number of epochs (None: 1); `--epochs` overrides it."""
+    batch_size: int | None = None
+    """`training.batch_size` (None: 32); `--batch-size` overrides it."""
+    seed: int | None = None
+    """`training.seed` (None: 0); `--seed` overrides it."""
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a document that `from_dict` reads back (written to out/recipe.json)."""
@@ -60,8 +67,12 @@ class Recipe:
             data["labels"] = self.labels_key
         if data:
             document["data"] = data
+        training = {key: value for key, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("seed", self.seed))
+                    if value is not None}
         if self.memory != "arena":
-            document["training"] = {"memory": self.memory}
+            training["memory"] = self.memory
+        if training:
+            document["training"] = training
         return document
 
 
@@ -156,6 +167,7 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
         specs.append(PassSpec(entry["name"], options))
     optimizer = document.get("optimizer", {})
     data = document.get("data", {})
+    training = document.get("training", {})
     return Recipe(
         passes=tuple(specs),
         loss=document.get("loss", "cross-entropy"),
@@ -165,8 +177,76 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
         schedule=optimizer.get("schedule"),
         data_inputs=data.get("inputs", {}),
         labels_key=data.get("labels"),
-        memory=document.get("training", {}).get("memory", "arena"),
+        memory=training.get("memory", "arena"),
+        epochs=training.get("epochs"),
+        batch_size=training.get("batch_size"),
+        seed=training.get("seed"),
     )
+
+
+def recipe_schema(host: PluginHost | None = None) -> dict[str, Any]:
+    """The recipe schema with the installed passes filled in, for editors (`edgeplug schema recipe`).
+
+    `passes[].name` is one of the installed passes (an enum, each described by its summary), and an
+    if/then per pass validates `options` against that pass's own schema, so a YAML language server
+    flags `name: trainabel` and `options: {layerz: frozen}` as you type. A pass schema's `$defs`
+    move under the root's `$defs` as `<pass>.<name>` (its `#/$defs/...` references follow them).
+    Options without an `examples` entry get their default as the example.
+    """
+    host = host or default_host()
+    schema = copy.deepcopy(dict(load_schema("recipe")))
+    passes = dict(sorted(host.passes().items()))
+    item = schema["properties"]["passes"]["items"]
+    name = item["properties"]["name"]
+    name["enum"] = list(passes)
+    name["description"] = "A registered pass: " + "; ".join(f"{key}: {info.summary}" for key, info in passes.items())
+    definitions = schema.setdefault("$defs", {})
+    shipped = [yaml.safe_load(text) or {} for _, text in sorted(shipped_recipes().items())]
+    rules = []
+    for key, info in passes.items():
+        options = _embedded(copy.deepcopy(dict(info.factory.options_schema)), key, definitions)
+        options.setdefault("description", f"Options of the '{key}' pass (plugin '{info.plugin}'): {info.summary}")
+        if "examples" not in options:
+            options["examples"] = _option_examples(key, info.factory.options_schema, shipped)
+        rules.append({"if": {"properties": {"name": {"const": key}}, "required": ["name"]},
+                      "then": {"properties": {"options": options}}})
+    item["allOf"] = rules
+    return schema
+
+
+def _option_examples(pass_name: str, options_schema: Mapping[str, Any], recipes: list[Any]) -> list[Any]:
+    """Examples of a pass's options: how the shipped recipes set them, else no options at all when the defaults are valid."""
+    found = [entry.get("options", {}) for recipe in recipes for entry in recipe.get("passes", []) if entry.get("name") == pass_name]
+    if not found and first_error(fill_defaults({}, options_schema), options_schema) is None:
+        found = [{}]
+    return found
+
+
+def _embedded(options: dict[str, Any], pass_name: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """`options` (a pass's schema) made fit to sit inside the recipe schema: no `$schema`/`$id`, its `$defs` moved
+    to the root's under `<pass>.<name>`, and every property given an example (its default) when it has none."""
+    for key in ("$schema", "$id"):
+        options.pop(key, None)
+    moved = options.pop("$defs", {})
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str) and reference.startswith("#/$defs/"):
+                node["$ref"] = f"#/$defs/{pass_name}.{reference.removeprefix('#/$defs/')}"
+            for field, value in node.get("properties", {}).items() if isinstance(node.get("properties"), dict) else ():
+                if isinstance(value, dict) and "examples" not in value and "default" in value:
+                    value["examples"] = [value["default"]]
+            for value in node.values():
+                fix(value)
+        elif isinstance(node, list):
+            for value in node:
+                fix(value)
+        return node
+
+    for key, value in moved.items():
+        definitions[f"{pass_name}.{key}"] = fix(value)
+    return dict(fix(options))
 
 
 def _one_line(error: BaseException) -> str:

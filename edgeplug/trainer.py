@@ -59,6 +59,10 @@ from edgeplug.schedules import make_schedule
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BATCH_SIZE = 32
+"""Batch size of `train` (and `profile`, which describes the step `train` runs) when neither the command line nor the
+recipe's `training.batch_size` gives one."""
+
 
 @dataclasses.dataclass
 class StepInfo:
@@ -138,7 +142,7 @@ class Trainer:
         self,
         artifact_dir: str | Path,
         *,
-        seed: int = 0,
+        seed: int | None = None,
         lr: float | None = None,
         checkpoint_every: int | None = None,
         keep_checkpoints: int = 2,
@@ -178,6 +182,10 @@ class Trainer:
                                 "rewrite the artifact folder") from None
         if not isinstance(self.recipe, dict):
             raise EdgeplugError(f"{self.artifact_dir / RECIPE_FILE} is not an edgeplug recipe; rewrite the artifact folder")
+        recipe_training = self.recipe.get("training", {}) if isinstance(self.recipe.get("training"), dict) else {}
+        self._recipe_training: dict[str, Any] = recipe_training
+        if seed is None:
+            seed = recipe_training.get("seed", 0)
         self.memory = memory if memory is not None else str((self.recipe.get("training") or {}).get("memory", "arena"))
         if self.memory not in MEMORY_SETTINGS:
             raise EdgeplugError(f"memory must be one of {', '.join(MEMORY_SETTINGS)}, not {self.memory!r}")
@@ -216,7 +224,7 @@ class Trainer:
         self._step_losses: list[float] = []
         self._optimizer: Any = None
         self._state: Any = None
-        self._batch_size = 32  # of the last fit: evaluation's default
+        self._batch_size = self.run_defaults(None, None)[1]  # of the last fit (else the recipe's): evaluation's default
         self._eval_spread = OutputSpread()
 
     # -- data ----------------------------------------------------------------------
@@ -319,7 +327,7 @@ class Trainer:
     def evaluate(self, data: Dataset | str | Path | Mapping[str, np.ndarray], batch_size: int | None = None) -> Metrics:
         """Mean loss and accuracy (cross-entropy only) of the current weights on `data`.
 
-        Batches of `batch_size` (default: the batch size of the last `fit`, else 32), under the
+        Batches of `batch_size` (default: the batch size of the last `fit`, else the recipe's, else 32), under the
         same `max_memory` check as training.
         """
         dataset = data if isinstance(data, Dataset) else self.dataset(data)
@@ -358,21 +366,32 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------
 
+    def run_defaults(self, epochs: int | None, batch_size: int | None) -> tuple[int, int]:
+        """`epochs` and `batch_size`, or where None the recipe's `training` values, else 1 and DEFAULT_BATCH_SIZE."""
+        if epochs is None:
+            epochs = int(self._recipe_training.get("epochs", 1))
+        if batch_size is None:
+            batch_size = int(self._recipe_training.get("batch_size", DEFAULT_BATCH_SIZE))
+        return epochs, batch_size
+
     def fit(
         self,
         train: Dataset | str | Path | Mapping[str, np.ndarray],
         eval: Dataset | str | Path | Mapping[str, np.ndarray] | None = None,
         *,
-        epochs: int = 1,
-        batch_size: int = 32,
+        epochs: int | None = None,
+        batch_size: int | None = None,
         resume: bool = True,
     ) -> FitResult:
         """Train for `epochs` epochs, resuming from the last checkpoint unless `resume=False`.
+
+        `epochs` and `batch_size` default to the recipe's `training` section, else 1 and 32.
 
         Holds the artifact folder's lock (another process training or rewriting it is a
         LockedError) and, with `max_memory`, refuses to start when the estimated
         training step at `batch_size` does not fit.
         """
+        epochs, batch_size = self.run_defaults(epochs, batch_size)
         if epochs < 1 or batch_size < 1:
             raise EdgeplugError("epochs and batch size must be at least 1")
         train_set = train if isinstance(train, Dataset) else self.dataset(train)
