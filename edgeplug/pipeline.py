@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ from edgeplug.modelio import check_model, load_model, save_model
 from edgeplug.pass_checks import check_forward, check_stages, check_training, run_phase
 from edgeplug.passes import ForwardState, Pass, PassContext, PassInfo, Plan, TrainingModels, fill_defaults
 from edgeplug.plugins import CORE_STAGES, PluginHost, default_host
+from edgeplug.progress import Progress
 from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
 from edgeplug.report import artifact_sizes, build_report, check_report, report_entry
 from edgeplug.surgery import extract
@@ -62,6 +64,9 @@ class RewriteResult:
 
     output_dir: Path
     report: Mapping[str, Any]
+
+
+log = logging.getLogger(__name__)
 
 
 def rewrite(
@@ -110,10 +115,13 @@ def rewrite(
             atomic_directory(output_dir, overwrite=force, replaceable=is_artifact_folder,
                              replaceable_kind="an edgeplug artifact folder") as stage:
         context = PassContext(work_dir=stage / "passes", output_name=output_name, loss=recipe.loss, calibration=calibration)
-        run = Rewrite(recipe, passes, context, source, loaded, output_name, timeout=timeout, budget=budget,
-                      ort_format=ort_format, nominal_checkpoint=nominal_checkpoint)
-        state = run.forward(ForwardState(loaded, frozenset(GraphIndex(loaded).parameters())))
-        report = run.write_stages(state, stage) if state.stages else run.write_folder(state, stage)
+        with Progress("rewrite", total=2 * len(passes) + 2, unit="phase") as bar:
+            run = Rewrite(recipe, passes, context, source, loaded, output_name, timeout=timeout, budget=budget,
+                          ort_format=ort_format, nominal_checkpoint=nominal_checkpoint, progress=bar)
+            state = run.forward(ForwardState(loaded, frozenset(GraphIndex(loaded).parameters())))
+            if state.stages:  # each stage is an artifact set: generation, every pass's rewrite_training, device files
+                bar.set_total(len(passes) + len(state.stages) * (len(passes) + 2))
+            report = run.write_stages(state, stage) if state.stages else run.write_folder(state, stage)
     return RewriteResult(shown, report)
 
 
@@ -136,6 +144,13 @@ class Rewrite:
     ort_format: bool = False
     nominal_checkpoint: bool = False
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    progress: Progress = dataclasses.field(default_factory=lambda: Progress("rewrite", show=False))
+    """The bar a person watching the rewrite sees (one item per pass phase and artifact-set step)."""
+
+    def _phase(self, text: str) -> None:
+        """Say what runs now, on the bar and in the debug log."""
+        self.progress.status(text)
+        log.debug("%s", text)
 
     def forward(self, state: ForwardState) -> ForwardState:
         """Every pass's rewrite_forward, in recipe order, each result checked."""
@@ -145,8 +160,10 @@ class Rewrite:
                 raise RecipeError(f"pass '{info.name}' comes after '{staged_by}', which split the model into training "
                                   f"stages; list '{staged_by}' last")
             started = time.perf_counter()
+            self._phase(f"{info.name}: rewrite_forward")
             state = run_phase(info, "rewrite_forward", instance.rewrite_forward, state, self._context(info), timeout=self.timeout)
             check_forward(info, state)
+            self.progress.advance()
             if state.stages:
                 check_stages(info, state, self.original, self.output_name)
                 staged_by = info.name
@@ -179,17 +196,22 @@ class Rewrite:
         if missing:
             raise NoGradientError(label + missing[0].message() + (f" ({len(missing) - 1} more such ops)" if len(missing) > 1 else ""))
         check_forward_budget(forward, trainable, self.recipe.optimizer, self.budget)
+        self._phase(f"{label}generating the training, eval and optimizer models (onnxruntime-training)")
         generate(forward, trainable, self.recipe, output_name, folder, nominal_checkpoint=self.nominal_checkpoint,
                  passes_on=passes_on)
         models = TrainingModels(*(onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
         name_targets_labels(models.training)
         name_targets_labels(models.eval)
+        self.progress.advance()
         for info, instance in self.passes:
             started = time.perf_counter()
+            self._phase(f"{label}{info.name}: rewrite_training")
             models = run_phase(info, "rewrite_training", instance.rewrite_training, models, self._context(info),
                                timeout=self.timeout)
             check_training(info, models)
             self.timings[info.name] += time.perf_counter() - started
+            self.progress.advance()
+        self._phase(f"{label}writing the device files and loading the artifacts once")
         for name, proto in zip((TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL), (models.training, models.eval, models.optimizer), strict=True):
             save_model(proto, folder / name)
         save_model(forward, folder / FORWARD_MODEL)
@@ -199,6 +221,7 @@ class Rewrite:
         if self.ort_format:
             convert_to_ort(folder)
             smoke_load(folder, ort_format=True)
+        self.progress.advance()
         return device
 
     def write_stages(self, state: ForwardState, out: Path) -> dict[str, Any]:

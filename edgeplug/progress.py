@@ -84,6 +84,13 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=True)
 
+    def set_total(self, total: int | None) -> None:
+        """Change how many items there are (work found to be larger once it started)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def advance(self, count: int = 1, status: str | None = None) -> None:
         """Count `count` more items done; optionally say what runs next."""
         if self._bar is not None:
