@@ -67,7 +67,7 @@ class Recipe:
             data["labels"] = self.labels_key
         if data:
             document["data"] = data
-        training = {key: value for key, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("seed", self.seed))
+        training: dict[str, Any] = {key: value for key, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("seed", self.seed))
                     if value is not None}
         if self.memory != "arena":
             training["memory"] = self.memory
