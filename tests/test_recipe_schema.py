@@ -19,7 +19,7 @@ from edgeplug.plugins import PluginHost, reset_default_host
 from edgeplug.recipe import recipe_from_dict, recipe_schema, shipped_recipes
 from edgeplug.trainer import Trainer
 
-BUILT_IN = ("activation-shortcut", "freeze-bn", "lls", "new-head", "normalize", "personalize", "qcore", "quantize-frozen",
+BUILT_IN = ("activation-shortcut", "freeze-bn", "lls", "lora", "new-head", "normalize", "personalize", "qcore", "quantize-frozen",
             "sparse-update", "trainable")
 
 
