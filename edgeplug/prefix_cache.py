@@ -51,6 +51,11 @@ BATCH_MIXING_OPS = frozenset({"BatchNormalization", "BatchNormInternal", "Dropou
 PASS_THROUGH_SHAPE_OPS = frozenset({"Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "ConcatTraining", "Cast", "Reshape", "Identity", "Mul",
                                     "Add", "Sub", "Div"})
 DEFAULT_MEMORY_BYTES = 256 * 2**20
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
+                         "FusedMatMul", "Einsum", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"})
+"""Ops that do multiply-accumulate work: a frozen prefix with none of them (only a Pad, a Cast, a normalisation of the
+input) is not worth caching: each example's copy costs memory (a padded input is larger than the input) and the
+fill runs a whole reference step, to save next to nothing per step."""
 
 
 class NotCacheable(Exception):
@@ -77,8 +82,11 @@ class Cut:
         return cut, augmented
 
 
-def cut_models(artifact_dir: Path, report: Mapping[str, Any]) -> Cut:
-    """Cut the folder's training model at the frozen prefix, or raise NotCacheable."""
+def cut_models(artifact_dir: Path, report: Mapping[str, Any], *, require_compute: bool = True) -> Cut:
+    """Cut the folder's training model at the frozen prefix, or raise NotCacheable.
+
+    `require_compute`: refuse a prefix without multiply-accumulate ops (`COMPUTE_OPS`): nothing to save.
+    """
     import onnx
     from onnx import helper
 
@@ -95,6 +103,10 @@ def cut_models(artifact_dir: Path, report: Mapping[str, Any]) -> Cut:
     prefix = _prefix_nodes(training, trainable, data_inputs)
     if not prefix:
         raise NotCacheable("the first layer trains: there is no frozen prefix")
+    if require_compute and not any(node.op_type in COMPUTE_OPS for node in training.graph.node if node.name in prefix):
+        ops = sorted({node.op_type for node in training.graph.node if node.name in prefix})
+        raise NotCacheable(f"the frozen prefix does no multiply-accumulate work (only {', '.join(ops[:4])}): caching it would "
+                           "cost memory and save nothing")
     mixing = sorted({n.op_type for n in training.graph.node if n.name in prefix and n.op_type in BATCH_MIXING_OPS})
     if mixing:
         raise NotCacheable(f"the frozen prefix has {', '.join(mixing)}, which mixes the examples of a batch in training "

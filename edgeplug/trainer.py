@@ -505,7 +505,8 @@ class Trainer:
         from edgeplug import prefix_cache
 
         try:
-            cut = prefix_cache.cut_models(self.artifact_dir, self.report)
+            # asked for explicitly (cache_prefix=True): cache even a prefix that does no real work
+            cut = prefix_cache.cut_models(self.artifact_dir, self.report, require_compute=self.cache_prefix is None)
             # the folder's initial state: the prefix reads frozen parameters only, and the check compares
             # the cut and the whole model at the same weights
             _return_freed_buffers()  # the uncut session's buffers go back to the system before the cut one opens

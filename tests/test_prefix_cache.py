@@ -171,3 +171,37 @@ def test_cli_flags(tmp_path: Path) -> None:
     assert main(["train", str(folder), "--data", str(tmp_path / "train.npz"), "--epochs", "4", "--batch-size", "4",
                  "--no-progress", "--no-cache-prefix", "--metrics", str(metrics)]) == 0
     assert json.loads(metrics.read_text())["prefix_cache"] is None
+
+
+def test_a_prefix_without_compute_is_not_cached_unless_asked(tmp_path: Path) -> None:
+    """A full fine-tune of a model that pads its input first (TF-style exports): the 'prefix' is the Pad alone.
+
+    Caching it would store a padded copy of every example and run a reference step, to save nothing.
+    """
+    from onnx import helper as onnx_helper
+    from onnx import numpy_helper
+
+    model = cnn(channels=(4,), image=IMAGE, batch_norm=False, seed=4)
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    graph.node.insert(0, onnx_helper.make_node("Pad", ["x", "pads"], ["x_padded"], name="pad"))
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    first_conv.input[0] = "x_padded"
+    del first_conv.attribute[:]  # the Pad does the padding now
+    data = classification_data((1, IMAGE, IMAGE), 10, n=12, seed=4)
+    folder = tmp_path / "full"
+    edgeplug.rewrite(model, recipe_from_dict({}), folder)
+    report = edgeplug.Trainer(folder).report
+    with pytest.raises(NotCacheable, match="no multiply-accumulate work \\(only Pad\\)"):
+        cut_models(folder, report)
+    assert cut_models(folder, report, require_compute=False).prefix_nodes == 1
+    results = _train_both(folder, tmp_path, data, None, epochs=2, batch=4)
+    assert "reason" not in results[True][0].prefix_cache  # asked for: still cached, still bit-identical
+    for name, value in results[False][1].items():
+        assert np.array_equal(value, results[True][1][name]), name
+    auto_folder = tmp_path / "auto"
+    shutil.copytree(folder, auto_folder)
+    auto = Trainer(auto_folder, progress=False).fit(data, epochs=2, batch_size=4)
+    assert "no multiply-accumulate" in auto.prefix_cache["reason"]
+    for name, value in _weights(auto_folder).items():
+        assert np.array_equal(value, results[False][1][name]), name
