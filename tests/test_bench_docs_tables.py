@@ -38,3 +38,14 @@ def test_numbers_give_paired_intervals_and_name_a_clear_winner() -> None:
     cell = n.delta("sparse_tinytrain", "last_layer")
     assert cell.startswith("+0.09") and "[" in cell and "sparse_tinytrain" in cell
     assert n.delta("biases", "last_layer") == "n/a"
+
+
+def test_a_docs_link_to_a_missing_results_file_is_reported(tmp_path: Path) -> None:
+    docs, results = tmp_path / "docs", tmp_path / "bench" / "results"
+    (docs / "passes").mkdir(parents=True)
+    results.mkdir(parents=True)
+    (results / "kept.md").write_text("x")
+    (docs / "passes" / "p.md").write_text("From [run](../../bench/results/kept.md) and `bench/results/gone.json`, "
+                                          "plot bench/results/gone.png.\n")
+    found = docs_tables.dangling_result_links(docs, results)
+    assert found == ["docs/passes/p.md: bench/results/gone.json", "docs/passes/p.md: bench/results/gone.png"]
