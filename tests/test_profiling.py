@@ -158,3 +158,47 @@ def test_measurement_works_from_a_folder_holding_an_edgeplug_directory(tmp_path:
     monkeypatch.chdir(tmp_path)
     assert main(["profile", "out", "--batch-size", "2", "--steps", "1", "--warmup", "0"]) == 0
     assert "measured" in capsys.readouterr().out
+
+
+def test_every_layer_gets_measured_forward_and_backward_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime's own profiler (SessionOptions.enable_profiling) times each kernel; a node's gradient kernels
+    (`<node>_Grad/...`) add up to its backward time, and the table shows them beside the counts."""
+    out = build(conv_then_linear(), tmp_path / "out")
+    assert main(["profile", str(out), "--batch-size", "4", "--steps", "3", "--warmup", "1", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    jsonschema.validate(document, load_schema("profile"))
+    timed = {entry["name"]: entry for entry in document["measured"]["nodes"]}
+    assert {"conv", "fc"} <= set(timed) and document["measured"]["kernels_note"] is None
+    assert all(timed[name]["forward_seconds"] > 0 and timed[name]["backward_seconds"] > 0 for name in ("conv", "fc"))
+    assert {node["name"] for node in document["static"]["nodes"]} >= set(timed)
+    assert main(["profile", str(out), "--batch-size", "4", "--steps", "3", "--warmup", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "fwd ms" in table and "bwd ms" in table and "by measured time" in table
+
+
+def test_per_node_seconds_takes_medians_after_warmup_and_sums_gradient_kernels() -> None:
+    from edgeplug.profiling.measure import per_node_seconds
+
+    events = [{"name": name, "dur": dur} for step in range(3) for name, dur in
+              (("fused conv", 100 if step else 9000), ("conv_Grad/Conv_0", 50), ("conv_Grad/ReduceSum_1", 25), ("fc", 10),
+               ("GradientAccumulator1", 5))]
+    nodes, other = per_node_seconds(events, warmup=1, node_names={"conv": "Conv", "fc": "Gemm", "flatten": "Flatten"})
+    assert nodes == [{"name": "conv", "op_type": "Conv", "forward_seconds": pytest.approx(100e-6), "backward_seconds": pytest.approx(75e-6)},
+                     {"name": "fc", "op_type": "Gemm", "forward_seconds": pytest.approx(10e-6), "backward_seconds": 0.0}]
+    assert other == [{"name": "GradientAccumulator1", "seconds": 5e-6}]
+
+
+def test_plot_shows_layers_and_is_refused_before_any_work_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = build(conv_then_linear(), tmp_path / "out")
+    assert main(["profile", str(out), "--batch-size", "2", "--steps", "1", "--warmup", "0", "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr("edgeplug.profiling.profile", lambda *a, **k: pytest.fail("the profile ran before the check"))
+    assert main(["profile", str(out), "--plot", str(tmp_path / "q.png")]) == 2
+    assert "pip install 'edgeplug[plot]'" in capsys.readouterr().err and not (tmp_path / "q.png").exists()

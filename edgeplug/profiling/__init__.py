@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from edgeplug.errors import EdgeplugError
-from edgeplug.profiling.measure import Measurement, measure
+from edgeplug.profiling.measure import MODES, Measurement, measure
 from edgeplug.profiling.static import (
     NodeCost,
     RetainedTensor,
     StaticProfile,
     static_profile,
 )
+from edgeplug.progress import Progress
 from edgeplug.validation import first_error, load_schema
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +50,30 @@ class Profile:
         return document
 
 
-def profile(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, warmup: int = 3, *, measured: bool = True) -> Profile:
+def profile(artifact_dir: str | Path, batch_size: int = 32, steps: int = 20, warmup: int = 3, *, measured: bool = True) -> Profile:
     """Count and (unless `measured=False`) measure the cost of one training step."""
     for value, least, what in ((batch_size, 1, "batch size (--batch-size)"), (steps, 1, "timed steps (--steps)"),
                                (warmup, 0, "warm-up steps (--warmup)")):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise EdgeplugError(f"{what} must be a whole number, at least {least}, not {value!r}")
-    counted = static_profile(artifact_dir, batch_size)
-    timing = measure(artifact_dir, batch_size, steps, warmup) if measured else None
+    phases = {"counting": "counting bytes and MACs", "baseline": "measuring the bare runtime (fresh process)",
+              "infer": "measuring inference (fresh process)", "train": f"timing {warmup}+{steps} training steps (fresh process)",
+              "kernels": "timing every node with onnxruntime's profiler (fresh process)"}
+    with Progress("profile", total=1 + (len(MODES) if measured else 0), unit="phase") as bar:
+        done: list[str] = []
+
+        def phase(name: str) -> None:
+            if done:
+                bar.advance()
+            done.append(name)
+            bar.status(phases[name])
+            log.debug("profile: %s", phases[name])
+
+        phase("counting")
+        counted = static_profile(artifact_dir, batch_size)
+        timing = measure(artifact_dir, batch_size, steps, warmup, node_names={node.name: node.op_type for node in counted.nodes},
+                         on_phase=phase) if measured else None
+        bar.advance()
     return Profile(str(artifact_dir), counted, timing)
 
 

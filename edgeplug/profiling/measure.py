@@ -1,4 +1,5 @@
-"""Measured costs: peak memory and step time, each in a fresh process so runs do not mix."""
+"""Measured costs: peak memory and step time, each in a fresh process so runs do not mix, and each node's
+forward and backward time from onnxruntime's own profiler."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,14 @@ class Measurement:
     inference_peak_rss_bytes: int
     median_inference_seconds: float
     baseline_rss_bytes: int
+    nodes: tuple[dict[str, Any], ...] = ()
+    """Per forward node of the model, from onnxruntime's profiler (median over the timed steps): `name`, `op_type`,
+    `forward_seconds` (its kernel; a kernel onnxruntime fused it into counts for the fused node's first name),
+    `backward_seconds` (the kernels of its gradient, `<node>_Grad/...`)."""
+    other_kernels: tuple[dict[str, Any], ...] = ()
+    """Kernels that belong to no forward node (the loss and its gradient, gradient accumulation): `name`, `seconds`."""
+    kernels_note: str | None = None
+    """Why `nodes` is empty (a staged folder; onnxruntime wrote no profile), else None."""
 
     @property
     def training_overhead_bytes(self) -> int:
@@ -38,17 +48,28 @@ class Measurement:
         return document
 
 
-def measure(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, warmup: int = 3, timeout: float = 1800) -> Measurement:
-    """Run training steps, inference and a bare runtime, each in a fresh subprocess."""
+MODES = ("baseline", "infer", "train", "kernels")
+"""The fresh processes `measure` runs, in order (`kernels`: the training steps again, under onnxruntime's profiler)."""
+
+
+def measure(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, warmup: int = 3, timeout: float = 1800, *,
+            node_names: Mapping[str, str] | None = None, on_phase: Callable[[str], None] | None = None) -> Measurement:
+    """Run a bare runtime, inference, training steps and profiled training steps, each in a fresh subprocess.
+
+    `node_names` (forward node name -> op type, e.g. from the static profile) says which kernels are a forward
+    node's; `on_phase(mode)` is called before each process starts (progress)."""
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise EdgeplugError("batch size and steps must be at least 1, warm-up at least 0")
     artifact_dir = Path(artifact_dir)
     report = read_report(artifact_dir)
     classes, shape = _output(artifact_dir, report)
-    results = {
-        mode: _run(mode, artifact_dir, batch_size, steps, warmup, classes, shape, timeout)
-        for mode in ("baseline", "infer", "train")
-    }
+    results = {}
+    for mode in MODES:
+        if on_phase is not None:
+            on_phase(mode)
+        results[mode] = _run(mode, artifact_dir, batch_size, steps, warmup, classes, shape, timeout)
+    kernels = results["kernels"]
+    nodes, other = per_node_seconds(kernels.get("events", []), warmup, node_names or {})
     return Measurement(
         batch_size=batch_size,
         steps=steps,
@@ -58,7 +79,38 @@ def measure(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, war
         inference_peak_rss_bytes=results["infer"]["peak_rss_bytes"],
         median_inference_seconds=statistics.median(results["infer"]["seconds"]),
         baseline_rss_bytes=results["baseline"]["peak_rss_bytes"],
+        nodes=tuple(nodes),
+        other_kernels=tuple(other),
+        kernels_note=kernels.get("reason"),
     )
+
+
+def per_node_seconds(events: Iterable[Mapping[str, Any]], warmup: int,
+                     node_names: Mapping[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Kernel events (`name` without `_kernel_time`, `dur` in microseconds, one per kernel per step) as per-node
+    forward and backward seconds: each kernel's median over the steps after `warmup`, the kernels of a node's
+    gradient (`<node>_Grad/...`) summed into its backward time. onnxruntime names a fused kernel `fused <node>`.
+    Kernels of no node in `node_names` (the loss, gradient accumulation) are returned apart, largest first."""
+    runs: dict[str, list[float]] = {}
+    for event in events:
+        runs.setdefault(str(event["name"]), []).append(float(event["dur"]) / 1e6)
+    forward: dict[str, float] = {}
+    backward: dict[str, float] = {}
+    other: dict[str, float] = {}
+    for name, seconds in runs.items():
+        timed = seconds[warmup:] if len(seconds) > warmup else seconds
+        median = statistics.median(timed)
+        kernel = name.removeprefix("fused ")
+        owner, grad, _ = kernel.partition("_Grad/")
+        if grad and owner in node_names:
+            backward[owner] = backward.get(owner, 0.0) + median
+        elif kernel in node_names:
+            forward[kernel] = forward.get(kernel, 0.0) + median
+        else:
+            other[kernel] = other.get(kernel, 0.0) + median
+    nodes = [{"name": name, "op_type": op_type, "forward_seconds": forward.get(name, 0.0), "backward_seconds": backward.get(name, 0.0)}
+             for name, op_type in node_names.items() if name in forward or name in backward]
+    return nodes, [{"name": name, "seconds": value} for name, value in sorted(other.items(), key=lambda item: -item[1])]
 
 
 def _output(artifact_dir: Path, report: dict[str, Any]) -> tuple[int, list[int]]:

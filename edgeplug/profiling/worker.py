@@ -1,14 +1,18 @@
 """One measurement in a fresh process: `python -m edgeplug.profiling.worker MODE ARTIFACTS BATCH STEPS WARMUP`.
 
 MODE is `baseline` (the runtime imported, nothing loaded), `train` (training
-steps on random data) or `infer` (the forward model in an inference session).
-Prints one JSON line: peak resident memory (VmHWM) and the timed steps.
+steps on random data), `infer` (the forward model in an inference session) or
+`kernels` (training steps under onnxruntime's own profiler: every kernel's time).
+Prints one JSON line: peak resident memory (VmHWM) and the timed steps (and, for
+`kernels`, onnxruntime's kernel events).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ import numpy as np
 
 from edgeplug import _ort
 from edgeplug.artifacts import read_report, stage_folders
-from edgeplug.layout import FORWARD_MODEL, RECIPE_FILE
+from edgeplug.layout import CHECKPOINT, FORWARD_MODEL, OPTIMIZER_MODEL, RECIPE_FILE, TRAINING_MODEL
 from edgeplug.trainer import open_stage, peak_rss_bytes, session_options
 
 
@@ -94,6 +98,40 @@ def _infer(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: in
     return times
 
 
+def _kernels(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: int) -> dict[str, Any]:
+    """Training steps with onnxruntime's profiler on the training session only (`SessionOptions.enable_profiling`):
+    the kernel events (`cat` Node, `*_kernel_time`) of every step, warm-up included. No eval session (it would
+    write its own profile into the same file name) and the optimizer's session unprofiled (it copies the
+    options when it opens, after profiling is switched off again)."""
+    report = read_report(artifacts)
+    if report.get("stages"):
+        return {"reason": "a staged folder: per-node times are measured for folders with one artifact set"}
+    api, runtime = _ort.training_api(), _ort.inference_runtime()
+    with tempfile.TemporaryDirectory(prefix="edgeplug-profile-") as folder:
+        options = session_options(None, _memory_setting(artifacts)) or runtime.SessionOptions()  # the trainer's sessions
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "training")
+        state = api.CheckpointState.load_checkpoint(str(artifacts / CHECKPOINT))
+        module = api.Module(str(artifacts / TRAINING_MODEL), state, None, session_options=options)
+        options.enable_profiling = False
+        optimizer = api.Optimizer(str(artifacts / OPTIMIZER_MODEL), module)
+        module.train()
+        inputs = list(module.input_names())
+        for _ in range(warmup + steps):
+            module(*[batch[name] for name in inputs])
+            optimizer.step()
+            module.lazy_reset_grad()
+        del optimizer, module, state  # the session writes its profile when it closes
+        gc.collect()
+        written = sorted(Path(folder).glob("training*.json"))
+        if not written:
+            return {"reason": "onnxruntime wrote no profile"}
+        events = json.loads(written[0].read_text(encoding="utf-8"))
+    kept = [{"name": event["name"].removesuffix("_kernel_time"), "dur": event["dur"], "op": event.get("args", {}).get("op_name")}
+            for event in events if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time")]
+    return {"events": kept}
+
+
 def main(argv: list[str]) -> int:
     mode, artifacts_text, batch_text, steps_text, warmup_text, classes_text, output_shape_text = argv
     artifacts = Path(artifacts_text)
@@ -105,6 +143,9 @@ def main(argv: list[str]) -> int:
         report = read_report(artifacts)
         output_shape = json.loads(output_shape_text)
         batch = random_batch(report, batch_size, int(classes_text) or None, output_shape)
+        if mode == "kernels":
+            print(json.dumps({"mode": mode, "peak_rss_bytes": peak_rss_bytes(), "seconds": [], **_kernels(artifacts, batch, steps, warmup)}))
+            return 0
         times = (_train if mode == "train" else _infer)(artifacts, batch, steps, warmup)
     print(json.dumps({"mode": mode, "peak_rss_bytes": peak_rss_bytes(), "seconds": times}))
     return 0
