@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -135,10 +136,16 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plotting import accuracy_axis
+
     figure, axis = plt.subplots(figsize=(6, 4))
+    shown: list[float | None] = []
     for key, label in (("full", "full-model FedAvg"), ("sparse", "sparse-update FedAvg"), ("local", "local-only (mean)")):
         rounds = document["runs"][key]["rounds"]
         axis.plot([r["round"] for r in rounds], [r["eval_acc"] for r in rounds], marker="o", label=label)
+        shown += [r["eval_acc"] for r in rounds]
+    accuracy_axis(axis, shown)
     axis.set_xlabel("round")
     axis.set_ylabel("test accuracy")
     axis.set_title(f"digits, {document['settings']['clients']} devices, {document['partition']}")

@@ -365,15 +365,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, str(BENCH))
+    from plotting import accuracy_axis, label_points
+
     rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    points: list[list[tuple[float, float, str]]] = [[], []]
     for name, row in rows.items():
         m = row["measured"]
-        axes[0].errorbar(m["train_peak_rss_bytes"] / MIB, row["accuracy"], yerr=row["accuracy_std"], fmt="o", capsize=3)
-        axes[0].annotate(name, (m["train_peak_rss_bytes"] / MIB, row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         macs = (row["counted"]["forward_macs"] + row["counted"]["backward_macs"]) / 1e6
-        axes[1].errorbar(macs, row["accuracy"], yerr=row["accuracy_std"], fmt="o", capsize=3)
-        axes[1].annotate(name, (macs, row["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for axis, found, x in zip(axes, points, (m["train_peak_rss_bytes"] / MIB, macs), strict=True):
+            axis.errorbar(x, row["accuracy"], yerr=row["accuracy_std"], fmt="o", capsize=3)
+            found.append((x, row["accuracy"], name))
+    for axis, found in zip(axes, points, strict=True):
+        accuracy_axis(axis, [row["accuracy"] + sign * row["accuracy_std"] for row in rows.values() for sign in (-1, 1)])
+        label_points(axis, found)
     s = result["settings"]
     axes[0].set_xlabel(f"peak training RSS (MiB), batch {s['measure_batch']}, measured")
     axes[1].set_xlabel(f"forward+backward MMACs per step, batch {s['batch_size']}, counted")

@@ -587,8 +587,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.set_ylim(0, 1)
     measured = [n for n in names if "device_peak_rss_median" in rows[n]]
     right.scatter([rows[n]["device_seconds_median"] for n in measured], [rows[n]["device_peak_rss_median"] / 2**20 for n in measured])
-    for n in measured:
-        right.annotate(n, (rows[n]["device_seconds_median"], rows[n]["device_peak_rss_median"] / 2**20))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plotting import label_points
+
+    label_points(right, [(rows[n]["device_seconds_median"], rows[n]["device_peak_rss_median"] / 2**20, n) for n in measured])
     right.set_xlabel("device time per personalisation (s, fresh process)")
     right.set_ylabel("device peak RSS (MiB)")
     fig.suptitle("personalize: unseen UCI HAPT users" if result.get("workload") == "hapt" else "personalize: digits under per-domain distortions")

@@ -446,6 +446,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plotting import accuracy_axis
+
     blocks = result["bits"]
     fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4), squeeze=False)
     for axis, (bits, block) in zip(axes[0], blocks.items()):
@@ -453,6 +456,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             rows = block["stream"][name]["chunks"]
             line, = axis.plot([r["chunk"] for r in rows], [r["new"] for r in rows], marker="o", label=f"{name} (new)")
             axis.plot([r["chunk"] for r in rows], [r["original"] for r in rows], linestyle="--", color=line.get_color(), alpha=0.5)
+        accuracy_axis(axis, [r[key] for name in METHODS if name in block["stream"] for r in block["stream"][name]["chunks"]
+                             for key in ("new", "original")])
         axis.set_title(f"{bits} bits: new subject (solid), original (dashed)")
         axis.set_xlabel("chunk / subject")
         axis.set_ylabel("accuracy")

@@ -143,6 +143,10 @@ def _train(args: argparse.Namespace) -> int:
         args.batch_size = int(defaults.get("batch_size", TRAIN_BATCH_SIZE))
     if args.seed is None:
         args.seed = int(defaults.get("seed", 0))
+    if args.plot is not None:
+        if args.runtime == "node":
+            raise EdgeplugError("--plot applies to --runtime python (the node runtime writes --metrics; plot those)")
+        require_matplotlib()
     if args.runtime == "node":
         from edgeplug.node_runtime import train_with_node
 
@@ -163,6 +167,11 @@ def _train(args: argparse.Namespace) -> int:
         from edgeplug.atomic import write_text
 
         write_text(Path(args.metrics), json.dumps(document, indent=2) + "\n")
+    if args.plot is not None:
+        from edgeplug.plots import plot_training
+
+        plot_training(result, args.plot, title=f"edgeplug train {args.artifacts} (batch {args.batch_size}, lr {trainer.lr:g})")
+        log.info("wrote %s", args.plot)
     step = f"{result.median_step_seconds * 1000:.1f} ms" if result.median_step_seconds is not None else "-"
     return print_result(document, f"done: {result.steps_run} steps, median step {step}, peak memory {result.peak_rss_bytes / 2**20:.0f} MiB")
 
@@ -314,6 +323,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--cache-memory", metavar="SIZE", default="256M",
                      help="memory for the frozen-prefix cache; examples beyond it go to a temporary file")
     sub.add_argument("--metrics", type=Path, metavar="FILE", help="also write the result (what --json prints) to FILE")
+    sub.add_argument("--plot", type=Path, metavar="PNG",
+                     help="write loss and accuracy curves (every step; per epoch, training and evaluation) as a PNG; "
+                          "needs matplotlib: pip install 'edgeplug[plot]'")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated training step needs more, e.g. 512M, 2G")
     sub.add_argument("--memory", choices=("arena", "lean"),
                      help="arena: onnxruntime's defaults (fastest); lean: no arena, no planned buffer reuse, freed tensors go back "
