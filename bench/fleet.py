@@ -45,13 +45,13 @@ def rewrite(work: Path, name: str, lr: float) -> Path:
 
 def local_only(folder: Path, work: Path, settings: FleetSettings, partition: Partition, seed: int) -> list[dict[str, float]]:
     """Every device trains alone for as many epochs as the fleet has rounds; mean test accuracy per round."""
-    server = FleetDevice(folder, work / "local-server", seed=seed)
+    server = FleetDevice(folder, seed=seed)
     sets, test = load_split(server, settings.clients, partition, seed=seed)
     initial = server.evaluate(server.initial, test)
     per_round: list[list[float]] = [[] for _ in range(settings.rounds)]
     times: list[list[float]] = [[] for _ in range(settings.rounds)]
     for index, data in enumerate(sets):
-        device = FleetDevice(folder, work / f"local-{index}", seed=seed + 1 + index)
+        device = FleetDevice(folder, seed=seed + 1 + index)
         arrays = device.initial
         for r in range(settings.rounds):
             tick = time.perf_counter()
@@ -86,7 +86,7 @@ def main() -> None:
         for key, name, lr in rows:
             folder = rewrite(work / key, name, lr)
             started = time.perf_counter()
-            result = simulate(folder, settings, partition, seed=args.seed, work_dir=work / f"{key}-devices",
+            result = simulate(folder, settings, partition, seed=args.seed,
                               on_round=lambda r, n=key: print(f"{n} round {r.round}: acc {r.eval_acc:.3f} up {r.upload_bytes_per_client:,.0f} B ({r.seconds:.1f} s)", flush=True))
             runs[key] = {"lr": lr, "rounds": [dataclasses.asdict(r) for r in result.rounds], "trainable_values": result.trainable_values,
                           "full_values": result.full_values, "client_sizes": result.client_sizes,

@@ -23,7 +23,7 @@ import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,8 @@ class Trainer:
                                       "the learning rate (--lr)" if lr is not None else f"{self.artifact_dir}/{RECIPE_FILE}: optimizer.lr")
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints
-        self.checkpoints = checkpoints  # False: no resume, nothing written (benchmarks measure the steps alone)
+        # False: nothing written and no lock taken (benchmarks measure the steps alone; fleet devices train in memory)
+        self.checkpoints = checkpoints
         self.progress = progress
         self.echo = echo or _log_line  # what happens on the way: logged (the CLI shows it), or given to `echo`
         self.warn = warn or (lambda text: warnings.warn(text, TrainingWarning, stacklevel=5))
@@ -254,7 +255,9 @@ class Trainer:
 
     # -- sessions --------------------------------------------------------------------
 
-    def _open(self, checkpoint: Path | None) -> None:
+    def _open(self, checkpoint: Path | None, values: Mapping[str, np.ndarray] | None = None) -> None:
+        """Open the sessions from `checkpoint` (None: the folder's initial state), then overwrite the
+        parameters named in `values`."""
         self._refuse_zero_width()
         self._checkpoint = checkpoint
         # A failing step is reported as one DataError line; onnxruntime's own log line would be a second.
@@ -282,6 +285,36 @@ class Trainer:
             self._sessions.append(_Session(state, module, optimizer, *train_names, passes_on, *eval_names, carried, specs))
         last = self._sessions[-1]  # what step hooks see as `step.module`
         self._state, self._module, self._optimizer = last.state, last.module, last.optimizer
+        if values:
+            self._set_parameters(values)
+
+    def _set_parameters(self, values: Mapping[str, np.ndarray]) -> None:
+        unknown = set(values)
+        with _ort.captured_native_stderr():
+            for session in self._sessions:
+                for name, value in values.items():
+                    if name in session.state.parameters:
+                        session.state.parameters[name] = np.ascontiguousarray(value)
+                        unknown.discard(name)
+        if unknown:
+            raise EdgeplugError(f"{self.artifact_dir} has no parameters named {sorted(unknown)[:5]}")
+
+    def parameters(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Current values of the parameters `names` (default: every trainable one), by name, as copies.
+
+        After `fit` these are the trained values in memory, also when `checkpoints=False`.
+        """
+        if self._module is None:
+            self._open(latest_checkpoint(self.artifact_dir))
+        wanted = None if names is None else set(names)
+        found: dict[str, np.ndarray] = {}
+        for session in self._sessions:
+            for name, parameter in session.state.parameters:
+                if (parameter.requires_grad if wanted is None else name in wanted):
+                    found[name] = np.array(parameter.data)
+        if wanted is not None and wanted - set(found):
+            raise EdgeplugError(f"{self.artifact_dir} has no parameters named {sorted(wanted - set(found))[:5]}")
+        return dict(sorted(found.items()))
 
     def _run(self, batch: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray], *,
              train: bool = False) -> dict[str, np.ndarray]:
@@ -324,11 +357,13 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------
 
-    def evaluate(self, data: Dataset | str | Path | Mapping[str, np.ndarray], batch_size: int | None = None) -> Metrics:
+    def evaluate(self, data: Dataset | str | Path | Mapping[str, np.ndarray], batch_size: int | None = None, *,
+                 parameters: Mapping[str, np.ndarray] | None = None) -> Metrics:
         """Mean loss and accuracy (cross-entropy only) of the current weights on `data`.
 
         Batches of `batch_size` (default: the batch size of the last `fit`, else the recipe's, else 32), under the
-        same `max_memory` check as training.
+        same `max_memory` check as training. `parameters` first overwrites those parameters (by name) in the
+        open sessions, or in the folder's initial state when none is open.
         """
         dataset = data if isinstance(data, Dataset) else self.dataset(data)
         batch_size = self._batch_size if batch_size is None else batch_size
@@ -336,12 +371,14 @@ class Trainer:
             raise EdgeplugError("the evaluation batch size must be at least 1")
         check_artifacts_budget(self.artifact_dir, batch_size, self.max_memory, baseline=current_rss_bytes(),
                                when="evaluate with a smaller batch size (--batch-size)")
-        return self._evaluate(dataset, batch_size)
+        return self._evaluate(dataset, batch_size, parameters)
 
-    def _evaluate(self, dataset: Dataset, batch_size: int) -> Metrics:
+    def _evaluate(self, dataset: Dataset, batch_size: int, parameters: Mapping[str, np.ndarray] | None = None) -> Metrics:
         """`evaluate` without the memory check (fit checked the same batch size for training, which needs more)."""
         if self._module is None:
-            self._open(latest_checkpoint(self.artifact_dir))
+            self._open(None if parameters is not None else latest_checkpoint(self.artifact_dir), parameters)
+        elif parameters is not None:
+            self._set_parameters(parameters)
         epoch, global_step = self._position
         losses, correct = [], 0
         self._eval_spread = OutputSpread()
@@ -382,14 +419,16 @@ class Trainer:
         epochs: int | None = None,
         batch_size: int | None = None,
         resume: bool = True,
+        initial: Mapping[str, np.ndarray] | None = None,
     ) -> FitResult:
         """Train for `epochs` epochs, resuming from the last checkpoint unless `resume=False`.
 
         `epochs` and `batch_size` default to the recipe's `training` section, else 1 and 32.
-
+        `initial` starts from the folder's initial state with those parameters (by name)
+        overwritten instead, as `resume=False` does (a fleet device starts from the global model).
         Holds the artifact folder's lock (another process training or rewriting it is a
-        LockedError) and, with `max_memory`, refuses to start when the estimated
-        training step at `batch_size` does not fit.
+        LockedError; with `checkpoints=False` nothing is written and no lock is taken) and, with
+        `max_memory`, refuses to start when the estimated training step at `batch_size` does not fit.
         """
         epochs, batch_size = self.run_defaults(epochs, batch_size)
         if epochs < 1 or batch_size < 1:
@@ -398,18 +437,22 @@ class Trainer:
         eval_set = None if eval is None else (eval if isinstance(eval, Dataset) else self.dataset(eval))
         check_artifacts_budget(self.artifact_dir, batch_size, self.max_memory, baseline=current_rss_bytes(),
                                when="use a smaller --batch-size or train fewer layers (rewrite with the 'trainable' pass)")
+        resume = resume and initial is None
+        if not self.checkpoints:
+            return self._fit(train_set, eval_set, epochs, batch_size, resume, initial)
         with output_lock(self.artifact_dir, purpose=f"edgeplug train {self.artifact_dir}"):
             remove_stale_staging_in(checkpoints_dir(self.artifact_dir))
-            return self._fit(train_set, eval_set, epochs, batch_size, resume)
+            return self._fit(train_set, eval_set, epochs, batch_size, resume, initial)
 
-    def _fit(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, resume: bool) -> FitResult:
-        if not resume:
+    def _fit(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, resume: bool,
+             start: Mapping[str, np.ndarray] | None = None) -> FitResult:
+        if not resume and self.checkpoints:
             shutil.rmtree(checkpoints_dir(self.artifact_dir), ignore_errors=True)
         checkpoint, progress = self._resume_point() if resume else (None, None)
         progress = progress or {"epoch": 0, "batch": 0, "step": 0, "history": []}
         train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]))
         _ort.seed_random_ops(step_seed(self.seed, int(progress["step"])))  # random ops seeded when sessions open
-        self._open(checkpoint)
+        self._open(checkpoint, start)
         if checkpoint:
             self._note_unreproducible_random_ops()
         # Read now: training prunes old checkpoints, the resumed one included.

@@ -41,8 +41,8 @@ def _options(sub: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def test_the_tree_holds_core_fleet_and_plugin_commands(parser: argparse.ArgumentParser) -> None:
     names = {" ".join(path) for path, _ in _commands(parser)}
-    assert {"passes", "inspect", "rewrite", "train", "export", "profile", "schema", "pack-data", "fleet simulate", "fleet server",
-            "fleet client", "quantize", "calibrate", "personalize anchors", "personalize apply"} <= names
+    assert {"passes", "inspect", "rewrite", "train", "export", "profile", "schema", "pack-data", "fleet simulate", "fleet app",
+            "fleet credentials", "quantize", "calibrate", "personalize anchors", "personalize apply"} <= names
 
 
 def test_every_option_has_a_help_line_its_default_and_its_choices(parser: argparse.ArgumentParser) -> None:
@@ -147,13 +147,13 @@ JSON_RUNS: dict[str, list[str]] = {
     "export": ["{out}", "-o", "{folder}/trained.onnx"],
     "profile": ["{out}", "--static-only"],
     "schema": [],
+    "fleet credentials": ["-o", "{folder}/credentials"],
 }
 """Commands run for real with --json here; each must print exactly one JSON document on stdout."""
 
 ERROR_RUNS: dict[str, str] = {
     "fleet simulate": "Flower and a digits-sized model: tests/test_fleet.py runs it with --json",
-    "fleet server": "a network server: tests/test_fleet.py",
-    "fleet client": "a network client: tests/test_fleet.py",
+    "fleet app": "Flower; tests/test_fleet_deployment.py runs the app with flwr run",
     "quantize": "minutes of qcore training: tests/test_qcore_cli.py runs it with --json",
     "calibrate": "needs quantize first: tests/test_qcore_cli.py runs it with --json",
     "export-quantized": "needs quantize first: tests/test_qcore_cli.py runs it with --json",
@@ -170,10 +170,10 @@ stderr, nothing on stdout), and for real with --json in the test module named.""
 @pytest.mark.parametrize("command", sorted(JSON_RUNS))
 def test_json_prints_one_document_and_nothing_else(command: str, workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     arguments = [argument.format(**workspace) for argument in JSON_RUNS[command]]
-    assert cli.main([command, *arguments, "--json"]) == 0
+    assert cli.main([*command.split(), *arguments, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)  # the whole of stdout is one document
     assert document
-    assert cli.main([command, *arguments, *(["--force"] if command == "rewrite" else [])]) == 0
+    assert cli.main([*command.split(), *arguments, *(["--force"] if command in ("rewrite", "fleet credentials") else [])]) == 0
     text = capsys.readouterr().out
     assert text.strip() and text.lstrip()[0] not in "{[", "without --json a command prints text"
 
@@ -197,8 +197,6 @@ def test_json_errors_leave_stdout_empty(command: str, tmp_path: Path, capsys: py
                                         parser: argparse.ArgumentParser) -> None:
     sub = dict(_commands(parser))[tuple(command.split())]
     arguments = [*command.split(), *_required_arguments(sub, str(tmp_path / "missing")), "--json"]
-    if command in ("fleet server", "fleet client"):
-        arguments += ["--address", "127.0.0.1:9"]
     code = cli.main(arguments)
     captured = capsys.readouterr()
     assert code == 2, captured.err

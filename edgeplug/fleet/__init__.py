@@ -1,10 +1,10 @@
 """Fleet training: edgeplug artifact folders as Flower clients, aggregated by Flower strategies.
 
-Only the trainable parameters travel: a device loads the global values into its own
-copy of the checkpoint, trains locally with `edgeplug.Trainer`, and sends back the
-trainable tensors it owns (a sparse-update recipe sends a small fraction of the model).
-`flwr` is needed only by `edgeplug.fleet.apps` and `edgeplug.fleet.simulation`
-(`pip install "edgeplug[fleet]"`); the device side (`params`, `device`) needs no Flower.
+Only the trainable parameters (and batch-norm statistics that training updates) travel: a
+device trains the shared folder in memory from the global values with `edgeplug.Trainer`
+and sends back those tensors (a sparse-update recipe sends a small fraction of the model).
+`flwr` is needed only by `apps`, `simulation`, `flower_app` (the `flwr run` App) and
+`deployment` (`pip install "edgeplug[fleet]"`); the device side (`params`, `device`) needs no Flower.
 """
 
 from __future__ import annotations
