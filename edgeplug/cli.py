@@ -262,6 +262,13 @@ def _schema(args: argparse.Namespace) -> int:
     return print_result(document, lambda: json.dumps(document, indent=2, ensure_ascii=False))
 
 
+def _completion(args: argparse.Namespace) -> int:
+    from edgeplug.completion import completion_script
+
+    script = completion_script(build_parser(), args.shell)
+    return print_result({"shell": args.shell, "script": script}, script.rstrip("\n"))
+
+
 # -- the parser -----------------------------------------------------------------------------------------
 
 
@@ -366,6 +373,13 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--bare", action="store_true",
                      help="recipe: the shipped file as is (default: with the installed passes' names and options filled in, for editors)")
     sub.set_defaults(run=_schema)
+
+    sub = commands.add_parser("completion", help="print a shell completion script (commands, options, choices; plugins' included)",
+                              description="Print a shell completion script. bash: eval \"$(edgeplug completion bash)\" in ~/.bashrc, or "
+                                          "edgeplug completion bash > ~/.local/share/bash-completion/completions/edgeplug. zsh: "
+                                          "eval \"$(edgeplug completion zsh)\" in ~/.zshrc. Regenerate after installing a plugin.")
+    sub.add_argument("shell", nargs="?", choices=("bash", "zsh"), default="bash", help="the shell to complete in")
+    sub.set_defaults(run=_completion)
 
     from edgeplug.fleet.cli import add_fleet_command
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -148,6 +149,7 @@ JSON_RUNS: dict[str, list[str]] = {
     "profile": ["{out}", "--static-only"],
     "schema": [],
     "fleet credentials": ["-o", "{folder}/credentials"],
+    "completion": [],
 }
 """Commands run for real with --json here; each must print exactly one JSON document on stdout."""
 
@@ -228,3 +230,38 @@ def test_a_command_that_predates_print_result_still_gives_one_document(capsys: p
         assert capsys.readouterr().out == "hello\n"
     finally:
         reset_default_host()
+
+
+def test_the_cli_reference_names_every_command_and_option(parser: argparse.ArgumentParser) -> None:
+    """docs/cli.md stays complete: every command (by its name) and every long option of it appear there."""
+    import re
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    global_flags = {flag for flags, _ in GLOBAL_OPTIONS for flag in flags}
+    missing = []
+    for path, sub in _commands(parser):
+        name = " ".join(path)
+        if not any(form in reference for form in (f"edgeplug {name}", f"`{path[-1]} ", f"`{path[-1]}`", f"`{name}")):
+            missing.append(f"command {name}")
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag not in global_flags and flag != "--help" and \
+                        not re.search(re.escape(flag) + r"(?![\w-])", reference):
+                    missing.append(f"{name} {flag}")
+    assert missing == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_bash_completion_completes_commands_options_and_choices(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    reset_default_host()
+    assert cli.main(["completion", "bash"]) == 0
+    script = tmp_path / "edgeplug.bash"
+    script.write_text(capsys.readouterr().out)
+    cases = {"edgeplug tr": "train", "edgeplug train out --ep": "--epochs", "edgeplug train out --runtime ''": "python node",
+             "edgeplug fleet si": "simulate", "edgeplug -q train --js": "--json", "edgeplug calibrate out --str": "--stream",
+             "edgeplug personalize apply --sl": "--slots"}
+    program = "source " + str(script) + "\n" + "\n".join(
+        f"COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}}-1)); COMPREPLY=(); _edgeplug; echo \"${{COMPREPLY[*]}}\""
+        for words in cases)
+    done = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == list(cases.values())

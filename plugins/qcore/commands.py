@@ -46,12 +46,17 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise DataError("--epochs and --batch-size must be at least 1")
-    echo = log.info
     drift = _drift_data(args.drift_data) if args.drift_data else None
-    if args.reuse_records:
-        summary = rebuild(args.artifacts, args.data, echo=echo, drift_data=drift)
-    else:
-        summary = build(args.artifacts, args.data, epochs=args.epochs, batch_size=args.batch_size, echo=echo, drift_data=drift)
+    with Progress("quantize", unit="stage") as bar:  # records, coreset, flip targets, flip networks: one item each
+
+        def echo(text: str) -> None:
+            log.info("%s", text)
+            bar.advance(status=text.split(":")[0][:48])
+
+        if args.reuse_records:
+            summary = rebuild(args.artifacts, args.data, echo=echo, drift_data=drift)
+        else:
+            summary = build(args.artifacts, args.data, epochs=args.epochs, batch_size=args.batch_size, echo=echo, drift_data=drift)
     folder = args.artifacts / QCORE_DIR
     ratio = summary["quantized_bytes"] / summary["float_bytes"]
     return print_result({"output": str(folder), **summary},
