@@ -202,3 +202,25 @@ def test_plot_shows_layers_and_is_refused_before_any_work_without_matplotlib(tmp
     monkeypatch.setattr("edgeplug.profiling.profile", lambda *a, **k: pytest.fail("the profile ran before the check"))
     assert main(["profile", str(out), "--plot", str(tmp_path / "q.png")]) == 2
     assert "pip install 'edgeplug[plot]'" in capsys.readouterr().err and not (tmp_path / "q.png").exists()
+
+
+def test_every_profile_property_is_described() -> None:
+    """`edgeplug schema profile` documents the JSON that `profile --json` prints, field by field."""
+    missing: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "properties" and isinstance(value, dict):
+                    for name, sub in value.items():
+                        if isinstance(sub, dict) and "description" not in sub:
+                            missing.append(f"{path}.{name}")
+                        walk(sub, f"{path}.{name}")
+                else:
+                    walk(value, path)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, path)
+
+    walk(load_schema("profile"), "")
+    assert missing == []
