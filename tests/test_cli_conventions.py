@@ -265,3 +265,19 @@ def test_bash_completion_completes_commands_options_and_choices(capsys: pytest.C
         for words in cases)
     done = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == list(cases.values())
+
+
+def test_progress_names_each_phase_on_a_terminal_and_is_silent_otherwise(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeplug import progress
+
+    arguments = ["rewrite", str(workspace["model"]), "-o", str(workspace["folder"] / "watched"), "--force"]
+    assert cli.main(arguments) == 0
+    assert "rewrite:" not in capsys.readouterr().err  # captured stderr is not a terminal: no bar
+    monkeypatch.setattr(progress, "enabled", lambda: True)  # what a terminal gets
+    assert cli.main(arguments) == 0
+    drawn = capsys.readouterr().err
+    assert "rewrite:" in drawn and "normalize: rewrite_forward" in drawn and "rewrite_training" in drawn
+    assert cli.main(["profile", str(workspace["out"]), "--steps", "1", "--warmup", "0", "--nodes", "0"]) == 0
+    drawn = capsys.readouterr().err
+    assert all(phase in drawn for phase in ("counting bytes and MACs", "measuring inference", "onnxruntime's profiler"))

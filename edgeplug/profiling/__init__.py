@@ -64,9 +64,10 @@ def profile(artifact_dir: str | Path, batch_size: int = 32, steps: int = 20, war
 
         def phase(name: str) -> None:
             if done:
-                bar.advance()
+                bar.advance(status=phases[name])  # the finished phase counted, the next one named in the same redraw
+            else:
+                bar.status(phases[name])
             done.append(name)
-            bar.status(phases[name])
             log.debug("profile: %s", phases[name])
 
         phase("counting")
