@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--augment-copies", type=int, default=4, help="hapt with --placements: placed copies of the training "
                         "windows for the placement-augmented base model")
     parser.add_argument("--draws", type=int, default=8, help="device-sized draws per source domain for the generator")
+    parser.add_argument("--reuse-generator", action="store_true", help="hapt: reuse the generator trained in --work by an earlier "
+                        "run with the same settings (the rest is redone)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-personalize"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--name", default="personalize")
@@ -332,8 +334,15 @@ def run_hapt(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     work = args.work
+    reuse = bool(args.reuse_generator) and (work / "generator" / "generator.json").is_file()
+    kept = work.parent / f"{work.name}.generator"
+    if reuse:  # keep the trained generator aside while the rest of the work folder is redone
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(str(work / "generator"), str(kept))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if reuse:
+        shutil.move(str(kept), str(work / "generator"))
     windows = hapt.load()
     base = hapt_model.pretrained(echo=lambda text: print("  " + text, flush=True))
     placed = args.placements > 0
@@ -359,10 +368,15 @@ def run_hapt(args: argparse.Namespace) -> None:
     del xs
     options = GeneratorOptions(steps=args.steps, device_samples=args.device_samples, count=args.count, seed=args.seed, lr=1e-3,
                                draws=args.draws)
-    cloud_started = time.perf_counter()
-    info = train_generator(art, load_domains(arrays, device, "domains"), work / "generator", options, force=True,
-                           echo=lambda text: print("  " + text, flush=True))
-    generator_seconds = time.perf_counter() - cloud_started
+    if reuse:
+        info = json.loads((work / "generator" / "generator.json").read_text(encoding="utf-8"))
+        generator_seconds = float(info["training"].get("seconds", 0.0))
+        print(f"  reusing the generator in {work / 'generator'} (trained in {generator_seconds:.0f} s)", flush=True)
+    else:
+        cloud_started = time.perf_counter()
+        info = train_generator(art, load_domains(arrays, device, "domains"), work / "generator", options, force=True,
+                               echo=lambda text: print("  " + text, flush=True))
+        generator_seconds = time.perf_counter() - cloud_started
     del arrays
     generator = Generator(work / "generator")
     augmented = None
@@ -404,7 +418,7 @@ def run_hapt(args: argparse.Namespace) -> None:
             print(f"{condition}, user {user} ({placement.name}): " + ", ".join(line), flush=True)
         clean = float(np.mean([r["accuracy"] for r in rows["none"]]))
         results[condition] = summarise(args, rows, info, generator_seconds, clean, time.perf_counter() - started, targets)
-    result = results["as recorded"]
+    result = dict(results["as recorded"])  # a copy: it also holds every condition's result
     result["workload"] = "hapt"
     if placed:
         result["conditions"] = results
@@ -506,8 +520,9 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("workload") == "hapt":
         placed = bool(s.get("placements"))
         head = ["# personalize: backprop-free personalisation of unseen people (UCI HAPT)", "",
-                "`nice python bench/personalize.py --workload hapt"
-                + (f" --placements {s['placements']}" if placed else "") + "` — base model: the HAPT 1D-CNN pretrained with "
+                f"`nice python bench/personalize.py --workload hapt --device-samples {s['device_samples']} --steps {s['steps']}"
+                + (f" --placements {s['placements']}" if placed else "")
+                + (" --reuse-generator" if s.get("reuse_generator") else "") + "` — base model: the HAPT 1D-CNN pretrained with "
                 "edgeplug on UCI's 21 training users (bench/hapt_model.py); the generator trains over those 21 users as source "
                 "domains" + (f", each also under {s['placements']} random phone placements (hapt.random_placement: turned by a "
                               "multiple of 90 degrees about the screen's normal, facing in or out, tilted up to 15 degrees, per-axis "
