@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.images import backbones
 
     records: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     for backbone in args.backbones.split(","):
         work = args.work / backbone
         model = backbones.exported(args.work / "models", backbone, args.image_size)
@@ -118,26 +119,29 @@ def main(argv: list[str] | None = None) -> None:
         np.savez(data_path, **images(args.image_size, 3 * args.batch, seed=0))
         rows = [(blocks, method, memory) for blocks in map(int, args.blocks.split(",")) for method in args.methods.split(",")
                 for memory in args.memory.split(",")]
-        built: dict[tuple[int, str, str], dict[str, Any]] = {}
-        for blocks, method, memory in rows:
-            tag = f"b{blocks}-{method}-{memory}"
-            job = {"model": str(model), "recipe": recipe(blocks, method, args.batch, memory), "out": str(work / tag), "data": str(data_path),
+        built: dict[tuple[int, str], dict[str, Any]] = {}
+        for blocks, method in dict.fromkeys((blocks, method) for blocks, method, _ in rows):
+            # one folder per (blocks, method): the session setting is the trainer's (Trainer(memory=)), not the build's
+            tag = f"b{blocks}-{method}"
+            job = {"model": str(model), "recipe": recipe(blocks, method, args.batch, "lean"), "out": str(work / tag), "data": str(data_path),
                    "batch": args.batch}
-            built[(blocks, method, memory)] = run_fresh("bench.shortcut_memory:build", job, work=work / "jobs", tag=f"build-{tag}").result
-            print(f"{backbone} {tag}: built ({built[(blocks, method, memory)].get('summary')})", flush=True)
+            built[(blocks, method)] = run_fresh("bench.shortcut_memory:build", job, work=work / "jobs", tag=f"build-{tag}").result
+            print(f"{backbone} {tag}: built ({built[(blocks, method)].get('summary')})", flush=True)
         for repeat in range(args.repeats):
             order = np.random.default_rng([repeat, 7]).permutation(len(rows))
             for index in order:
                 blocks, method, memory = rows[index]
                 tag = f"b{blocks}-{method}-{memory}"
-                job = {"artifacts": str(work / tag), "data": str(data_path), "batch": args.batch, "epochs": args.epochs, "memory": memory}
+                job = {"artifacts": str(work / f"b{blocks}-{method}"), "data": str(data_path), "batch": args.batch, "epochs": args.epochs,
+                       "memory": memory}
                 fresh = run_fresh("bench.shortcut_memory:train", job, work=work / "jobs", tag=f"train-{tag}-{repeat}")
                 record = {**fresh.result, "backbone": backbone, "blocks": blocks, "method": method, "sessions": memory, "repeat": repeat,
-                          "cpu_seconds": fresh.cpu_seconds, **{f"static_{k}": v for k, v in built[(blocks, method, memory)].items()}}
+                          "cpu_seconds": fresh.cpu_seconds, **{f"static_{k}": v for k, v in built[(blocks, method)].items()}}
                 records.append(record)
                 print(f"{backbone} {tag} #{repeat}: RSS added {record['rss_added_bytes'] / 2**20:.0f} MiB, "
                       f"median step {record['median_step_seconds']:.2f} s", flush=True)
-    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - started}
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - started,
+            "load_average": {"start": load_before, "end": os.getloadavg()}}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.name}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n", encoding="utf-8")
     (args.results / f"{args.name}.md").write_text(markdown(records, meta), encoding="utf-8")
@@ -153,29 +157,35 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"Batch {meta['args']['batch']}, {meta['args']['image_size']} px, real images, one onnxruntime thread, "
              f"{meta['args']['repeats']} repeats in fresh processes (medians), frozen-prefix cache off. "
              "Counted saving = the compressed layers' input bytes minus what ASI / gradient filtering keeps; "
-             "measured saving = vanilla's RSS added minus the row's, same blocks and session setting.", ""]
+             "measured saving = vanilla's RSS added minus the row's, same blocks and session setting. Peak RSS = the process's "
+             "whole peak (sessions included).", ""]
+    if "load_average" in meta:
+        load = meta["load_average"]
+        lines += [f"Load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load['start'])} at the start, "
+                  f"{'/'.join(f'{v:.1f}' for v in load['end'])} at the end (2 cores, shared).", ""]
     for backbone in dict.fromkeys(r["backbone"] for r in records):
         lines += [f"## {backbone}", "",
-                  "| blocks | method | sessions | RSS added (MiB) | measured saving (MiB) | counted saving (MiB) | measured / counted | "
+                  "| blocks | method | sessions | peak RSS (MiB) | RSS added (MiB) | measured saving (MiB) | counted saving (MiB) | measured / counted | "
                   "kept inputs | backward MACs vs vanilla | forward extra MACs | median step (s) | step vs vanilla |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
         for r in records:
             if r["backbone"] == backbone:
                 groups.setdefault((r["blocks"], r["method"], r["sessions"]), []).append(r)
         for (blocks, method, memory), rows in groups.items():
             added = median(rows, "rss_added_bytes") / 2**20
+            peak = median(rows, "peak_rss_bytes") / 2**20
             step = median(rows, "median_step_seconds")
             base = groups.get((blocks, "vanilla", memory))
             first = rows[0]
             if method == "vanilla" or base is None:
-                lines.append(f"| {blocks} | {method} | {memory} | {added:.0f} | | | | | | | {step:.2f} | |")
+                lines.append(f"| {blocks} | {method} | {memory} | {peak:.0f} | {added:.0f} | | | | | | | {step:.2f} | |")
                 continue
             base_added = median(base, "rss_added_bytes") / 2**20
             counted = (first.get("static_vanilla_bytes", 0) - first.get("static_compressed_bytes", 0)) / 2**20
             measured = base_added - added
             macs = first.get("static_backward_macs", 0) / max(first.get("static_vanilla_backward_macs", 1), 1)
-            lines.append(f"| {blocks} | {method} | {memory} | {added:.0f} | {measured:.0f} | {counted:.0f} | {measured / counted:.0%} | "
+            lines.append(f"| {blocks} | {method} | {memory} | {peak:.0f} | {added:.0f} | {measured:.0f} | {counted:.0f} | {measured / counted:.0%} | "
                          f"{first.get('static_compression', 0):.1f}x less | {1 / macs:.2f}x fewer | "
                          f"{first.get('forward_extra_macs', first.get('static_forward_extra_macs', 0)) / 1e9:.2f} G | {step:.2f} | "
                          f"{step / median(base, 'median_step_seconds'):.2f}x |")
