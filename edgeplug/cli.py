@@ -156,7 +156,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
         checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
-        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory, memory=args.memory,
+        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory, memory=args.memory, trim_padding=args.trim_padding,
         warn=lambda text: log.warning("%s", text),
     )
     result = trainer.fit(args.data, args.eval, epochs=args.epochs, batch_size=args.batch_size, resume=not args.restart)
@@ -174,6 +174,16 @@ def _train(args: argparse.Namespace) -> int:
         log.info("wrote %s", args.plot)
     step = f"{result.median_step_seconds * 1000:.1f} ms" if result.median_step_seconds is not None else "-"
     return print_result(document, f"done: {result.steps_run} steps, median step {step}, peak memory {result.peak_rss_bytes / 2**20:.0f} MiB")
+
+
+def _dims(values: list[str]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for value in values:
+        name, _, length = value.partition("=")
+        if not name or not length.strip().isdigit() or int(length) < 1:
+            raise EdgeplugError(f"--dim {value!r}: give NAME=N with N a whole number, at least 1 (e.g. --dim sequence=128)")
+        dims[name.strip()] = int(length)
+    return dims
 
 
 def _pack_data(args: argparse.Namespace) -> int:
@@ -228,7 +238,7 @@ def _profile(args: argparse.Namespace) -> int:
         from edgeplug.artifacts import read_recipe_training
 
         args.batch_size = int(read_recipe_training(args.artifacts).get("batch_size", TRAIN_BATCH_SIZE))
-    result = profile(args.artifacts, args.batch_size, args.steps, args.warmup, measured=not args.static_only)
+    result = profile(args.artifacts, args.batch_size, args.steps, args.warmup, measured=not args.static_only, dims=_dims(args.dim))
     document = result.to_dict()
     if output:
         write_text(Path(output), json.dumps(document, indent=2) + "\n")
@@ -329,6 +339,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
                           "(bit-identical weights); default: when it applies and two or more epochs are left")
     sub.add_argument("--cache-memory", metavar="SIZE", default="256M",
                      help="memory for the frozen-prefix cache; examples beyond it go to a temporary file")
+    sub.add_argument("--trim-padding", action=argparse.BooleanOptionalAction, default=None,
+                     help="cut each batch to its longest attention mask (models with an integer '*mask*' input whose sequence "
+                          "axis is dynamic); default: when one padded batch gives the same outputs trimmed (checked first)")
     sub.add_argument("--metrics", type=Path, metavar="FILE", help="also write the result (what --json prints) to FILE")
     sub.add_argument("--plot", type=Path, metavar="PNG",
                      help="write loss and accuracy curves (every step; per epoch, training and evaluation) as a PNG; "
@@ -361,6 +374,8 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--steps", type=int, default=20, metavar="N", help="timed training steps (median reported)")
     sub.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first")
     sub.add_argument("--static-only", action="store_true", help="count only; run nothing")
+    sub.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                     help="length of a named dynamic input axis besides the batch, e.g. --dim sequence=128 (repeatable)")
     sub.add_argument("--nodes", type=int, default=10, metavar="N", help="show the N costliest nodes (0: none)")
     sub.add_argument("-o", "--output", type=Path, metavar="FILE", help="also write the profile as JSON to FILE (edgeplug schema profile)")
     sub.add_argument("--json", nargs="?", const=True, default=argparse.SUPPRESS, metavar="FILE",

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import onnx
@@ -137,13 +137,14 @@ def check_forward_budget(model: onnx.ModelProto, trainable: Iterable[str], optim
 
 
 def check_artifacts_budget(artifact_dir: Path, batch_size: int, budget: int | None, *, baseline: int,
-                           when: str) -> int | None:
-    """Count a training step of `artifact_dir` at `batch_size`; refuse when it exceeds `budget`."""
+                           when: str, dims: Mapping[str, int] | None = None) -> int | None:
+    """Count a training step of `artifact_dir` at `batch_size` (named dynamic axes at `dims`); refuse when it
+    exceeds `budget`."""
     if budget is None:
         return None
     from edgeplug.profiling.static import static_profile
 
-    counted = static_profile(artifact_dir, batch_size)
+    counted = static_profile(artifact_dir, batch_size, dims)
     estimate = counted.total_training_bytes + baseline
     parts = (f"parameters {format_size(counted.parameter_bytes)}, gradients and optimizer state "
              f"{format_size(counted.gradient_bytes + counted.optimizer_state_bytes)}, retained activations "

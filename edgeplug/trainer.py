@@ -56,6 +56,7 @@ from edgeplug.passes import RuntimeContext, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
 from edgeplug.progress import Progress
 from edgeplug.schedules import make_schedule
+from edgeplug.sequences import SequenceAxes, axis_lengths, find_sequence_axes, outputs_agree
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ class FitResult:
     """What the frozen-prefix cache did (`edgeplug.prefix_cache.CacheStats`), or why it was not used (`reason`)."""
     warnings: list[str] = dataclasses.field(default_factory=list)
     """Warnings of this run (a collapse: see `edgeplug.collapse`), also given to the `warn` callback."""
+    trimming: dict[str, Any] | None = None
+    """Whether batches were cut to their longest attention mask (`edgeplug.sequences`): the mask, the axes, the check's
+    difference and the share of sequence positions fed; or why not (`reason`)."""
 
 
 class Trainer:
@@ -157,6 +161,7 @@ class Trainer:
         cache_dir: str | Path | None = None,
         warn: Callable[[str], None] | None = None,
         memory: str | None = None,
+        trim_padding: bool | None = None,
     ) -> None:
         """`cache_prefix`: compute the frozen prefix (everything before the first trainable layer) once per
         training example and train only the rest (`edgeplug.prefix_cache`; bit-identical weights). None (the
@@ -164,7 +169,12 @@ class Trainer:
         cannot), False never. The cache keeps up to `cache_memory` in memory and the rest in a file under
         `cache_dir` (default: the system's temporary folder). `memory`: "arena" (onnxruntime's defaults) or
         "lean" (no arena, no planned buffer reuse: the process holds only live tensors; slower steps); None
-        takes the recipe's `training.memory`."""
+        takes the recipe's `training.memory`.
+
+        `trim_padding`: cut each batch to its longest attention mask (`edgeplug.sequences`: inputs that share the
+        mask's dynamic sequence axis lose their trailing all-padding columns). None (the default) trims when the model
+        has such a mask and one padded batch gives the same outputs trimmed (checked before step 1), True insists (an
+        error says why it cannot), False never."""
         self.artifact_dir = Path(artifact_dir)
         self.cache_prefix = cache_prefix
         self.cache_memory = parse_size(cache_memory)
@@ -208,6 +218,9 @@ class Trainer:
         training = self.report["training"]
         self.loss_kind: str = training["loss"]
         self.input_specs = [TensorSpec(i["name"], i["dtype"], i["shape"]) for i in training["inputs"]]
+        self.trim_padding = trim_padding
+        self._trimming: SequenceAxes | None = None  # set per fit once the check passed
+        self._tokens = [0, 0]  # sequence positions fed, and present before trimming (this fit)
         self._api = _ort.training_api()
         self._folders = stage_folders(self.artifact_dir, self.report)
         self._carried_specs = [list(entry.get("carried_state", [])) for entry in
@@ -370,7 +383,7 @@ class Trainer:
         if batch_size < 1:
             raise EdgeplugError("the evaluation batch size must be at least 1")
         check_artifacts_budget(self.artifact_dir, batch_size, self.max_memory, baseline=current_rss_bytes(),
-                               when="evaluate with a smaller batch size (--batch-size)")
+                               when="evaluate with a smaller batch size (--batch-size)", dims=axis_lengths(self.input_specs, dataset.inputs))
         return self._evaluate(dataset, batch_size, parameters)
 
     def _evaluate(self, dataset: Dataset, batch_size: int, parameters: Mapping[str, np.ndarray] | None = None) -> Metrics:
@@ -388,7 +401,7 @@ class Trainer:
             with self._runtime_hooks_active():
                 for start in range(0, len(dataset), batch_size):
                     indices = np.arange(start, min(start + batch_size, len(dataset)))
-                    batch = dataset.batch(indices)
+                    batch = self._trimmed(dataset.batch(indices))
                     step = StepInfo(epoch, global_step, batch, self._module, training=False)
                     self.host.before_step(step)
                     outputs = self._run(batch, step.extra_inputs)
@@ -436,7 +449,8 @@ class Trainer:
         train_set = train if isinstance(train, Dataset) else self.dataset(train)
         eval_set = None if eval is None else (eval if isinstance(eval, Dataset) else self.dataset(eval))
         check_artifacts_budget(self.artifact_dir, batch_size, self.max_memory, baseline=current_rss_bytes(),
-                               when="use a smaller --batch-size or train fewer layers (rewrite with the 'trainable' pass)")
+                               when="use a smaller --batch-size or train fewer layers (rewrite with the 'trainable' pass)",
+                               dims=axis_lengths(self.input_specs, train_set.inputs))
         resume = resume and initial is None
         if not self.checkpoints:
             return self._fit(train_set, eval_set, epochs, batch_size, resume, initial)
@@ -450,9 +464,11 @@ class Trainer:
             shutil.rmtree(checkpoints_dir(self.artifact_dir), ignore_errors=True)
         checkpoint, progress = self._resume_point() if resume else (None, None)
         progress = progress or {"epoch": 0, "batch": 0, "step": 0, "history": []}
+        raw_train = train_set
         train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]))
         _ort.seed_random_ops(step_seed(self.seed, int(progress["step"])))  # random ops seeded when sessions open
         self._open(checkpoint, start)
+        trimming = self._start_trimming(raw_train, batch_size, cached=train_set is not raw_train)
         if checkpoint:
             self._note_unreproducible_random_ops()
         # Read now: training prunes old checkpoints, the resumed one included.
@@ -479,8 +495,76 @@ class Trainer:
         history = [EpochResult(h["epoch"], Metrics(**h["train"]), Metrics(**h["eval"]) if h.get("eval") else None, h["seconds"]) for h in progress["history"]]
         median = statistics.median(step_times) if step_times else None
         peak = peak_rss_bytes()
+        if trimming is not None and self._trimming is not None:
+            trimming["fed_share"] = round(self._tokens[0] / self._tokens[1], 4) if self._tokens[1] else 1.0
         return FitResult(history, initial, len(step_times), resumed_from, median, peak, list(self._step_losses),
-                         [round(t, 6) for t in step_times], cache_info, list(monitor.messages))
+                         [round(t, 6) for t in step_times], cache_info, list(monitor.messages), trimming)
+
+    def _start_trimming(self, train_set: Dataset, batch_size: int, *, cached: bool) -> dict[str, Any] | None:
+        """Decide whether batches are cut to their longest attention mask (see `trim_padding`); what was decided.
+
+        The check: the `batch_size` training examples with the shortest masks, once padded and once
+        trimmed, through the eval model at the current weights; the outputs must agree up to float rounding.
+        """
+        self._trimming, self._tokens = None, [0, 0]
+        if self.trim_padding is False:
+            return None
+        axes = find_sequence_axes(self.input_specs)
+        reason = None
+        if axes is None:
+            reason = "the model has no attention-mask input (integer, rank 2, 'mask' in its name) with a dynamic sequence axis"
+        elif self._staged:
+            reason = "staged folders pass tensors between stages whose sequence axis is not known"
+        elif cached:
+            reason = "the frozen-prefix cache feeds cached tensors of the padded length"
+        elif any(session.carried_specs for session in self._sessions):
+            reason = "the training step carries state (a pass's factors) shaped at the padded length"
+        if reason is None and axes is not None:
+            mask = np.asarray(train_set.inputs[axes.mask])
+            lengths = mask.reshape(len(mask), -1).cumsum(axis=1).argmax(axis=1) if mask.size else np.zeros(0)
+            shortest = np.argsort(lengths, kind="stable")[: min(batch_size, len(train_set))]
+            batch = train_set.batch(np.sort(shortest))
+            trimmed = axes.trim(batch)
+            if trimmed[axes.mask].shape == batch[axes.mask].shape:
+                reason = "the training data has no padding to trim (every batch uses every position)"
+            else:
+                agree, difference = self._same_outputs(batch, trimmed)
+                if not agree:
+                    reason = (f"the model's output changes when padding is cut (max difference {difference:.2e}): it does not "
+                              f"mask '{axes.mask}' everywhere, so every position is fed")
+        if reason is not None:
+            if self.trim_padding:
+                raise EdgeplugError(f"cannot trim padding: {reason}; train without trim_padding (--trim-padding)")
+            return {"reason": reason}
+        assert axes is not None
+        self._trimming = axes
+        self.echo(f"batches trimmed to their longest '{axes.mask}' (axes {dict(axes.axes)}; checked on one padded batch: "
+                  f"max difference {difference:.1e})")
+        return {**axes.to_dict(), "check_difference": difference}
+
+    def _same_outputs(self, batch: Mapping[str, np.ndarray], trimmed: Mapping[str, np.ndarray]) -> tuple[bool, float]:
+        output_name = self.report["training"]["output"]
+        self._set_mode(False)
+        try:
+            with self._runtime_hooks_active():
+                results = []
+                for feed in (batch, trimmed):
+                    step = StepInfo(*self._position, feed, self._module, training=False)
+                    self.host.before_step(step)
+                    results.append(self._run(feed, step.extra_inputs).get(output_name))
+        finally:
+            self._set_mode(True)
+        if results[0] is None or results[1] is None:
+            return False, float("inf")
+        return outputs_agree(results[0], results[1])
+
+    def _trimmed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._trimming is None:
+            return batch
+        out = self._trimming.trim(batch)
+        self._tokens[0] += int(np.prod(out[self._trimming.mask].shape))
+        self._tokens[1] += int(np.prod(batch[self._trimming.mask].shape))
+        return out
 
     def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
         """The newest complete checkpoint that loads, and its progress; damaged ones are skipped with a note.
@@ -587,7 +671,7 @@ class Trainer:
                 bar.advance(progress["batch"])
                 while progress["batch"] < steps_per_epoch:
                     indices = order[progress["batch"] * batch_size : (progress["batch"] + 1) * batch_size]
-                    batch = train_set.batch(indices)
+                    batch = self._trimmed(train_set.batch(indices))
                     step = StepInfo(epoch, progress["step"], batch, self._module)
                     self._position = (epoch, progress["step"])
                     self.host.before_step(step)

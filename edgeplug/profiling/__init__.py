@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,10 @@ class Profile:
         return document
 
 
-def profile(artifact_dir: str | Path, batch_size: int = 32, steps: int = 20, warmup: int = 3, *, measured: bool = True) -> Profile:
-    """Count and (unless `measured=False`) measure the cost of one training step."""
+def profile(artifact_dir: str | Path, batch_size: int = 32, steps: int = 20, warmup: int = 3, *, measured: bool = True,
+            dims: Mapping[str, int] | None = None) -> Profile:
+    """Count and (unless `measured=False`) measure the cost of one training step; `dims` gives the lengths of
+    named dynamic input axes besides the batch (e.g. {"sequence": 128} for a text model)."""
     for value, least, what in ((batch_size, 1, "batch size (--batch-size)"), (steps, 1, "timed steps (--steps)"),
                                (warmup, 0, "warm-up steps (--warmup)")):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -71,9 +74,9 @@ def profile(artifact_dir: str | Path, batch_size: int = 32, steps: int = 20, war
             log.debug("profile: %s", phases[name])
 
         phase("counting")
-        counted = static_profile(artifact_dir, batch_size)
+        counted = static_profile(artifact_dir, batch_size, dims)
         timing = measure(artifact_dir, batch_size, steps, warmup, node_names={node.name: node.op_type for node in counted.nodes},
-                         on_phase=phase) if measured else None
+                         on_phase=phase, dims=dims) if measured else None
         bar.advance()
     return Profile(str(artifact_dir), counted, timing)
 

@@ -53,11 +53,13 @@ MODES = ("baseline", "infer", "train", "kernels")
 
 
 def measure(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, warmup: int = 3, timeout: float = 1800, *,
-            node_names: Mapping[str, str] | None = None, on_phase: Callable[[str], None] | None = None) -> Measurement:
+            node_names: Mapping[str, str] | None = None, on_phase: Callable[[str], None] | None = None,
+            dims: Mapping[str, int] | None = None) -> Measurement:
     """Run a bare runtime, inference, training steps and profiled training steps, each in a fresh subprocess.
 
     `node_names` (forward node name -> op type, e.g. from the static profile) says which kernels are a forward
-    node's; `on_phase(mode)` is called before each process starts (progress)."""
+    node's; `on_phase(mode)` is called before each process starts (progress). Random data; named dynamic axes
+    at the lengths in `dims`, attention masks all ones."""
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise EdgeplugError("batch size and steps must be at least 1, warm-up at least 0")
     artifact_dir = Path(artifact_dir)
@@ -67,7 +69,7 @@ def measure(artifact_dir: str | Path, batch_size: int = 16, steps: int = 20, war
     for mode in MODES:
         if on_phase is not None:
             on_phase(mode)
-        results[mode] = _run(mode, artifact_dir, batch_size, steps, warmup, classes, shape, timeout)
+        results[mode] = _run(mode, artifact_dir, batch_size, steps, warmup, classes, shape, timeout, dict(dims or {}))
     kernels = results["kernels"]
     nodes, other = per_node_seconds(kernels.get("events", []), warmup, node_names or {})
     return Measurement(
@@ -126,9 +128,9 @@ _WORKER_BOOTSTRAP = ("import sys; sys.path.pop(0); from edgeplug.profiling.worke
 
 
 def _run(mode: str, artifact_dir: Path, batch_size: int, steps: int, warmup: int, classes: int,
-         output_shape: list[int], timeout: float) -> dict[str, Any]:
+         output_shape: list[int], timeout: float, dims: dict[str, int]) -> dict[str, Any]:
     command = [sys.executable, "-c", _WORKER_BOOTSTRAP, mode, str(artifact_dir), str(batch_size),
-               str(steps), str(warmup), str(classes), json.dumps(output_shape)]
+               str(steps), str(warmup), str(classes), json.dumps(output_shape), json.dumps(dims)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:

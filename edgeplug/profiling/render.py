@@ -16,7 +16,8 @@ MIB = 2**20
 def format_profile(profile: Profile, nodes: int = 10) -> str:
     s = profile.static
     lines = [
-        f"profile of {escape(profile.artifact_dir)} at batch size {s.batch_size} ({s.optimizer})",
+        f"profile of {escape(profile.artifact_dir)} at batch size {s.batch_size}"
+        + "".join(f", {escape(name)} {length}" for name, length in s.dims.items()) + f" ({s.optimizer})",
         "",
         "memory, counted                  MiB",
         f"  parameters               {s.parameter_bytes / MIB:10.3f}   (trainable {s.trainable_parameter_bytes / MIB:.3f})",

@@ -1,7 +1,9 @@
 """Static costs of a training artifact folder at a chosen batch size.
 
 Forward nodes are the nodes of the eval model (forward graph and loss); every
-other node of the training model belongs to backward. A tensor is retained for
+other node of the training model belongs to backward. A model with other dynamic
+input axes than the batch (a text model's sequence) is counted at the lengths
+given in `dims` (by the axis's name, e.g. `{"sequence": 128}`). A tensor is retained for
 backward when a forward node (or the data) produces it and a backward node
 reads its values; Shape and Size nodes read only metadata and run early, so
 they keep nothing alive. Tensor shapes come from ONNX shape inference on the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,8 @@ class StaticProfile:
     nodes: tuple[NodeCost, ...]
     retained: tuple[RetainedTensor, ...]
     unknown_shapes: tuple[str, ...]
+    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Lengths of the named dynamic input axes (other than the batch) the counts were made at."""
 
     @property
     def total_training_bytes(self) -> int:
@@ -74,12 +79,16 @@ class StaticProfile:
 
     def to_dict(self) -> dict[str, Any]:
         document = dataclasses.asdict(self)
+        document["dims"] = dict(self.dims)
         document["total_training_bytes"] = self.total_training_bytes
         return document
 
 
-def static_profile(artifact_dir: str | Path, batch_size: int = 16) -> StaticProfile:
+def static_profile(artifact_dir: str | Path, batch_size: int = 16, dims: Mapping[str, int] | None = None) -> StaticProfile:
     """Count parameter, gradient, optimizer-state and retained-activation bytes, and MACs.
+
+    `dims`: the length of every named dynamic axis of the data inputs besides the batch (a text
+    model's `sequence`); an EdgeplugError names the axes it needs and does not have.
 
     A staged folder is the sum of its stages, except retained activations: the stages
     train one after another, so the largest stage's retained bytes are the peak.
@@ -87,15 +96,39 @@ def static_profile(artifact_dir: str | Path, batch_size: int = 16) -> StaticProf
     """
     if batch_size < 1:
         raise EdgeplugError("batch size must be at least 1")
+    dims = dict(dims or {})
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EdgeplugError(f"the length of axis '{name}' must be a whole number, at least 1, not {value!r}")
     artifact_dir = Path(artifact_dir)
     report = read_report(artifact_dir)
+    _check_dims(report, dims)
     if report.get("stages"):
-        return _staged_profile(artifact_dir, report, batch_size)
-    return _folder_profile(artifact_dir, report, batch_size)
+        return _staged_profile(artifact_dir, report, batch_size, dims)
+    return _folder_profile(artifact_dir, report, batch_size, dims)
 
 
-def _staged_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int) -> StaticProfile:
-    parts = [(stage["dir"], _folder_profile(folder, read_report(folder), batch_size))
+def dynamic_axes(report: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Named dynamic axes of the data inputs besides the batch: axis name -> the inputs that have it."""
+    found: dict[str, list[str]] = {}
+    for spec in report["training"]["inputs"]:
+        for axis, dim in enumerate(spec["shape"]):
+            if axis > 0 and isinstance(dim, str) and dim:
+                found.setdefault(dim, []).append(spec["name"])
+    return found
+
+
+def _check_dims(report: Mapping[str, Any], dims: Mapping[str, int]) -> None:
+    missing = {name: inputs for name, inputs in dynamic_axes(report).items() if name not in dims}
+    if missing:
+        named = "; ".join(f"'{name}' (of {', '.join(inputs)})" for name, inputs in missing.items())
+        example = " ".join(f"--dim {name}=128" for name in missing)
+        raise EdgeplugError(f"the model's inputs have dynamic axes besides the batch: {named}; give their lengths "
+                            f"({example} with edgeplug profile, or dims={{{', '.join(repr(n) + ': 128' for n in missing)}}})")
+
+
+def _staged_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int, dims: Mapping[str, int]) -> StaticProfile:
+    parts = [(stage["dir"], _folder_profile(folder, read_report(folder), batch_size, dims))
              for stage, folder in zip(report["stages"], stage_folders(artifact_dir, report), strict=True)]
     profiles = [profile for _, profile in parts]
 
@@ -116,10 +149,11 @@ def _staged_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
         retained=tuple(sorted((dataclasses.replace(tensor, name=f"{where}/{tensor.name}") for where, profile in parts
                                for tensor in profile.retained), key=lambda t: -t.bytes)),
         unknown_shapes=tuple(f"{where}/{name}" for where, profile in parts for name in profile.unknown_shapes),
+        dims=dict(dims),
     )
 
 
-def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int) -> StaticProfile:
+def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int, dims: Mapping[str, int]) -> StaticProfile:
     training = onnx.load(str(artifact_dir / TRAINING_MODEL))
     evaluation = onnx.load(str(artifact_dir / EVAL_MODEL))
     forward = onnx.load(str(artifact_dir / FORWARD_MODEL))
@@ -132,7 +166,7 @@ def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
 
     data_inputs = {i["name"] for i in report["training"]["inputs"] + report["training"].get("extra_inputs", [])}
     data_inputs.add(report["training"]["labels_input"])
-    shapes, dtypes = forward_shapes(evaluation, data_inputs, batch_size)
+    shapes, dtypes = forward_shapes(evaluation, data_inputs, batch_size, dims)
 
     overrides = pass_costs(report, batch_size)
     for name, kept_shape in overrides.tensors.items():
@@ -198,6 +232,7 @@ def _folder_profile(artifact_dir: Path, report: dict[str, Any], batch_size: int)
         nodes=tuple(nodes),
         retained=tuple(sorted(retained, key=lambda t: -t.bytes)),
         unknown_shapes=tuple(sorted(set(unknown))),
+        dims=dict(dims),
     )
 
 
@@ -266,14 +301,24 @@ def _add_runtime_op_shapes(nodes: list[onnx.NodeProto], shapes: dict[str, tuple[
                     dtypes[name] = dtypes.get(node.input[1], np.dtype(np.float32))
 
 
-def forward_shapes(evaluation: onnx.ModelProto, data_inputs: set[str], batch_size: int) -> tuple[dict[str, tuple[int, ...]], dict[str, np.dtype[Any]]]:
-    """Shapes and dtypes of every tensor of the eval graph with the batch axis set."""
+def forward_shapes(evaluation: onnx.ModelProto, data_inputs: set[str], batch_size: int,
+                   dims: Mapping[str, int] | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, np.dtype[Any]]]:
+    """Shapes and dtypes of every tensor of the eval graph with the batch axis set, and the other
+    dynamic axes of the data inputs that `dims` names (by axis name) set to those lengths."""
     model = onnx.ModelProto()
     model.CopyFrom(evaluation)
+    lengths = dict(dims or {})
     for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if value.name in data_inputs and dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = batch_size
+        shape = value.type.tensor_type.shape.dim
+        if value.name not in data_inputs:
+            continue
+        for axis, dim in enumerate(shape):
+            if dim.HasField("dim_value"):
+                continue
+            if axis == 0:
+                dim.dim_value = batch_size
+            elif dim.dim_param in lengths:
+                dim.dim_value = lengths[dim.dim_param]
     del model.graph.value_info[:]
     _fold_constants(model)
     try:

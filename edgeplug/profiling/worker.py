@@ -25,20 +25,26 @@ from edgeplug.layout import CHECKPOINT, FORWARD_MODEL, OPTIMIZER_MODEL, RECIPE_F
 from edgeplug.trainer import open_stage, peak_rss_bytes, session_options
 
 
-def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | None, output_shape: list[int] | None) -> dict[str, np.ndarray]:
+def random_batch(report: dict[str, Any], batch_size: int, num_outputs: int | None, output_shape: list[int] | None,
+                 dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Random data shaped like the model's inputs and like the inputs that pass hooks feed, and labels.
 
     Hook-fed inputs (report.json's `training.extra_inputs`, e.g. activation-shortcut's factors) get
     random arrays of their declared shape (the batch axis set to `batch_size`), not the hooks' values:
     the profiler runs no plugin code, and the ops these inputs feed (dense Einsum/MatMul) cost the
-    same time and memory whatever the values."""
+    same time and memory whatever the values. Named dynamic axes get their length from `dims` (else 1);
+    integer inputs are zeros (token id 0), attention masks (integer inputs with 'mask' in the name) ones: every
+    position counts, as in a batch of full-length sequences."""
     rng = np.random.default_rng(0)
     batch: dict[str, np.ndarray] = {}
     for spec in report["training"]["inputs"] + report["training"].get("extra_inputs", []):
-        shape = [batch_size if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) and d > 0 else 1)
-                 for i, d in enumerate(spec["shape"])]
+        shape = [batch_size if i == 0 and not isinstance(d, int) else
+                 (d if isinstance(d, int) and d > 0 else (dims or {}).get(str(d), 1)) for i, d in enumerate(spec["shape"])]
         dtype = np.dtype(spec["dtype"])
-        batch[spec["name"]] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+        if dtype.kind == "f":
+            batch[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        else:
+            batch[spec["name"]] = (np.ones if "mask" in spec["name"].lower() else np.zeros)(shape, dtype)
     if report["training"]["loss"] == "cross-entropy":
         batch["labels"] = rng.integers(0, num_outputs or 2, size=batch_size).astype(np.int64)
     else:
@@ -133,7 +139,8 @@ def _kernels(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: 
 
 
 def main(argv: list[str]) -> int:
-    mode, artifacts_text, batch_text, steps_text, warmup_text, classes_text, output_shape_text = argv
+    mode, artifacts_text, batch_text, steps_text, warmup_text, classes_text, output_shape_text, *rest = argv
+    dims = json.loads(rest[0]) if rest else {}
     artifacts = Path(artifacts_text)
     batch_size, steps, warmup = int(batch_text), int(steps_text), int(warmup_text)
     times: list[float] = []
@@ -142,7 +149,7 @@ def main(argv: list[str]) -> int:
     else:
         report = read_report(artifacts)
         output_shape = json.loads(output_shape_text)
-        batch = random_batch(report, batch_size, int(classes_text) or None, output_shape)
+        batch = random_batch(report, batch_size, int(classes_text) or None, output_shape, dims)
         if mode == "kernels":
             print(json.dumps({"mode": mode, "peak_rss_bytes": peak_rss_bytes(), "seconds": [], **_kernels(artifacts, batch, steps, warmup)}))
             return 0
