@@ -54,7 +54,7 @@ from edgeplug.progress import Progress
 from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
 from edgeplug.report import artifact_sizes, build_report, check_report, report_entry
 from edgeplug.surgery import extract
-from edgeplug.trainability import check_runtime_support, check_trainable_widths
+from edgeplug.trainability import check_runtime_support, check_trainable_widths, untie_frozen_norm_parameters
 from edgeplug.validation import first_error
 
 
@@ -192,6 +192,7 @@ class Rewrite:
         runtime's files, smoke load. Returns the set's entry of report.json `device_runtime.artifact_sets`."""
         check_trainable_widths(forward, output_name, trainable, label)
         check_runtime_support(forward, output_name, trainable, label)
+        untie_frozen_norm_parameters(forward, trainable)
         missing = missing_gradients(forward, set(trainable), output_name)
         if missing:
             raise NoGradientError(label + missing[0].message() + (f" ({len(missing) - 1} more such ops)" if len(missing) > 1 else ""))

@@ -14,6 +14,8 @@ from onnx import TensorProto
 from edgeplug.errors import ModelError
 from edgeplug.graph import subgraphs
 
+NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "BatchNormalization", "InstanceNormalization",
+                      "GroupNormalization"})
 ABORTING_OPS = frozenset({"Loop", "Scan"})
 """Ops with a body that the runtime's training-graph builder aborts the process on (an assertion
 in its graph transformers), even when the op lies in the frozen part of the model."""
@@ -78,3 +80,39 @@ def _has_zero_dim(value: onnx.ValueInfoProto, skip_batch: bool = False) -> bool:
 def _shape_text(value: onnx.ValueInfoProto) -> str:
     dims = value.type.tensor_type.shape.dim
     return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
+
+
+def untie_frozen_norm_parameters(forward: onnx.ModelProto, trainable: Iterable[str]) -> list[str]:
+    """Give every normalisation node its own copy of a frozen scale or bias that several nodes read; return their names.
+
+    An exporter's optimiser may merge equal initializers into one name (torch's dynamo exporter merges the
+    LayerNorm weights of a freshly initialised encoder: all ones). onnxruntime-training 1.19.2 then defines the
+    gradient of that tensor once per LayerNormalization its backward pass reaches, even when the tensor is
+    frozen ("Duplicate definition of name (<tensor>_grad)"). A frozen tensor never changes, so one copy per
+    reader computes exactly the same; trainable ones keep their tie.
+    """
+    frozen = {t.name: t for t in forward.graph.initializer} .keys() - set(trainable)
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in forward.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in frozen:
+                readers.setdefault(name, []).append((node, slot))
+    by_name = {t.name: t for t in forward.graph.initializer}
+    taken = {t.name for t in forward.graph.initializer} | {o for n in forward.graph.node for o in n.output}
+    untied = []
+    for name, uses in readers.items():
+        if len(uses) < 2 or not any(node.op_type in NORM_OPS and slot in (1, 2) for node, slot in uses):
+            continue
+        for number, (node, slot) in enumerate(uses[1:], start=1):
+            copy_name, suffix = f"{name}.copy{number}", number
+            while copy_name in taken:
+                suffix += len(uses)
+                copy_name = f"{name}.copy{suffix}"
+            taken.add(copy_name)
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(by_name[name])
+            tensor.name = copy_name
+            forward.graph.initializer.append(tensor)
+            node.input[slot] = copy_name
+        untied.append(name)
+    return untied

@@ -26,7 +26,7 @@ PASS_ROWS = [
     ("freeze-bn", "ts_mobilenetv2_train"),
     ("freeze-bn", "jax_cnn_eval"),
     ("sparse-update", "dy_mobilenetv2_eval"),
-    ("trainable", "dy_encoder_eval_noopt"),  # the export that avoids the failing row below
+    ("trainable", "dy_encoder_eval_noopt"),
 ]
 # What normalize must absorb per fixture, as its report line says (docs/compatibility.md, "Exporter quirks").
 QUIRKS = {
@@ -79,9 +79,11 @@ def test_rewrite_train_export_with_pass(recipe: str, name: str, tmp_path: Path) 
     assert recipe in outcome.rewrite_summary
 
 
-def test_known_failure_dynamo_merged_layernorm_weights(tmp_path: Path) -> None:
-    """docs/compatibility.md, failure A: the dynamo optimiser merges the four equal LayerNorm
-    weights of a fresh encoder into one tensor; training only the last layers then breaks
-    onnxruntime-training's gradient graph. If this starts passing, update the docs."""
+def test_dynamo_merged_layernorm_weights_train_the_last_layers(tmp_path: Path) -> None:
+    """docs/compatibility.md, (former) failure A: the dynamo optimiser merges the four equal LayerNorm
+    weights of a fresh encoder into one tensor; onnxruntime-training then defined that frozen tensor's
+    gradient once per LayerNorm ("Duplicate definition of name (encoder.layers.0.norm1.weight_grad)").
+    The pipeline now gives each reader of a tied frozen norm parameter its own copy
+    (trainability.untie_frozen_norm_parameters): the last layers train."""
     outcome = pipeline_check.run("dy_encoder_eval", "trainable", tmp_path)
-    assert outcome.step == "rewrite" and "Duplicate definition of name (encoder.layers.0.norm1.weight_grad)" in outcome.error
+    _check(outcome)

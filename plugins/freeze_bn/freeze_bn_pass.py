@@ -18,6 +18,8 @@ from onnx import helper
 from edgeplug import ForwardState, Pass, PassContext, PassReport
 from edgeplug.plugin_api import GraphEditor, GraphIndex, ModelError, load_schema, remove_unused, replace_nodes, tensor_ranks
 
+PER_EXAMPLE_NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization", "SimplifiedLayerNormalization"})
+
 
 class FreezeBatchNormPass(Pass):
     name = "freeze-bn"
@@ -30,6 +32,8 @@ class FreezeBatchNormPass(Pass):
         self._folded_values = 0
         self._affine: list[str] = []
         self._left: list[str] = []
+        self._per_example: list[str] = []
+        self._per_example_kinds: set[str] = set()
 
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         model = onnx.ModelProto()
@@ -38,6 +42,10 @@ class FreezeBatchNormPass(Pass):
         initializers = GraphIndex(model)
         editor = GraphEditor(model)
         replacements: dict[str, list[onnx.NodeProto]] = {}
+        # LayerNorm / InstanceNorm / GroupNorm normalise each example by its own statistics in training and inference
+        # alike: no running statistics, nothing that batch composition changes, so nothing to freeze
+        self._per_example = [n.name for n in model.graph.node if n.op_type in PER_EXAMPLE_NORMS]
+        self._per_example_kinds = {n.op_type for n in model.graph.node if n.op_type in PER_EXAMPLE_NORMS}
         for node in [n for n in model.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
             scale, bias, mean, var = node.input[1:5]
             trains = scale in state.trainable or bias in state.trainable
@@ -82,8 +90,11 @@ class FreezeBatchNormPass(Pass):
             changed=count > 0,
             summary=f"{len(self._folded)} frozen BatchNormalization folded to running statistics "
             f"(their {self._folded_values:,} scale/bias values become constants), "
-            f"{len(self._affine)} trainable ones use running statistics, {len(self._left)} left in batch mode",
+            f"{len(self._affine)} trainable ones use running statistics, {len(self._left)} left in batch mode"
+            + (f"; {len(self._per_example)} {'/'.join(sorted(self._per_example_kinds))} left as they are "
+               "(per-example statistics: the same in training and inference, nothing to freeze)" if self._per_example else ""),
             details={"folded": self._folded, "folded_values": self._folded_values,
-                     "running_stats_trainable_affine": self._affine, "batch_mode": self._left},
+                     "running_stats_trainable_affine": self._affine, "batch_mode": self._left,
+                     "per_example_norms": self._per_example},
         )
 

@@ -7,6 +7,12 @@ initializers, ``int8 codes``, ``scale`` and ``zero_point`` per output channel, a
 onnxruntime-training sees no new op between a trained parameter and the loss (the
 DequantizeLinear hangs off frozen initializers only), and the input gradient of a
 frozen layer is computed from the dequantized weight as before.
+
+A frozen embedding table (a float 2-D initializer that Gather nodes read by row, e.g. a
+transformer's word embeddings: half of MiniLM's weights) is stored the same way per row,
+but dequantizing the whole table every step would rebuild it in float: instead each Gather
+reads the int8 rows it needs, and only those are dequantized (their scale and zero point
+gathered by the same indices), so the float table never exists.
 """
 
 from __future__ import annotations
@@ -63,6 +69,22 @@ def quantize_frozen(model: onnx.ModelProto, trainable: Collection[str], *, bits:
     quantized: list[FrozenWeight] = []
     skipped: dict[str, str] = {}
     dequantize_nodes: list[onnx.NodeProto] = []
+    replaced: dict[str, list[onnx.NodeProto]] = {}
+    if "Gather" in op_types:
+        for weight, gathers in _embedding_tables(result, trainable, uses, graph_inputs, exclude, skipped).items():
+            tensor = initializers[weight]
+            table = numpy_helper.to_array(tensor).astype(np.float32)
+            grid = weight_grid(table, bits)  # rows are the "output channels" of a table
+            added = [
+                numpy_helper.from_array(np.ascontiguousarray(quantize_weights(table, grid)), editor.fresh(f"{weight}_quantized")),
+                numpy_helper.from_array(grid.scale, editor.fresh(f"{weight}_scale")),
+                numpy_helper.from_array(grid.zero_point, editor.fresh(f"{weight}_zero_point")),
+            ]
+            graph.initializer.extend(added)
+            for gather in gathers:
+                replaced[gather.name] = _dequantizing_gather(editor, gather, *(t.name for t in added))
+            quantized.append(FrozenWeight(weight, tuple(g.name for g in gathers), int(table.size),
+                                          tensor_bytes(tensor), sum(tensor_bytes(t) for t in added)))
     for weight, layers in by_weight.items():
         reason = _reason_to_skip(weight, layers, uses.get(weight, []), graph_inputs, op_types, exclude)
         if reason is not None:
@@ -88,10 +110,55 @@ def quantize_frozen(model: onnx.ModelProto, trainable: Collection[str], *, bits:
         kept = [t for t in graph.initializer if t.name not in names]
         del graph.initializer[:]
         graph.initializer.extend(kept)
-        nodes = [*dequantize_nodes, *graph.node]  # inputs are initializers: first is topologically safe
-        del graph.node[:]
+        nodes = [*dequantize_nodes, *(n for node in graph.node for n in replaced.get(node.name, [node]))]
+        del graph.node[:]  # dequantize nodes read initializers only: first is topologically safe
         graph.node.extend(nodes)
     return FrozenResult(result, tuple(quantized), skipped)
+
+
+def _embedding_tables(model: onnx.ModelProto, trainable: Collection[str], uses: dict[str, list[tuple[str, int]]],
+                      graph_inputs: set[str], exclude: Sequence[str], skipped: dict[str, str]) -> dict[str, list[onnx.NodeProto]]:
+    """Frozen float 2-D initializers read only as the table (input 0, axis 0) of Gather nodes."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    by_name = {node.name: node for node in model.graph.node}
+    tables: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        weight = node.input[0]
+        tensor = initializers.get(weight)
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2 or weight in trainable:
+            continue
+        if weight in graph_inputs:
+            skipped[weight] = "also a graph input (a caller may override it)"
+        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude for name in (weight, node.name)):
+            skipped[weight] = "excluded"
+        elif any(by_name[user].op_type != "Gather" or slot != 0 or _gather_axis(by_name[user]) != 0 for user, slot in uses.get(weight, [])):
+            skipped[weight] = "also read by a node that is not a Gather of its rows"
+        else:
+            tables.setdefault(weight, []).append(node)
+            continue
+        tables.pop(weight, None)
+    return tables
+
+
+def _gather_axis(node: onnx.NodeProto) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+
+
+def _dequantizing_gather(editor: GraphEditor, gather: onnx.NodeProto, codes: str, scale: str, zero_point: str) -> list[onnx.NodeProto]:
+    """Gather the int8 rows, their scales and zero points by the same indices; (codes - zero point) * scale."""
+    indices, base = gather.input[1], gather.name or gather.output[0]
+    rows = editor.node("Gather", [codes, indices], f"{base}/rows_int8", axis=0)
+    row_scale = editor.node("Gather", [scale, indices], f"{base}/rows_scale", axis=0)
+    row_zero = editor.node("Gather", [zero_point, indices], f"{base}/rows_zero_point", axis=0)
+    last = editor.constant(f"{base}/last_axis", np.array([-1], dtype=np.int64))
+    shifted = editor.node("Sub", [editor.node("Cast", [rows], f"{base}/rows_float", to=onnx.TensorProto.FLOAT),
+                                  editor.node("Unsqueeze", [editor.node("Cast", [row_zero], f"{base}/zero_float", to=onnx.TensorProto.FLOAT), last],
+                                              f"{base}/zero_column")], f"{base}/rows_shifted")
+    editor.node("Mul", [shifted, editor.node("Unsqueeze", [row_scale, last], f"{base}/scale_column")], f"{base}/rows_dequantized")
+    editor.last_node().output[0] = gather.output[0]
+    return editor.take_nodes()
 
 
 def _reason_to_skip(weight: str, layers: list[QuantLayer], uses: list[tuple[str, int]], graph_inputs: set[str],

@@ -17,7 +17,8 @@ from .frozen import FrozenResult, quantize_frozen
 
 class QuantizeFrozenPass(Pass):
     name = "quantize-frozen"
-    summary = "Store frozen Conv/Gemm/MatMul weights as int8 per output channel (DequantizeLinear); trained weights stay float."
+    summary = ("Store frozen Conv/Gemm/MatMul weights as int8 per output channel (DequantizeLinear) and frozen embedding tables per row "
+               "(only gathered rows dequantized); trained weights stay float.")
     options_schema = load_schema("passes/quantize-frozen")
 
     def __init__(self, options: dict[str, Any]) -> None:

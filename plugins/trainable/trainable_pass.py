@@ -14,6 +14,8 @@ from edgeplug.plugin_api import WEIGHT_OPS, GraphIndex, RecipeError, load_schema
 
 # Ops that, placed right after a weight layer, belong to it (its bias or normalisation).
 FOLLOWER_OPS = frozenset({"Add", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "Mul"})
+NORM_OPS = frozenset({"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+                      "SimplifiedLayerNormalization"})
 
 
 class TrainablePass(Pass):
@@ -28,8 +30,18 @@ class TrainablePass(Pass):
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         index = GraphIndex(state.model)
         parameters = index.parameters()
-        layers_option = self.options.get("layers", "none" if "include" in self.options else "all")
+        selective = "include" in self.options or self.options.get("biases") or self.options.get("norms")
+        layers_option = self.options.get("layers", "none" if selective else "all")
         chosen = set(_by_layers(index, parameters, layers_option, context.output_name))
+        extras: dict[str, int] = {}
+        if self.options["biases"]:
+            found = _biases(index, set(parameters))
+            chosen |= found
+            extras["biases"] = len(found)
+        if self.options["norms"]:
+            found = _norms(index, set(parameters))
+            chosen |= found
+            extras["norms"] = len(found)
         matcher = _matcher(self.options["syntax"])
         for pattern in self.options.get("include", []):
             chosen |= _matching(pattern, parameters, matcher, "include")
@@ -44,6 +56,7 @@ class TrainablePass(Pass):
             "trainable_elements": _values(state.model, trainable),
             "total_elements": _values(state.model, parameters),
             "before": len(state.trainable),
+            **extras,
         }
         return ForwardState(state.model, trainable)
 
@@ -87,11 +100,36 @@ def _weight_layer_groups(index: GraphIndex, output: str) -> list[list[str]]:
         while follower is not None and follower.op_type in FOLLOWER_OPS:
             extra = [name for name in follower.input if name in parameters and name not in owned]
             if not extra:
+                # a residual Add right before a normalisation (post-LN transformers: dense -> bias -> + x -> LayerNorm):
+                # the norm still belongs to the layer
+                after = _single_consumer(index, follower)
+                if follower.op_type == "Add" and after is not None and after.op_type in NORM_OPS and \
+                        any(name in parameters for name in after.input[1:]):
+                    follower = after
+                    continue
                 break
             owned += extra
             follower = _single_consumer(index, follower)
         groups.append(owned)
     return groups
+
+
+def _biases(index: GraphIndex, parameters: set[str]) -> set[str]:
+    """Every bias of a weight layer: Conv/ConvTranspose/Gemm input 2, or the parameter an Add adds to a MatMul's output."""
+    found = set()
+    for node in index.model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2] in parameters:
+            found.add(node.input[2])
+        elif node.op_type == "MatMul":
+            consumer = _single_consumer(index, node)
+            if consumer is not None and consumer.op_type == "Add":
+                found |= {name for name in consumer.input if name in parameters}
+    return found
+
+
+def _norms(index: GraphIndex, parameters: set[str]) -> set[str]:
+    """Scale and shift of every normalisation layer (LayerNorm, BatchNorm, InstanceNorm, GroupNorm)."""
+    return {name for node in index.model.graph.node if node.op_type in NORM_OPS for name in node.input[1:3] if name in parameters}
 
 
 def _single_consumer(index: GraphIndex, node: onnx.NodeProto) -> onnx.NodeProto | None:
