@@ -25,7 +25,7 @@ from bench.protocol.driver import Settings, run_family, write_json  # noqa: E402
 from bench.protocol.episodes import EpisodeConfig  # noqa: E402
 from bench.protocol.rows import select_rows  # noqa: E402
 
-FAMILIES = {"images": "bench.images.family", "images-bn": "bench.images.family"}
+FAMILIES = {"images": "bench.images.family", "images-bn": "bench.images.family", "text": "bench.text.family"}
 """Family name -> module with add_arguments(parser) and build(args, work, settings, config, per_domain) -> Family."""
 RESULTS = ROOT / "bench" / "results"
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         report.write(result, args.results, name, baseline=args.baseline)
         print(f"wrote {args.results}/{name}.{{md,png}}")
         return
-    defaults = QUICK if args.quick else FULL
+    module = importlib.import_module(FAMILIES[args.family])
+    defaults = {**(QUICK if args.quick else FULL), **getattr(module, "QUICK" if args.quick else "FULL", {})}  # a family's own shapes win
     value = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key] for key in defaults}
     settings = Settings(steps=value["steps"], batch_size=args.batch_size, grid=tuple(float(v) for v in str(value["grid"]).split(",")),
                         budget_bytes=args.budget_kib * 1024, threads=args.threads, seed=args.seed)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = select_rows(args.family, only, skip, torch=not args.no_torch)
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
-    family = importlib.import_module(FAMILIES[args.family]).build(args, work, settings, config, value["episodes"])
+    family = module.build(args, work, settings, config, value["episodes"])
     print(f"== {family.title}: {len(rows)} rows x {len(family.episodes)} episodes ({', '.join(r.name for r in rows)})", flush=True)
     started = time.perf_counter()
     out = args.results / f"{name}.json"

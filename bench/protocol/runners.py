@@ -36,9 +36,21 @@ from bench.protocol.ort_rows import ready_hook
 HEADED = "headed.onnx"
 
 
-def _arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(path: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """An episode split: the model inputs by name, in the file's order (`x` for single-input families;
+    `input_ids`, `attention_mask` for text), and the labels `y`."""
     with np.load(path, allow_pickle=False) as archive:
-        return archive["x"], archive["y"].astype(np.int64)
+        return {key: archive[key] for key in archive.files if key != "y"}, archive["y"].astype(np.int64)
+
+
+def _take(inputs: Mapping[str, Any], rows: Any) -> list[Any]:
+    return [array[rows] for array in inputs.values()]
+
+
+def _ordered(inputs: dict[str, Any], names: Any) -> dict[str, Any]:
+    """`inputs` in the order of the model's input `names` when every one of them is there (else as stored)."""
+    wanted = [name for name in names if name in inputs]
+    return {name: inputs[name] for name in wanted} if len(wanted) == len(inputs) else inputs
 
 
 def _finish(candidates: list[Candidate], memory: dict[str, Any] | None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -63,7 +75,7 @@ def prepare_episode(job: dict[str, Any], context: Any) -> dict[str, Any]:
 
     folder = Path(job["folder"])
     x, y = _arrays(job["data"]["train"])
-    calibration = {"x": x, "y": y}
+    calibration = {**x, "y": y}
     started = time.perf_counter()
     new_head = {"name": "new-head", "options": {"classes": job["classes"], **job.get("head_options", {})}}
     head_recipe = {"loss": "cross-entropy", "optimizer": {"name": "adamw"},
@@ -96,7 +108,7 @@ def prepare_episode(job: dict[str, Any], context: Any) -> dict[str, Any]:
                 entry["trainable_values"] = build_manual_artifacts(headed, target)
             entry["rewrite_seconds"] = time.perf_counter() - started
             if job.get("profile") and row["kind"] in ("recipe", "manual"):
-                entry["static"] = _static_profile(target, job["batch_size"])
+                entry["static"] = _static_profile(target, job["batch_size"], x)
         except Exception as error:  # a pass that refuses this model/episode: recorded, the row is skipped here
             entry = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"}
         out["rows"][row["name"]] = entry
@@ -112,11 +124,12 @@ def _score_onnx(model: Path, data: Mapping[str, str], *, threads: int) -> dict[s
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = runtime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    names = [value.name for value in session.get_inputs()]
     out = {}
     for split in ("validation", "query"):
         x, y = _arrays(data[split])
-        logits = np.concatenate([session.run(None, {name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
+        logits = np.concatenate([session.run(None, dict(zip(names, _take(x, slice(i, i + 64)), strict=True)))[0]
+                                 for i in range(0, len(y), 64)])
         out[f"{split}_accuracy"] = float((logits.argmax(1) == y).mean())
         out[f"{split}_loss"] = _cross_entropy(logits, y)
     return out
@@ -173,11 +186,17 @@ def _with_biases(recipe: dict[str, Any], model: Path) -> dict[str, Any]:
     return {**recipe, "passes": passes}
 
 
-def _static_profile(folder: Path, batch_size: int) -> dict[str, Any] | None:
+def _static_profile(folder: Path, batch_size: int, inputs: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+    """Counted at the episode's training batch; a dynamic axis besides the batch (a text model's sequence) at the
+    width the training arrays have (padded: what rows that feed whole arrays train at)."""
     try:
+        from edgeplug.artifacts import read_report
+        from edgeplug.data import TensorSpec
         from edgeplug.profiling import static_profile
+        from edgeplug.sequences import axis_lengths
 
-        profile = static_profile(folder, batch_size=batch_size).to_dict()
+        specs = [TensorSpec(i["name"], i["dtype"], i["shape"]) for i in read_report(folder)["training"]["inputs"]]
+        profile = static_profile(folder, batch_size=batch_size, dims=axis_lengths(specs, inputs)).to_dict()
     except Exception as error:  # the profiler may not read every pass's folder
         return {"error": f"{type(error).__name__}: {error}"}
     return {key: profile.get(key) for key in ("retained_activation_bytes", "total_training_bytes", "parameter_bytes",
@@ -310,6 +329,9 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
         module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"),
                             session_options=context.pinning.ort_session_options())
         optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), module)
+        nonlocal x, evaluation
+        x = _ordered(x, module.input_names())
+        evaluation = {split: (_ordered(inputs, module.input_names()), labels) for split, (inputs, labels) in evaluation.items()}
         schedule = make_schedule(lr, job.get("schedule"), job["epochs"] * -(-len(y) // job["batch_size"]))
         module.train()
         if first:
@@ -317,7 +339,7 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
 
         def step(indices: np.ndarray, count: int) -> float:
             optimizer.set_learning_rate(schedule(count))
-            loss = float(module(x[indices], y[indices])[0])
+            loss = float(module(*_take(x, indices), y[indices])[0])
             optimizer.step()
             module.lazy_reset_grad()
             return loss
@@ -333,7 +355,7 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
         def evaluate(split: str) -> tuple[float, float]:
             ex, ey = evaluation[split]
             module.eval()
-            logits = np.concatenate([module(ex[i:i + 64], ey[i:i + 64])[1] for i in range(0, len(ey), 64)])
+            logits = np.concatenate([module(*_take(ex, slice(i, i + 64)), ey[i:i + 64])[1] for i in range(0, len(ey), 64)])
             return float((logits.argmax(1) == ey).mean()), _cross_entropy(logits, ey)
 
         return extra, evaluate
@@ -350,12 +372,16 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
     from edgeplug.schedules import make_schedule
 
     context.pinning.pin_torch()
-    x, y = (torch.from_numpy(a) for a in _arrays(job["train"]))
+    arrays, labels = _arrays(job["train"])
+    x, y = {k: torch.from_numpy(a) for k, a in arrays.items()}, torch.from_numpy(labels)
     context.probe.loading()
     module_name, _, function = job["builder"].partition(":")
     model = getattr(importlib.import_module(module_name), function)(Path(job["headed"]), **job.get("builder_args", {}))
     initial = copy.deepcopy(model.state_dict())
-    evaluation = {split: tuple(torch.from_numpy(a) for a in _arrays(job[split])) for split in ("validation", "query")}
+    evaluation = {}
+    for split in ("validation", "query"):
+        split_inputs, split_labels = _arrays(job[split])
+        evaluation[split] = ({k: torch.from_numpy(a) for k, a in split_inputs.items()}, torch.from_numpy(split_labels))
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train_one(lr: float, first: bool) -> tuple[dict[str, Any], Evaluator | None]:
@@ -373,7 +399,7 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = schedule(count)
             index = torch.from_numpy(indices)
-            loss = loss_fn(model(x[index]), y[index])
+            loss = loss_fn(model(*_take(x, index)), y[index])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -392,7 +418,7 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
             model.load_state_dict(trained)
             ex, ey = evaluation[split]
             with torch.no_grad():
-                logits = torch.cat([model(ex[i:i + 64]) for i in range(0, len(ey), 64)]).numpy()
+                logits = torch.cat([model(*_take(ex, slice(i, i + 64))) for i in range(0, len(ey), 64)]).numpy()
             return float((logits.argmax(1) == ey.numpy()).mean()), _cross_entropy(logits, ey.numpy())
 
         return extra, evaluate
@@ -409,11 +435,11 @@ def verify_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
     module_name, _, function = job["builder"].partition(":")
     model = getattr(importlib.import_module(module_name), function)(Path(job["headed"]), **job.get("builder_args", {}))
     x, _ = _arrays(job["query"])
-    x = x[:8]
+    first = _take(x, slice(0, 8))
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
+        expected = model(*(torch.from_numpy(a) for a in first)).numpy()
     session = _ort.inference_runtime().InferenceSession(job["headed"], providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    got = session.run(None, dict(zip([v.name for v in session.get_inputs()], first, strict=True)))[0]
     return {"max_abs_diff": float(np.abs(got - expected).max())}
 
 

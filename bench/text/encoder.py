@@ -179,14 +179,17 @@ def minilm(classes: int = 2) -> TextClassifier:
 
 
 def tiny(classes: int = 2, seed: int = 0) -> TextClassifier:
-    """The same architecture at toy size with seeded random weights (non-trivial LayerNorm parameters)."""
+    """The same architecture at toy size with seeded random weights (non-trivial LayerNorm parameters).
+    The encoder's weights do not depend on `classes` (the classifier is drawn last)."""
     torch.manual_seed(seed)
-    model = TextClassifier(dataclasses.replace(TINY, classes=classes))
+    model = TextClassifier(dataclasses.replace(TINY, classes=2))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
                 module.weight.uniform_(0.8, 1.2)
                 module.bias.uniform_(-0.1, 0.1)
+    model.config = dataclasses.replace(TINY, classes=classes)
+    model.classifier = nn.Linear(TINY.hidden, classes)
     return model.eval()
 
 
