@@ -93,13 +93,14 @@ def _concat(parts: list[hapt.Windows]) -> hapt.Windows:
     return hapt.Windows(*(np.concatenate([getattr(p, name) for p in parts]) for name in fields))
 
 
-def pretrained(split: Split, work: Path) -> Path:
-    """The CNN pretrained on the 21 training users' first recordings (training stretches only), cached."""
-    settings = hapt_model.Settings()
+def pretrained(split: Split, work: Path, source_users: int = len(hapt_model.SOURCE_USERS)) -> Path:
+    """The CNN pretrained on the first `source_users` of UCI's 21 training users (their first recordings,
+    training stretches only), cached."""
+    settings = hapt_model.Settings(users=hapt_model.SOURCE_USERS[:source_users])
     target = hapt.cache_dir() / f"fleet-hapt-pretrained-{settings.key()}" / "model.onnx"
     if target.is_file():
         return target
-    source = _concat([split.train[u - 1] for u in hapt_model.SOURCE_USERS])
+    source = _concat([split.train[u - 1] for u in settings.users])
     model = hapt_model.train(settings, source, work / "pretrain")
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(target.parent / "partial.onnx"))
@@ -191,16 +192,19 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=usable_cores())
+    parser.add_argument("--source-users", type=int, default=len(hapt_model.SOURCE_USERS),
+                        help="pretrain on the first N of UCI's 21 training users (fewer: a weaker start the fleet must improve)")
     parser.add_argument("--name", default="fleet_hapt")
     args = parser.parse_args()
     lrs = [float(v) for v in args.lrs.split(",")]
     split = split_users(hapt.load())
-    document: dict[str, Any] = {"settings": vars(args), "users": len(split.train), "train_windows": [len(w) for w in split.train],
+    document: dict[str, Any] = {"settings": vars(args), "command": " ".join(sys.argv[1:]), "users": len(split.train), "train_windows": [len(w) for w in split.train],
                                 "validation_windows": len(split.validation), "test_windows": len(split.test), "rows": {},
                                 "load": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="edgeplug-fleet-hapt-") as tmp:
         work = Path(tmp)
-        model = pretrained(split, work)
+        model = pretrained(split, work, args.source_users)
+        document["source_users"] = list(hapt_model.SOURCE_USERS[:args.source_users])
         start = edgeplug.Trainer(rewrite(model, "full", lrs[0], work), checkpoints=False, progress=False)
         document["initial_test_acc"] = start.evaluate({hapt_model.INPUT: split.test.x, "y": split.test.y}).accuracy
         print(f"pretrained model: test accuracy {document['initial_test_acc']:.3f} before the fleet", flush=True)
@@ -234,8 +238,13 @@ def _chosen(document: dict[str, Any], row: str) -> tuple[dict[str, Any], dict[st
 def write_markdown(document: dict[str, Any], path: Path) -> None:
     rows = list(document["rows"])
     lines = [f"# Fleet: natural clients, the {document['users']} UCI HAPT users as devices (non-IID by person)", "",
-             "`nice python bench/fleet_hapt.py` (bench/fleet_hapt.py says what trains where). Pretrained 1D-CNN: test accuracy "
-             f"{document['initial_test_acc']:.3f} before the fleet; {sum(document['train_windows']):,} training windows "
+             f"`nice python bench/fleet_hapt.py {document.get('command', '')}` (bench/fleet_hapt.py says what trains where). One seed (0); "
+             "intervals are paired over the users. Pretrained 1D-CNN (on the first recordings of users "
+             f"{document.get('source_users', list(hapt_model.SOURCE_USERS))}): test accuracy "
+             f"{document['initial_test_acc']:.3f} before the fleet; lr grid {document['settings']['lrs']}, rounds until validation accuracy "
+             f"gains no more than {document['settings']['min_gain']} in {document['settings']['patience']} rounds (at least "
+             f"{document['settings']['min_rounds']}, at most {document['settings']['max_rounds']}), {document['settings']['local_epochs']} local "
+             f"epoch(s) per round, batch {document['settings']['batch_size']}, every device every round; {sum(document['train_windows']):,} training windows "
              f"({min(document['train_windows'])}-{max(document['train_windows'])} per device), {document['validation_windows']:,} validation, "
              f"{document['test_windows']:,} test (later recordings, never trained on). Load average during the runs: "
              f"{min(document['load']):.1f}-{max(document['load']):.1f} (2 shared cores).", "",

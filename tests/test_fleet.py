@@ -108,6 +108,20 @@ def test_three_devices_two_rounds_improve_checkpoint_every_round_and_export(spar
         simulate(folder, FleetSettings(rounds=2, clients=3), Partition.parse("iid"), workers=1)
 
 
+@pytest.mark.slow
+def test_two_worker_processes_train_the_same_model_as_one(sparse_folder: Path) -> None:
+    """The local engine's worker pool (one process per core) changes where devices train, not what they send:
+    each device shuffles by its own seed and replies are summed in node order."""
+    sets, test_set = _device_sets(sparse_folder, 4)
+    settings = FleetSettings(rounds=2, clients=4)
+    with quiet_flower():
+        pooled = run_devices(sparse_folder, settings, sets, test_set, workers=2, save=False)
+        inline = run_devices(sparse_folder, settings, sets, test_set, workers=1, save=False)
+    assert [r.clients for r in pooled.rounds[1:]] == [4, 4]
+    for name, value in inline.arrays.items():
+        np.testing.assert_allclose(pooled.arrays[name], value, rtol=1e-6, atol=1e-7)
+
+
 def test_a_folder_with_training_checkpoints_is_refused_before_any_round(sparse_folder: Path, tmp_path: Path) -> None:
     folder = _copy(sparse_folder, tmp_path)
     x, y, _, _ = digits("image")

@@ -124,12 +124,15 @@ def plot_rounds(rounds: list[Any], target: Path, *, title: str = "") -> None:
     from edgeplug.atomic import atomic_file
 
     plt = _plotting()
+    from matplotlib.ticker import MaxNLocator
+
     figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(9, 3.6))
     for axis, key, label in ((accuracy, "acc", "accuracy"), (loss, "loss", "loss")):
         for source, style in (("eval", "o-"), ("train", "s--")):
             points = [(r.round, getattr(r, f"{source}_{key}")) for r in rounds if getattr(r, f"{source}_{key}") is not None]
             if points:
                 axis.plot(*zip(*points), style, markersize=3, label="global model, test set" if source == "eval" else "devices, local training")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("round")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

@@ -222,6 +222,11 @@ class LocalGrid(Grid):
             if self.progress:
                 self.progress(done, len(work))
 
+    def start(self) -> None:
+        """Start the worker processes now (before the first round, so that no round's time includes their start)."""
+        if self.workers > 1:
+            self._start_pool()
+
     def _start_pool(self) -> Any:
         """The worker processes, started and ready (their start-up, seconds on a loaded machine, is not a round's time)."""
         if self._pool is None:
@@ -320,6 +325,7 @@ def run_devices(artifact_dir: str | Path, settings: FleetSettings, client_sets: 
             return _run_on_ray(devices, settings, workers, evaluate, save=save, force=force, on_round=on_round, on_device=on_device)
         grid = LocalGrid(devices, workers, progress)
         try:
+            grid.start()
             with server_identity():
                 return run_fleet(grid, artifact_dir, settings, evaluate=evaluate, on_round=on_round, on_device=on_device,
                                  save=save, force=force)
