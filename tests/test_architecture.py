@@ -165,3 +165,17 @@ def test_the_readme_python_example_type_checks(tmp_path: Path) -> None:
     out, err, status = api.run(["--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
                                 str(tmp_path / "example.py")])
     assert status == 0, out + err
+
+
+def test_every_built_in_pass_lives_in_a_file_named_after_it() -> None:
+    """One naming convention for plugins: pass `foo-bar` is class code in `<plugin>/foo_bar_pass.py`,
+    so a reader finds any pass from its name alone."""
+    from edgeplug.plugins import CORE_STAGES, PluginHost, built_in_pass_names
+
+    passes = PluginHost().passes()
+    names = sorted(built_in_pass_names() - CORE_STAGES)
+    assert names and all(name in passes for name in names)
+    for name in names:
+        module = passes[name].factory.__module__
+        assert module.startswith("edgeplug_plugins."), (name, module)
+        assert module.rsplit(".", 1)[-1] == name.replace("-", "_") + "_pass", (name, module)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import edgeplug
 
-from .shortcut_pass import ActivationShortcutPass
+from .activation_shortcut_pass import ActivationShortcutPass
 
 
 @edgeplug.hookimpl

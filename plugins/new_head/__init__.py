@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import edgeplug
 
-from .head_pass import NewHeadPass
+from .new_head_pass import NewHeadPass
 
 
 @edgeplug.hookimpl

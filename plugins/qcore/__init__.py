@@ -11,8 +11,8 @@ from edgeplug.plugin_api import CommandRegistry
 
 from .commands import register
 from .export import export_quantized
-from .frozen_pass import QuantizeFrozenPass
 from .qcore_pass import QCorePass
+from .quantize_frozen_pass import QuantizeFrozenPass
 
 
 @edgeplug.hookimpl
