@@ -204,8 +204,14 @@ def test_plot_shows_layers_and_is_refused_before_any_work_without_matplotlib(tmp
     assert "pip install 'edgeplug[plot]'" in capsys.readouterr().err and not (tmp_path / "q.png").exists()
 
 
-def test_every_profile_property_is_described() -> None:
-    """`edgeplug schema profile` documents the JSON that `profile --json` prints, field by field."""
+PASS_SCHEMAS = sorted("passes/" + path.name.removesuffix(".schema.json")
+                      for path in (Path(__file__).parents[1] / "schemas" / "passes").glob("*.schema.json"))
+
+
+@pytest.mark.parametrize("name", ["profile", "report", "fleet-simulation", "recipe", *PASS_SCHEMAS])
+def test_every_property_of_a_printed_or_written_document_is_described(name: str) -> None:
+    """`edgeplug schema NAME` documents what `profile --json`, report.json, `fleet simulate --json`
+    and recipes hold, field by field."""
     missing: list[str] = []
 
     def walk(node: object, path: str) -> None:
@@ -222,5 +228,5 @@ def test_every_profile_property_is_described() -> None:
             for value in node:
                 walk(value, path)
 
-    walk(load_schema("profile"), "")
+    walk(load_schema(name), "")
     assert missing == []
