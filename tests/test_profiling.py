@@ -206,12 +206,13 @@ def test_plot_shows_layers_and_is_refused_before_any_work_without_matplotlib(tmp
 
 PASS_SCHEMAS = sorted("passes/" + path.name.removesuffix(".schema.json")
                       for path in (Path(__file__).parents[1] / "schemas" / "passes").glob("*.schema.json"))
+PERSONALIZE_FILES = ["personalize-anchors", "personalize-generator", "personalize-manifest", "personalize-slots"]
 
 
-@pytest.mark.parametrize("name", ["profile", "report", "fleet-simulation", "recipe", *PASS_SCHEMAS])
+@pytest.mark.parametrize("name", ["profile", "report", "fleet-simulation", "recipe", *PERSONALIZE_FILES, *PASS_SCHEMAS])
 def test_every_property_of_a_printed_or_written_document_is_described(name: str) -> None:
-    """`edgeplug schema NAME` documents what `profile --json`, report.json, `fleet simulate --json`
-    and recipes hold, field by field."""
+    """`edgeplug schema NAME` documents what `profile --json`, report.json, `fleet simulate --json`,
+    recipes and personalize's files hold, field by field."""
     missing: list[str] = []
 
     def walk(node: object, path: str) -> None:
