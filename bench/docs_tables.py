@@ -56,7 +56,7 @@ class Numbers:
         t = pair[0]
         interval = f"{t.mean:+.3f} [{t.low:+.3f}, {t.high:+.3f}]" if not math.isinf(t.low) else f"{t.mean:+.3f}"
         verdict = report.verdict(pair).replace("**", "")
-        return f"{interval}; {verdict if verdict != 'no difference shown' else 'no difference shown'}"
+        return f"{interval}; {'winner: ' + verdict if verdict not in ('no difference shown', 'n/a') else verdict}"
 
     def median(self, row: str, getter: Callable[[dict[str, Any]], Any]) -> float | None:
         return report._median(self.result, row, getter)

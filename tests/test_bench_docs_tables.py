@@ -36,7 +36,7 @@ def test_numbers_give_paired_intervals_and_name_a_clear_winner() -> None:
     n = docs_tables.Numbers(_result(), "images")
     assert n.episodes == 8 and n.has("full", "last_layer") and not n.has("biases")
     cell = n.delta("sparse_tinytrain", "last_layer")
-    assert cell.startswith("+0.09") and "[" in cell and "sparse_tinytrain" in cell
+    assert cell.startswith("+0.09") and "[" in cell and "winner: sparse_tinytrain" in cell
     assert n.delta("biases", "last_layer") == "n/a"
 
 
