@@ -136,3 +136,9 @@ def test_image_domains_load_as_documented(tmp_path: Path) -> None:
     x = data.to_input(pool.images[:3])
     assert x.shape == (3, 3, 32, 32) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
     assert set(pool.domain.classes) == set(data.DIGITS_NOVEL)
+
+
+def test_only_keeps_the_head_row() -> None:
+    """Every run records the untrained head per episode; tables list it whatever --only says (unless --skip)."""
+    assert [r.name for r in rows.select_rows("images", ["full", "last_layer"], torch=False)][0] == "head_only"
+    assert "head_only" not in [r.name for r in rows.select_rows("images", ["full"], ["head_only"], torch=False)]

@@ -96,8 +96,8 @@ def select_rows(family: str, only: Sequence[str] | None = None, skip: Sequence[s
     for name in (*(only or ()), *skip):
         if name not in known:
             raise SystemExit(f"no row {name!r} for family {family} (rows: {', '.join(sorted(known))})")
-    if only:
-        rows = [known[name] for name in only]
+    if only:  # the head row costs nothing and every run records it (each episode's starting point): always listed
+        rows = [r for r in rows if r.kind == "head" and r.name not in only] + [known[name] for name in only]
     rows = [r for r in rows if r.name not in set(skip)]
     return sorted(rows, key=lambda r: (r.order, r.name))
 
