@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeplug import _ort
 from edgeplug.errors import ModelError
+from edgeplug_plugins.qcore.build import quantize
 from edgeplug_plugins.qcore.coreset import (
     Coreset,
     coreset_size,
@@ -176,14 +177,7 @@ def test_a_model_without_quantizable_layers_is_a_model_error() -> None:
 
 def _quantized(model: onnx.ModelProto, x: np.ndarray, bits: int) -> QuantizedRunner:
     """`model` at `bits` with statistics and activation ranges from `x` (as `edgeplug quantize` sets them)."""
-    state = initial_state(model, bits)
-    runner = QuantizedRunner(model, state)
-    runner.refresh_norm_stats(x)
-    inputs = runner.layer_inputs(x)
-    for layer in runner.layers:
-        if not layer.first:
-            state.activation_grids[layer.node] = activation_grid(inputs[layer.node], 8 if layer.last else bits, 99.9)
-    return QuantizedRunner(model, state, batch=7)
+    return QuantizedRunner(model, quantize(model, x, bits, 99.9), batch=7)
 
 
 def _residual_cnn() -> onnx.ModelProto:
