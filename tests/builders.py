@@ -160,3 +160,14 @@ def with_subgraph(kind: str = "If", *, seed: int = 0, dtype: int = TensorProto.F
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeplug-tests")
     model.ir_version = 8
     return model
+
+
+FLEET_SPARSE_RECIPE = """loss: cross-entropy
+optimizer: {name: adamw, lr: 0.01}
+passes:
+  - name: sparse-update
+    options: {strategy: static, memory_budget_bytes: 100000, batch_size: 16, channel_ratio: 0.0625, min_channel_ratio: 0.0625}
+  - name: freeze-bn
+    options: {layers: all}
+"""
+"""The fleet tests' sparse recipe for the digits CNN: a few static channels of some layers travel, BN frozen."""

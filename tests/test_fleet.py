@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import FLEET_SPARSE_RECIPE
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -48,14 +49,6 @@ from edgeplug.fleet.simulation import Devices, LocalGrid, quiet_flower, run_devi
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "examples" / "digits_fewshot" / "pretrained_cnn.onnx"
-SPARSE = """loss: cross-entropy
-optimizer: {name: adamw, lr: 0.01}
-passes:
-  - name: sparse-update
-    options: {strategy: static, memory_budget_bytes: 100000, batch_size: 16, channel_ratio: 0.0625, min_channel_ratio: 0.0625}
-  - name: freeze-bn
-    options: {layers: all}
-"""
 # No freeze-bn: the CNN's batch norms train in batch mode and update their running statistics in place.
 WITH_BN = "loss: cross-entropy\noptimizer: {name: adamw, lr: 0.01}\n"
 
@@ -63,7 +56,7 @@ WITH_BN = "loss: cross-entropy\noptimizer: {name: adamw, lr: 0.01}\n"
 @pytest.fixture(scope="module")
 def sparse_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fleet")
-    (root / "sparse.yaml").write_text(SPARSE)
+    (root / "sparse.yaml").write_text(FLEET_SPARSE_RECIPE)
     edgeplug.rewrite(MODEL, root / "sparse.yaml", root / "sparse")
     return root / "sparse"
 

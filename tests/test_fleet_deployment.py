@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import FLEET_SPARSE_RECIPE
 
 pytest.importorskip("flwr")
 pytest.importorskip("sklearn")
@@ -33,14 +34,6 @@ from edgeplug.fleet.simulation import usable_cores  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "examples" / "digits_fewshot" / "pretrained_cnn.onnx"
 BIN = Path(sys.executable).parent
-SPARSE = """loss: cross-entropy
-optimizer: {name: adamw, lr: 0.01}
-passes:
-  - name: sparse-update
-    options: {strategy: static, memory_budget_bytes: 100000, batch_size: 16, channel_ratio: 0.0625, min_channel_ratio: 0.0625}
-  - name: freeze-bn
-    options: {layers: all}
-"""
 
 
 def _free_port() -> int:
@@ -113,7 +106,7 @@ def _wait_for(path: Path, text: str, seconds: float, process: subprocess.Popen[s
 
 @pytest.mark.skipif(usable_cores() < 1, reason="no CPU")
 def test_flwr_run_on_a_superlink_and_supernodes_with_tls_auth_and_faults(tmp_path: Path, processes: Processes) -> None:
-    (tmp_path / "sparse.yaml").write_text(SPARSE)
+    (tmp_path / "sparse.yaml").write_text(FLEET_SPARSE_RECIPE)
     server_folder = tmp_path / "server"
     edgeplug.rewrite(MODEL, tmp_path / "sparse.yaml", server_folder)
     x, y, tx, ty = digits("image")

@@ -243,6 +243,17 @@ def _epochs_loop(n: int, job: Mapping[str, Any], step: Callable[[np.ndarray, int
     return times, epoch_loss
 
 
+def _train_steps(n: int, job: Mapping[str, Any], step: Callable[[np.ndarray, int], float], context: Any | None,
+                 started: float) -> dict[str, Any]:
+    """Runs `_epochs_loop`, closes the memory probe's window after the first candidate (`context` given), and
+    returns the fit's figures for the row: median step, steps, train loss, seconds since `started`."""
+    times, train_loss = _epochs_loop(n, job, step)
+    if context is not None:
+        context.probe.finish_once()
+    return {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss,
+            "fit_seconds": time.perf_counter() - started}
+
+
 Evaluator = Callable[[str], tuple[float, float]]
 """split name ("validation" or "query") -> (accuracy, mean cross-entropy) of a trained candidate."""
 
@@ -344,12 +355,8 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
             module.lazy_reset_grad()
             return loss
 
-        times, train_loss = _epochs_loop(len(y), job, step)
-        if first:
-            context.probe.finish_once()
-        extra = {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss,
-                 "fit_seconds": time.perf_counter() - started}
-        if not math.isfinite(train_loss):
+        extra = _train_steps(len(y), job, step, context if first else None, started)
+        if not math.isfinite(extra["train_loss"]):
             return extra, None
 
         def evaluate(split: str) -> tuple[float, float]:
@@ -405,12 +412,8 @@ def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             return float(loss.item())
 
-        times, train_loss = _epochs_loop(len(y), job, step)
-        if first:
-            context.probe.finish_once()
-        extra = {"median_step_seconds": statistics.median(times), "steps": len(times), "train_loss": train_loss,
-                 "fit_seconds": time.perf_counter() - started}
-        if not math.isfinite(train_loss):
+        extra = _train_steps(len(y), job, step, context if first else None, started)
+        if not math.isfinite(extra["train_loss"]):
             return extra, None
         trained = copy.deepcopy(model.state_dict())
 
