@@ -78,6 +78,17 @@ def assert_same_parameters(python: Path, node: Path, artifact_set: int = 0) -> N
         assert np.abs(a[name] - b[name]).max() <= 1e-4 * scale, f"{name} differs"
 
 
+def train_on_both(built: Path, tmp_path: Path, train_args: list[str]) -> tuple[dict, dict]:
+    """Copies of `built` trained by `edgeplug train` in Python and in Node (tmp_path/python, tmp_path/node):
+    the two runs' --metrics documents."""
+    for runtime in ("python", "node"):
+        shutil.copytree(built, tmp_path / runtime)
+        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
+        assert main(["train", str(tmp_path / runtime), *train_args, *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
+    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    return python, node
+
+
 def accuracy(model: Path, data: dict[str, np.ndarray], input_name: str) -> float:
     session = onnxruntime.InferenceSession(str(model))
     return float((session.run(None, {input_name: data[input_name]})[0].argmax(1) == data["y"]).mean())
@@ -85,11 +96,7 @@ def accuracy(model: Path, data: dict[str, np.ndarray], input_name: str) -> float
 
 def test_the_digits_example_trains_the_same_on_node_and_python(example: Path, tmp_path: Path) -> None:
     data = ["--data", str(example / "support.npz"), "--eval", str(example / "query.npz"), "--epochs", "6", "--batch-size", "10"]
-    for runtime in ("python", "node"):
-        shutil.copytree(example / "built", tmp_path / runtime)
-        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
-        assert main(["train", str(tmp_path / runtime), *data, *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
-    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    python, node = train_on_both(example / "built", tmp_path, data)
     assert_same_losses(python, node)
     assert_same_parameters(tmp_path / "python", tmp_path / "node")
     assert node["epochs"][-1]["eval"]["accuracy"] == python["epochs"][-1]["eval"]["accuracy"]
@@ -108,12 +115,7 @@ def test_a_staged_lls_folder_trains_the_same_on_node(tmp_path: Path) -> None:
     np.savez(tmp_path / "train.npz", **classification_data([1, 8, 8], 3, n=40))
     report = json.loads((tmp_path / "built" / "report.json").read_text())
     assert len(report["device_runtime"]["artifact_sets"]) == len(report["stages"]) >= 2
-    for runtime in ("python", "node"):
-        shutil.copytree(tmp_path / "built", tmp_path / runtime)
-        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
-        assert main(["train", str(tmp_path / runtime), "--data", str(tmp_path / "train.npz"), "--epochs", "2",
-                     "--batch-size", "8", *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
-    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    python, node = train_on_both(tmp_path / "built", tmp_path, ["--data", str(tmp_path / "train.npz"), "--epochs", "2", "--batch-size", "8"])
     assert_same_losses(python, node)
     for number in range(len(report["stages"])):
         assert_same_parameters(tmp_path / "python", tmp_path / "node", number)
@@ -128,12 +130,7 @@ def test_an_activation_shortcut_folder_trains_the_same_on_node(tmp_path: Path) -
     report = edgeplug.rewrite(cnn((4, 8), 3, image=8, batch_norm=False), recipe, tmp_path / "built", calibration=data).report
     assert not report["device_runtime"]["needs_python"] and report["training"]["carried_state"]
     np.savez(tmp_path / "train.npz", **data)
-    for runtime in ("python", "node"):
-        shutil.copytree(tmp_path / "built", tmp_path / runtime)
-        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
-        assert main(["train", str(tmp_path / runtime), "--data", str(tmp_path / "train.npz"), "--epochs", "2",
-                     "--batch-size", "8", *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
-    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    python, node = train_on_both(tmp_path / "built", tmp_path, ["--data", str(tmp_path / "train.npz"), "--epochs", "2", "--batch-size", "8"])
     assert len(python["step_losses"]) == 12
     assert_same_losses(python, node)
     assert_same_parameters(tmp_path / "python", tmp_path / "node")
@@ -176,12 +173,7 @@ def test_int8_frozen_weights_train_the_same_on_node(example: Path, tmp_path: Pat
     recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01},
                                "passes": [{"name": "trainable", "options": {"layers": 1}}, {"name": "quantize-frozen"}]})
     edgeplug.rewrite(EXAMPLE / "pretrained_cnn.onnx", recipe, tmp_path / "built")
-    for runtime in ("python", "node"):
-        shutil.copytree(tmp_path / "built", tmp_path / runtime)
-        extra = ["--no-progress"] if runtime == "python" else ["--runtime", "node"]
-        assert main(["train", str(tmp_path / runtime), "--data", str(example / "support.npz"), "--epochs", "2",
-                     "--batch-size", "10", *extra, "--metrics", str(tmp_path / f"{runtime}.json")]) == 0
-    python, node = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("python", "node"))
+    python, node = train_on_both(tmp_path / "built", tmp_path, ["--data", str(example / "support.npz"), "--epochs", "2", "--batch-size", "10"])
     assert_same_losses(python, node)
     assert_same_parameters(tmp_path / "python", tmp_path / "node")
 
