@@ -52,9 +52,7 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
     def write_episode(episode: Episode, folder: Path) -> dict[str, Path]:
         pool = pools[episode.domain]
         paths = {}
-        for split, indices, labels in (("train", episode.train, episode.train_labels),
-                                       ("validation", episode.validation, episode.validation_labels),
-                                       ("query", episode.query, episode.query_labels)):
+        for split, indices, labels in episode.splits():
             paths[split] = folder / f"{split}.npz"
             np.savez(paths[split], x=pool.to_input(indices), y=labels)
         return paths

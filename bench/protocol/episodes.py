@@ -101,6 +101,11 @@ class Episode:
     def ways(self) -> int:
         return len(self.classes)
 
+    def splits(self) -> tuple[tuple[str, np.ndarray, np.ndarray], ...]:
+        """(name, domain indices, episode labels) of train, validation and query: what a family writes per episode."""
+        return (("train", self.train, self.train_labels), ("validation", self.validation, self.validation_labels),
+                ("query", self.query, self.query_labels))
+
     @property
     def support(self) -> np.ndarray:
         return np.concatenate([self.train, self.validation])

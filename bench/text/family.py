@@ -52,9 +52,7 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
     def write_episode(episode: Episode, folder: Path) -> dict[str, Path]:
         corpus = corpora[episode.domain]
         paths = {}
-        for split, indices, labels in (("train", episode.train, episode.train_labels),
-                                       ("validation", episode.validation, episode.validation_labels),
-                                       ("query", episode.query, episode.query_labels)):
+        for split, indices, labels in episode.splits():
             tokens = data.tokenize([corpus.texts[i] for i in indices], lengths[episode.domain])
             if args.tiny_encoder:  # the toy encoder's vocabulary is 128 tokens
                 tokens["input_ids"] = tokens["input_ids"] % 128
