@@ -46,10 +46,12 @@ from edgeplug.data import Dataset
 from edgeplug.layout import EVAL_MODEL, FORWARD_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
 
 FLOAT_TYPES = frozenset({1, 10, 11, 16})  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
-BATCH_MIXING_OPS = frozenset({"BatchNormalization", "BatchNormInternal", "Dropout", "LayerNormalization"})  # LN: safe per example, but
-# onnxruntime-training may replace it by a training op; refused to stay on the safe side of bit-identity.
+BATCH_MIXING_OPS = frozenset({"BatchNormalization", "BatchNormInternal", "Dropout"})
+"""Ops that mix the examples of a batch in training (or draw per-step random numbers). LayerNormalization normalises
+each position on its own: a frozen one is cached (the per-example check and the bit-for-bit first step guard it)."""
 PASS_THROUGH_SHAPE_OPS = frozenset({"Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "ConcatTraining", "Cast", "Reshape", "Identity", "Mul",
                                     "Add", "Sub", "Div"})
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze"})
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
                          "FusedMatMul", "Einsum", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"})
@@ -100,7 +102,7 @@ def cut_models(artifact_dir: Path, report: Mapping[str, Any], *, require_compute
     trainable = set(report["parameters"]["trainable"])
     data_inputs = tuple(spec["name"] for spec in training_info["inputs"])
     training = onnx.load(str(artifact_dir / TRAINING_MODEL))
-    prefix = _prefix_nodes(training, trainable, data_inputs)
+    prefix, constant = _prefix_nodes(training, trainable, data_inputs)
     if not prefix:
         raise NotCacheable("the first layer trains: there is no frozen prefix")
     if require_compute and not any(node.op_type in COMPUTE_OPS for node in training.graph.node if node.name in prefix):
@@ -115,7 +117,7 @@ def cut_models(artifact_dir: Path, report: Mapping[str, Any], *, require_compute
     # constants (Gather indices, shapes) are checkpoint values, not initializers, in a training model
     forward = onnx.load(str(artifact_dir / FORWARD_MODEL), load_external_data=False)
     constants = {**_constant_values(forward), **_constant_values(training)}
-    cut, boundary = _cut(training, prefix, data_inputs, types, constants)
+    cut, boundary = _cut(training, prefix, data_inputs, types, constants, constant)
     augmented = onnx.ModelProto()
     augmented.CopyFrom(training)
     present = {value.name for value in augmented.graph.output}
@@ -124,18 +126,51 @@ def cut_models(artifact_dir: Path, report: Mapping[str, Any], *, require_compute
     return Cut(cut, augmented, tuple(boundary), data_inputs, len(prefix))
 
 
-def _prefix_nodes(model: Any, trainable: set[str], data_inputs: Sequence[str]) -> set[str]:
-    """Nodes that read the data (directly or not) and depend on no trainable parameter."""
+def _prefix_nodes(model: Any, trainable: set[str], data_inputs: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Nodes that read the data (directly or not) and depend on no trainable parameter, and the tensors computed
+    from frozen values alone.
+
+    Prefix nodes may read such tensors (a Constant, the DequantizeLinear of an int8 weight from quantize-frozen, a
+    transposed frozen weight): the nodes computing them stay in the cut model only where the trainable part reads
+    them too (`_without_dead_nodes`)."""
     from edgeplug.graph import GraphIndex
 
     index = GraphIndex(model)
-    prefix = index.descendants(data_inputs, float_only=False) - index.descendants(trainable, float_only=False)
-    return _closed(model, prefix)
+    data_dependent = index.descendants(data_inputs, float_only=False)
+    trained = index.descendants(trainable, float_only=False)
+    # outputs of nodes that read neither the data nor a trainable parameter (directly or not): the same every step
+    moving = data_dependent | trained
+    constant = {out for node in model.graph.node if node.name not in moving for out in node.output if out}
+    return _recomputed_by_the_cut(model, _closed(model, data_dependent - trained, constant)), constant
 
 
-def _closed(model: Any, prefix: set[str]) -> set[str]:
-    """`prefix` less every node that reads a tensor computed outside it (kept nodes feed nothing cut)."""
-    produced_outside = {out for node in model.graph.node if node.name not in prefix for out in node.output if out}
+def _recomputed_by_the_cut(model: Any, prefix: set[str]) -> set[str]:
+    """`prefix` less the nodes the trainable part reads whose data inputs it reads too, and less the view ops
+    (`VIEW_OPS`) it reads: the cut model recomputes them from the tensors it receives anyway.
+
+    The cache then holds each value once: not a second copy of a boundary tensor reshaped (a LoRA adapter's input
+    as [batch * sequence, features], whose first axis is no longer the batch), nor a frozen product of one (a LoRA
+    layer's base MatMul, as large as its input: recomputing it per step costs one MatMul and saves its bytes per
+    example)."""
+    while True:
+        read_outside = {name for node in model.graph.node if node.name not in prefix for name in node.input}
+        produced = {out for node in model.graph.node if node.name in prefix for out in node.output if out}
+        moved = set()
+        for node in model.graph.node:
+            if node.name not in prefix or not any(out in read_outside for out in node.output):
+                continue
+            data = [name for name in node.input if name in produced]
+            if node.op_type in VIEW_OPS or (data and all(name in read_outside for name in data)):
+                moved.add(node.name)
+        if not moved:
+            return prefix
+        prefix -= moved
+
+
+def _closed(model: Any, prefix: set[str], constant: Iterable[str] = ()) -> set[str]:
+    """`prefix` less every node that reads a tensor computed outside it (kept nodes feed nothing cut); tensors in
+    `constant` (computed from frozen values alone) may be read from outside."""
+    produced_outside = {out for node in model.graph.node if node.name not in prefix for out in node.output if out} - set(constant)
     changed = True
     while changed:
         changed = False
@@ -148,7 +183,7 @@ def _closed(model: Any, prefix: set[str]) -> set[str]:
 
 
 def _cut(model: Any, prefix: set[str], data_inputs: Sequence[str], types: Mapping[str, int],
-         constants: Mapping[str, np.ndarray]) -> tuple[Any, list[str]]:
+         constants: Mapping[str, np.ndarray], frozen: set[str] = frozenset()) -> tuple[Any, list[str]]:  # type: ignore[assignment]
     """`model` without the prefix nodes; the float tensors it read from them become graph inputs.
 
     Integer tensors the rest reads from the prefix must be shape computations that
@@ -158,7 +193,8 @@ def _cut(model: Any, prefix: set[str], data_inputs: Sequence[str], types: Mappin
     import onnx
     from onnx import helper
 
-    kept = [node for node in model.graph.node if node.name not in prefix]
+    kept = _without_dead_nodes([node for node in model.graph.node if node.name not in prefix],
+                               {value.name for value in model.graph.output}, frozen)
     removed = {node.name: node for node in model.graph.node if node.name in prefix}
     produced_by_prefix = {out: node for node in removed.values() for out in node.output if out}
     boundary: list[str] = []
@@ -191,6 +227,19 @@ def _cut(model: Any, prefix: set[str], data_inputs: Sequence[str], types: Mappin
     del result.graph.value_info[:]
     result.graph.value_info.extend(kept_values)
     return result, boundary
+
+
+def _without_dead_nodes(nodes: list[Any], graph_outputs: set[str], constant: set[str]) -> list[Any]:
+    """`nodes` less those computing only `constant` tensors that no other node and no graph output reads (the
+    dequantization of a frozen weight that only the cut prefix used)."""
+    nodes = list(nodes)
+    while True:
+        read = graph_outputs | {name for node in nodes for name in node.input}
+        dead = {id(node) for node in nodes if all(out in constant and out not in read for out in node.output if out)
+                and any(node.output)}
+        if not dead:
+            return nodes
+        nodes = [node for node in nodes if id(node) not in dead]
 
 
 def _batch_shape_chains(integer: list[str], produced_by_prefix: Mapping[str, Any], data_inputs: Sequence[str],

@@ -650,6 +650,7 @@ class Trainer:
             return train_set, {"reason": str(reason)}
         self._prefix = cache
         self._module = None
+        _return_freed_buffers()  # the fill's sessions are gone: their buffers go back before the cut model's session opens
         self._prefix_finalizer = weakref.finalize(self, cache.close)
         self.echo(f"frozen prefix cached: {len(cut.boundary)} tensor(s), {cache.stats[-1].bytes_per_example / 1024:.1f} KiB per example, "
                   f"{cache.stats[-1].seconds:.2f} s")

@@ -205,3 +205,24 @@ def test_a_prefix_without_compute_is_not_cached_unless_asked(tmp_path: Path) -> 
     assert "no multiply-accumulate" in auto.prefix_cache["reason"]
     for name, value in _weights(auto_folder).items():
         assert np.array_equal(value, results[False][1][name]), name
+
+
+@pytest.mark.parametrize("passes", [
+    [{"name": "lora", "options": {"rank": 4, "alpha": 8, "last": 6}}, {"name": "quantize-frozen"}],
+    [{"name": "trainable", "options": {"layers": 3}}, {"name": "quantize-frozen"}],
+], ids=["lora-last-block-int8", "last-layers-int8"])
+def test_an_encoder_with_int8_frozen_weights_caches_its_frozen_blocks(tmp_path: Path, passes: list) -> None:
+    """The frozen embeddings and first block of a BERT-style encoder (LayerNorms, int8 weights dequantized by
+    frozen nodes outside the data path) are cached; training stays bit-identical."""
+    from test_encoder_passes import rewrite, text_data
+
+    data = text_data(n=22, length=16, seed=1)
+    rewrite(passes, tmp_path / "folder")
+    results = _train_both(tmp_path / "folder", tmp_path, data, data, epochs=3, batch=5, trim_padding=False)
+    stats = results[True][0].prefix_cache
+    assert "reason" not in stats and any("LayerNorm" in name for name in stats["boundary"])
+    # views, and the frozen base product of a LoRA layer, are recomputed by the cut model from the tensor it receives
+    assert not any("reshape" in name.lower() or "lora_base" in name for name in stats["boundary"])
+    for name, value in results[False][1].items():
+        assert np.array_equal(value, results[True][1][name]), name
+    assert [e.eval for e in results[False][0].epochs] == [e.eval for e in results[True][0].epochs]
