@@ -171,3 +171,89 @@ passes:
     options: {layers: all}
 """
 """The fleet tests' sparse recipe for the digits CNN: a few static channels of some layers travel, BN frozen."""
+
+
+def two_input_encoder(vocab: int = 24, width: int = 12, hidden: int = 24, classes: int = 3, *, layers: int = 1,
+                      seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A BERT-style encoder with two inputs, token ids and an attention mask (int64 [batch, sequence]):
+    embedding Gather -> LayerNorm -> `layers` x (single-head self-attention whose scores the mask biases, residual +
+    LayerNorm, Relu feed-forward, residual + LayerNorm) -> masked mean pooling -> Gemm classifier. Its Linear
+    layers are MatMul + Add on [batch, sequence, features], as torch exports them; the mask crosses every block."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("embeddings.weight", rng.standard_normal((vocab, width)) * 0.5),
+             _init("ln0.scale", rng.uniform(0.8, 1.2, width)), _init("ln0.bias", rng.uniform(-0.1, 0.1, width)),
+             _init("one", np.array(1.0)), _init("big_negative", np.array(-1e4)), _init("tiny", np.array(1e-9)),
+             _init("inverse_sqrt_width", np.array(1 / np.sqrt(width))),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1"), numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             _init("classifier.weight", rng.standard_normal((width, classes)) / np.sqrt(width)),
+             _init("classifier.bias", np.zeros(classes))]
+    nodes = [helper.make_node("Gather", ["embeddings.weight", "input_ids"], ["embedded"], name="embeddings"),
+             helper.make_node("LayerNormalization", ["embedded", "ln0.scale", "ln0.bias"], ["h0"], name="ln0", axis=-1),
+             helper.make_node("Cast", ["attention_mask"], ["mask"], name="mask_cast", to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["mask", "axis1"], ["mask_rows"], name="mask_rows"),
+             helper.make_node("Sub", ["one", "mask_rows"], ["masked_out"], name="mask_invert"),
+             helper.make_node("Mul", ["masked_out", "big_negative"], ["score_bias"], name="mask_bias")]
+
+    def linear(name: str, source: str, fan_in: int, fan_out: int) -> str:
+        inits.extend([_init(f"{name}.weight", rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)),
+                      _init(f"{name}.bias", rng.standard_normal(fan_out) * 0.05)])
+        nodes.extend([helper.make_node("MatMul", [source, f"{name}.weight"], [f"{name}.matmul"], name=f"{name}/MatMul"),
+                      helper.make_node("Add", [f"{name}.matmul", f"{name}.bias"], [f"{name}.out"], name=f"{name}/Add")])
+        return f"{name}.out"
+
+    def norm(name: str, a: str, b: str) -> str:
+        inits.extend([_init(f"{name}.scale", rng.uniform(0.8, 1.2, width)), _init(f"{name}.bias", rng.uniform(-0.1, 0.1, width))])
+        nodes.extend([helper.make_node("Add", [a, b], [f"{name}.sum"], name=f"{name}/residual"),
+                      helper.make_node("LayerNormalization", [f"{name}.sum", f"{name}.scale", f"{name}.bias"], [f"{name}.out"],
+                                       name=name, axis=-1)])
+        return f"{name}.out"
+
+    h = "h0"
+    for i in range(layers):
+        p = f"layer{i}"
+        q, k, v = (linear(f"{p}.{n}", h, width, width) for n in ("query", "key", "value"))
+        nodes.extend([helper.make_node("Transpose", [k], [f"{p}.key_t"], name=f"{p}/key_t", perm=[0, 2, 1]),
+                      helper.make_node("MatMul", [q, f"{p}.key_t"], [f"{p}.scores"], name=f"{p}/scores"),
+                      helper.make_node("Mul", [f"{p}.scores", "inverse_sqrt_width"], [f"{p}.scaled"], name=f"{p}/scale"),
+                      helper.make_node("Add", [f"{p}.scaled", "score_bias"], [f"{p}.biased"], name=f"{p}/mask"),
+                      helper.make_node("Softmax", [f"{p}.biased"], [f"{p}.attention"], name=f"{p}/softmax", axis=-1),
+                      helper.make_node("MatMul", [f"{p}.attention", v], [f"{p}.context"], name=f"{p}/context")])
+        attended = norm(f"{p}.ln1", linear(f"{p}.output", f"{p}.context", width, width), h)
+        up = linear(f"{p}.intermediate", attended, width, hidden)
+        nodes.append(helper.make_node("Relu", [up], [f"{p}.relu"], name=f"{p}/relu"))
+        h = norm(f"{p}.ln2", linear(f"{p}.down", f"{p}.relu", hidden, width), attended)
+    nodes.extend([helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask_tokens"], name="mask_tokens"),
+                  helper.make_node("Mul", [h, "mask_tokens"], ["kept"], name="pool_mask"),
+                  helper.make_node("ReduceSum", ["kept", "axis1"], ["summed"], name="pool_sum", keepdims=0),
+                  helper.make_node("ReduceSum", ["mask_tokens", "axis1"], ["count"], name="pool_count", keepdims=0),
+                  helper.make_node("Max", ["count", "tiny"], ["safe_count"], name="pool_safe"),
+                  helper.make_node("Div", ["summed", "safe_count"], ["pooled"], name="pool"),
+                  helper.make_node("Gemm", ["pooled", "classifier.weight", "classifier.bias"], ["logits"], name="classifier")])
+    graph = helper.make_graph(
+        nodes, "two_input_encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeplug-tests")
+    model.ir_version = 8
+    return model
+
+
+def token_data(n: int = 64, sequence: int = 10, vocab: int = 24, classes: int = 3, *, seed: int = 0,
+               shift: int = 0) -> dict[str, np.ndarray]:
+    """Right-padded token ids and masks whose class is which third of the vocabulary most tokens come from
+    (learnable by the encoder above); `shift` moves every token id up by that much (a drift: other words)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    band = (vocab - 1) // classes
+    lengths = rng.integers(max(2, sequence // 3), sequence + 1, size=n)
+    ids = np.zeros((n, sequence), np.int64)
+    for row, (label, length) in enumerate(zip(labels, lengths)):
+        own = rng.integers(1 + label * band, 1 + (label + 1) * band, size=length)
+        noise = rng.integers(1, vocab, size=length)
+        ids[row, :length] = np.where(rng.random(length) < 0.7, own, noise)
+    ids = np.where(ids > 0, (ids - 1 + shift) % (vocab - 1) + 1, 0)
+    mask = (np.arange(sequence)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "y": labels.astype(np.int64)}

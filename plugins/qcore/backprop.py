@@ -20,6 +20,7 @@ import onnx
 
 from edgeplug.plugin_api import captured_native_stderr, inference_runtime, open_artifacts
 
+from .examples import Examples
 from .layers import find_layers
 from .qmodel import QuantState, dequantized_float_model
 from .quantize import quantize_weights
@@ -43,7 +44,7 @@ def backprop_artifacts(model: onnx.ModelProto, state: QuantState, folder: Path, 
     return folder / "out"
 
 
-def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x: np.ndarray, y: np.ndarray, *, epochs: int,
+def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x: np.ndarray | Examples, y: np.ndarray, *, epochs: int,
                    lr: float, batch_size: int = 32, seed: int = 0, threads: int | None = None) -> QuantState:
     """The on-device part, as lean as a device runtime does it: open the artifacts, `epochs` of AdamW steps
     on (x, y) in a seeded order (no checkpoint written, no evaluation), read the trained weights from the
@@ -59,6 +60,9 @@ def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x
         checkpoint, module, optimizer = open_artifacts(artifacts, session_options=options)
     names = list(module.input_names())
     data_name = next(name for name in names if name != "labels")
+    missing = [name for name in names if name != "labels" and isinstance(x, Examples) and name not in x.names]
+    if missing:
+        raise ValueError(f"backprop calibration: the training model reads {missing}, which the examples lack")
     module.train()
     optimizer.set_learning_rate(lr)
     batch = min(batch_size, len(y))
@@ -66,7 +70,8 @@ def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x
         order = np.random.default_rng([seed, epoch]).permutation(len(y))
         for start in range(0, len(y), batch):
             rows = order[start:start + batch]
-            feeds = {data_name: x[rows], "labels": y[rows]}
+            rows_in = x[rows]
+            feeds = {**(rows_in.arrays if isinstance(rows_in, Examples) else {data_name: rows_in}), "labels": y[rows]}
             module(*[feeds[name] for name in names])
             optimizer.step()
             module.lazy_reset_grad()
@@ -77,7 +82,7 @@ def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x
     return result
 
 
-def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray, y: np.ndarray, *,
+def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray | Examples, y: np.ndarray, *,
                        epochs: int, lr: float, batch_size: int = 32, seed: int = 0, threads: int | None = None) -> QuantState:
     """A copy of `state` whose integer weights are those of a fine-tune on (x, y), requantized."""
     with tempfile.TemporaryDirectory(prefix="qcore-backprop-") as scratch:

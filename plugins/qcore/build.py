@@ -17,10 +17,11 @@ import onnx
 from edgeplug.plugin_api import DataError, RecipeError, atomic_directory, fill_defaults, load_schema, save_model
 
 from .backprop import backprop_calibrate
-from .calibrate import device_features
+from .calibrate import device_features, flip_layers
 from .coreset import Coreset, coreset_size, draw, forgetting_counts
+from .examples import Examples, concatenate
+from .examples import of as examples_of
 from .flipnet import train_flipnet
-from .layers import find_layers
 from .qmodel import (
     QuantizedRunner,
     QuantState,
@@ -57,15 +58,41 @@ def quantize(float_model: onnx.ModelProto, x: np.ndarray, bits: int, percentile:
     state = initial_state(float_model, bits)
     runner = QuantizedRunner(float_model, state)
     runner.refresh_norm_stats(x)
-    inputs = runner.layer_inputs(x)
-    for layer in runner.layers:
+    for layer, values in activation_samples(runner, x).items():
         if not layer.first:
-            state.activation_grids[layer.node] = activation_grid(inputs[layer.node], 8 if layer.last else bits, percentile)
+            state.activation_grids[layer.node] = activation_grid(values, 8 if layer.last else bits, percentile)
     return state
 
 
-def distort(x: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """A synthetic drift for flip-network targets: per-channel gain and offset plus noise."""
+ACTIVATION_SAMPLE = 2_000_000
+"""Most values per layer input that the activation range is taken from (an encoder's inputs are [batch, sequence,
+features]: 128 texts of 48 tokens are 9.4 M values at MiniLM's 1536-wide layer); below it every value counts."""
+
+
+def activation_samples(runner: QuantizedRunner, x: Any) -> dict[Any, np.ndarray]:
+    """Every quantized layer's float input values on `x`, batch by batch; where a layer's inputs over all of `x`
+    would exceed ACTIVATION_SAMPLE values, an evenly spread random subset of each batch (seeded)."""
+    rng = np.random.default_rng(0)
+    batches = -(-len(x) // runner.batch)
+    parts: dict[Any, list[np.ndarray]] = {layer: [] for layer in runner.layers}
+    for start in range(0, len(x), runner.batch):
+        inputs = runner.layer_inputs(x[start:start + runner.batch])
+        for layer in runner.layers:
+            flat = inputs[layer.node].ravel()
+            room = ACTIVATION_SAMPLE // batches
+            parts[layer].append(flat if flat.size * batches <= ACTIVATION_SAMPLE else flat[rng.choice(flat.size, room, replace=False)])
+        del inputs
+    return {layer: np.concatenate(values) for layer, values in parts.items()}
+
+
+def distort(x: Any, rng: np.random.Generator, strength: float) -> Any:
+    """A synthetic drift for flip-network targets: per-channel gain and offset plus noise. Only float inputs
+    drift: integer ones (token ids, attention masks) stay as they are (give such models --drift-data)."""
+    if isinstance(x, Examples):
+        return Examples({name: distort(value, rng, strength) if np.issubdtype(value.dtype, np.floating) else value
+                         for name, value in x})
+    if not np.issubdtype(x.dtype, np.floating):
+        return x
     shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     spread = float(x.std()) or 1.0
     gain = 1.0 + strength * rng.uniform(-0.5, 0.5, shape)
@@ -74,32 +101,42 @@ def distort(x: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndar
     return (x * gain + offset + noise).astype(x.dtype)
 
 
-def reference_class_means(runner: QuantizedRunner, x: np.ndarray, y: np.ndarray, classes: int) -> dict[str, np.ndarray]:
-    """Class means of every hidden layer's aligned output on the training data (see `signals`)."""
+def reference_class_means(runner: QuantizedRunner, x: Any, y: np.ndarray, classes: int,
+                          layers: Any = None) -> dict[str, np.ndarray]:
+    """Class means of the hidden layers' aligned outputs on the training data (see `signals`); `layers`: the
+    layer nodes to keep them for (default: every hidden layer)."""
     sums: dict[str, np.ndarray] = {}
     counts = np.bincount(y, minlength=classes).astype(np.float64)
-    for start in range(0, len(y), 1024):
-        _, _, outputs = runner.forward_all(x[start:start + 1024])
-        for name, value in outputs.items():
+    wanted = [name for name in runner.aligned if layers is None or name in set(layers)]
+    if not wanted:
+        return {}
+    names = [runner.aligned[name].tensor for name in wanted]
+    step = 1024 if len(runner.layers) < 16 else runner.batch  # large models: few rows of every output at a time
+    for start in range(0, len(y), step):
+        values = runner.run(x[start:start + step], names)
+        for layer_name, value in zip(wanted, values):
+            name = layer_name
             means = channel_means(value).astype(np.float64)
             total = sums.setdefault(name, np.zeros((classes, means.shape[1])))
-            np.add.at(total, y[start:start + 1024], means)
+            np.add.at(total, y[start:start + step], means)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {name: (total / counts[:, None]).astype(np.float32) for name, total in sums.items()}
 
 
 def flip_examples(float_model: onnx.ModelProto, state: QuantState, reference: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                  x: np.ndarray, y: np.ndarray, options: Mapping[str, Any],
-                  class_means: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Features (as the device computes them) and backprop-calibration targets on (x, y), per layer."""
+                  x: Any, y: np.ndarray, options: Mapping[str, Any],
+                  class_means: Mapping[str, np.ndarray] | None = None,
+                  layers: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Features (as the device computes them) and backprop-calibration targets on (x, y), per layer of `layers`
+    (default: every quantized layer)."""
     drifted = state.copy()
     runner = QuantizedRunner(float_model, drifted)
     runner.refresh_norm_stats(x, float(options["norm_momentum"]))
-    features = device_features(runner, reference, x, y, class_means)
+    features = device_features(runner, reference, x, y, class_means, layers)
     tuned = backprop_calibrate(float_model, drifted, x, y, epochs=int(options["backprop_epochs"]),
                                lr=float(options["backprop_lr"]), seed=int(options["seed"]))
     targets = {name: np.clip(tuned.codes[name].astype(np.int16) - drifted.codes[name], -1, 1).ravel().astype(np.float32)
-               for name in drifted.codes}
+               for name in features}
     return features, targets
 
 
@@ -118,22 +155,29 @@ def drift_pools(coreset: Coreset, x: np.ndarray, y: np.ndarray, drift_data: Drif
             domain = domains[k % len(domains)]
             rows = np.flatnonzero(drift_data.domain == domain)
             picked = rng.choice(rows, size=min(size, len(rows)), replace=False)
-            pools.append((np.concatenate([coreset.x, drift_data.x[picked]]), np.concatenate([coreset.y, drift_data.y[picked]]),
+            pools.append((concatenate([coreset.x, drift_data.x[picked]]), np.concatenate([coreset.y, drift_data.y[picked]]),
                           f"domain {domain}"))
         return pools
     for k in range(count):
         picked = rng.choice(len(y), size=min(size, len(y)), replace=False)
         strength = float(options["drift_strength"]) * (k + 1) / count
-        pools.append((distort(np.concatenate([coreset.x, x[picked]]), rng, strength), np.concatenate([coreset.y, y[picked]]),
+        pools.append((distort(concatenate([coreset.x, x[picked]]), rng, strength), np.concatenate([coreset.y, y[picked]]),
                       f"synthetic {strength:.2f}"))
     return pools
+
+
+def token_wise_layers(runner: QuantizedRunner, example: Any) -> set[str]:
+    """MatMul/Gemm layers whose input has more than two axes ([batch, sequence, features]: a transformer's Linear
+    layers applied to every token), found from one forward pass over one example."""
+    inputs = runner.layer_inputs(example)
+    return {layer.node for layer in runner.layers if layer.op_type != "Conv" and inputs[layer.node].ndim > 2}
 
 
 @dataclasses.dataclass(frozen=True)
 class DriftData:
     """Labelled examples grouped by domain (one integer per example) for the flip networks' targets."""
 
-    x: np.ndarray
+    x: Any  # np.ndarray, or Examples for a model with several inputs
     y: np.ndarray
     domain: np.ndarray
 
@@ -147,9 +191,7 @@ def build(artifact_dir: Path, data: Any, *, epochs: int, batch_size: int, echo: 
     started = time.perf_counter()
     trainer = Trainer(artifact_dir, seed=int(options["seed"]), echo=echo)
     dataset = trainer.dataset(data)
-    if len(dataset.inputs) != 1:
-        raise DataError(f"qcore needs a model with one data input; this one has {sorted(dataset.inputs)}")
-    x, y = next(iter(dataset.inputs.values())), dataset.labels
+    x, y = examples_of(dataset.inputs), dataset.labels
     rng = np.random.default_rng(int(options["seed"]))
     calib = x[rng.permutation(len(y))[: int(options["calibration_samples"])]]
     size = coreset_size(options["coreset_size"], len(y))
@@ -181,7 +223,7 @@ def rebuild(artifact_dir: Path, data: Any, *, echo: Callable[[str], None], drift
     if not (folder / "records.npz").is_file():
         raise DataError(f"{folder} has no records.npz; run 'edgeplug quantize' first")
     dataset = Trainer(artifact_dir, seed=int(options["seed"]), echo=echo).dataset(data)
-    x, y = next(iter(dataset.inputs.values())), dataset.labels
+    x, y = examples_of(dataset.inputs), dataset.labels
     with np.load(folder / "records.npz", allow_pickle=False) as archive:
         records, record_epochs = archive["records"], [int(e) for e in archive["epochs"]]
     float_model = onnx.load(str(folder / "float.onnx"))
@@ -189,7 +231,7 @@ def rebuild(artifact_dir: Path, data: Any, *, echo: Callable[[str], None], drift
                   started=time.perf_counter())
 
 
-def finish(artifact_dir: Path, float_model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, records: np.ndarray,
+def finish(artifact_dir: Path, float_model: onnx.ModelProto, x: Any, y: np.ndarray, records: np.ndarray,
            record_epochs: list[int], options: Mapping[str, Any], *, echo: Callable[[str], None],
            drift_data: DriftData | None, started: float) -> dict[str, Any]:
     """Quantize the trained float model, draw the coreset from the records, train the flip networks, write OUT/qcore/."""
@@ -208,11 +250,21 @@ def finish(artifact_dir: Path, float_model: onnx.ModelProto, x: np.ndarray, y: n
     echo(f"coreset: {size} of {len(y)} examples ({size / len(y):.2%}), {int((counts > 0).sum())} ever forgotten")
 
     classes = int(max(int(y.max()) + 1, _output_classes(float_model)))
-    class_means = reference_class_means(runner, x, y, classes)
-    features: dict[str, list[np.ndarray]] = {layer.node: [] for layer in runner.layers}
-    targets: dict[str, list[np.ndarray]] = {layer.node: [] for layer in runner.layers}
+    token_wise = token_wise_layers(runner, x[:1])
+    refused = [layer.node for layer in flip_layers(runner.layers, str(options.get("flip_layers", "last")))
+               if not layer.last and layer.node in token_wise]
+    if refused:
+        raise RecipeError(f"qcore: flip_layers 'all' needs a class-mean signal for every hidden layer, and {len(refused)} of them "
+                          f"(e.g. '{refused[0]}') are MatMuls over [batch, sequence, features] (an encoder's token-wise Linear "
+                          "layers), which have none; use flip_layers: last")
+    # flip networks for every layer that has a signal: the last one, and hidden layers except token-wise ones (an
+    # encoder's Linear layers get none: no class-mean signal, and 10 M feature rows per drift for MiniLM-L6)
+    flipping = [layer for layer in runner.layers if layer.last or layer.node not in token_wise]
+    class_means = reference_class_means(runner, x, y, classes, [layer.node for layer in flipping if not layer.last])
+    features: dict[str, list[np.ndarray]] = {layer.node: [] for layer in flipping}
+    targets: dict[str, list[np.ndarray]] = {layer.node: [] for layer in flipping}
     for k, (pool_x, pool_y, what) in enumerate(drift_pools(coreset, x, y, drift_data, options, rng)):
-        f, g = flip_examples(float_model, state, reference, pool_x, pool_y, options, class_means)
+        f, g = flip_examples(float_model, state, reference, pool_x, pool_y, options, class_means, flipping)
         for name in features:
             features[name].append(f[name])
             targets[name].append(g[name])
@@ -225,7 +277,7 @@ def finish(artifact_dir: Path, float_model: onnx.ModelProto, x: np.ndarray, y: n
                                "coreset_share": size / len(y), "ever_forgotten": int((counts > 0).sum()), "flipnets": {}}
     with atomic_directory(artifact_dir / QCORE_DIR, overwrite=True) as staged:
         (staged / "flipnet").mkdir()
-        for layer in find_layers(float_model):
+        for layer in flipping:
             info = train_flipnet(np.concatenate(features[layer.node]), np.concatenate(targets[layer.node]),
                                  staged / "flipnet" / f"{layer.node}.onnx", hidden=int(options["flip_hidden"]),
                                  epochs=int(options["flip_epochs"]), lr=float(options["flip_lr"]), seed=int(options["seed"]))

@@ -101,10 +101,12 @@ def features_from(runner: QuantizedRunner, reference: Mapping[str, tuple[np.ndar
 
 
 def device_features(runner: QuantizedRunner, reference: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                    x: np.ndarray, y: np.ndarray, class_means: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Flip-network features of every layer from one forward pass over (x, y) (see `features_from`)."""
-    acts = runner.activations(x, feature_probes(runner.model, runner.layers))
-    return features_from(runner, reference, acts, y, runner.layers, class_means)
+                    x: Any, y: np.ndarray, class_means: Mapping[str, np.ndarray] | None = None,
+                    layers: Iterable[QuantLayer] | None = None) -> dict[str, np.ndarray]:
+    """Flip-network features of `layers` (default: every layer) from one forward pass over (x, y) (see `features_from`)."""
+    chosen = list(runner.layers if layers is None else layers)
+    acts = runner.activations(x, feature_probes(runner.model, chosen))
+    return features_from(runner, reference, acts, y, chosen, class_means)
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -181,7 +183,9 @@ class Calibrator:
         self.runner.prepare(self.layers, self.coreset.x[:1])
         missing_nets = [layer.node for layer in self.layers if layer.node not in build["flipnets"]]
         if missing_nets:
-            raise DataError(f"{qcore_dir} has no flip network for {', '.join(missing_nets)}; run 'edgeplug quantize --reuse-records' again")
+            raise DataError(f"{qcore_dir} has no flip network for {', '.join(missing_nets[:3])}{', ...' if len(missing_nets) > 3 else ''} "
+                            "(an encoder's token-wise Linear layers get none: use flip_layers 'last'; otherwise run "
+                            "'edgeplug quantize --reuse-records' again)")
         self.flipnets = {layer.node: FlipNet(qcore_dir / "flipnet" / f"{layer.node}.onnx", *load_normalisation(build["flipnets"][layer.node]),
                                              threads=threads) for layer in self.layers}
         self.rng = np.random.default_rng(int(self.options["seed"]))
@@ -189,7 +193,7 @@ class Calibrator:
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(self.runner.correct(x, y).mean())
 
-    def step(self, x: np.ndarray, y: np.ndarray, chunk: int, source: str = "") -> ChunkResult:
+    def step(self, x: Any, y: np.ndarray, chunk: int, source: str = "") -> ChunkResult:
         started = time.perf_counter()
         pool = self.coreset.pooled(x, y, chunk, stacked=True)
         rows = self._rows(len(self.coreset), len(y))

@@ -46,7 +46,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise DataError("--epochs and --batch-size must be at least 1")
-    drift = _drift_data(args.drift_data) if args.drift_data else None
+    drift = _drift_data(args.drift_data, _input_names(args.artifacts)) if args.drift_data else None
     with Progress("quantize", unit="stage") as bar:  # records, coreset, flip targets, flip networks: one item each
 
         def echo(text: str) -> None:
@@ -65,27 +65,42 @@ def run_quantize(args: argparse.Namespace) -> int:
                         f"{summary['examples']} examples ({summary['coreset_share']:.2%}), {len(summary['flipnets'])} flip networks")
 
 
-def _drift_data(path: Path) -> Any:
-    """--drift-data: x, y and an integer domain per example, checked before any training."""
+def _input_names(artifacts: Path) -> list[str]:
+    """The model's data inputs, in order, from the folder's report (empty when there is none: the build says so)."""
+    report = artifacts / "report.json"
+    if not report.is_file():
+        return []
+    return [i["name"] for i in json.loads(report.read_text(encoding="utf-8"))["training"]["inputs"]]
+
+
+def _drift_data(path: Path, input_names: list[str]) -> Any:
+    """--drift-data: x (or, for a model with several inputs, one array per input name), y and an integer domain per
+    example, checked before any training."""
     import numpy as np
 
     from .build import DriftData
+    from .examples import Examples
 
     if not path.is_file():
         raise DataError(f"--drift-data {path}: no such file")
+    several = len(input_names) > 1
+    keys = input_names if several else ["x"]
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in ("x", "y", "domain") if k not in archive.files]
+            missing = [k for k in (*keys, "y", "domain") if k not in archive.files]
             if missing:
-                raise DataError(f"--drift-data {path}: missing arrays {missing} (needs x, y and domain)")
-            x, y, domain = archive["x"], archive["y"], archive["domain"]
+                raise DataError(f"--drift-data {path}: missing arrays {missing} (needs {', '.join(keys)}, y and domain)")
+            arrays, y, domain = {k: archive[k] for k in keys}, archive["y"], archive["domain"]
     except (OSError, ValueError) as error:
         raise DataError(f"--drift-data {path}: not a readable .npz ({error})") from None
-    if not (len(x) == len(y) == len(domain)) or len(y) == 0:
-        raise DataError(f"--drift-data {path}: x, y and domain must have the same non-zero length ({len(x)}, {len(y)}, {len(domain)})")
+    lengths = {len(v) for v in arrays.values()}
+    if lengths != {len(y)} or len(domain) != len(y) or len(y) == 0:
+        raise DataError(f"--drift-data {path}: {', '.join(keys)}, y and domain must have the same non-zero length "
+                        f"({', '.join(str(len(v)) for v in arrays.values())}, {len(y)}, {len(domain)})")
     if not np.issubdtype(y.dtype, np.integer) or not np.issubdtype(domain.dtype, np.integer) or y.ndim != 1 or domain.ndim != 1:
         raise DataError(f"--drift-data {path}: y and domain must be 1-D integer arrays")
-    return DriftData(x.astype(np.float32), y.astype(np.int64), domain.astype(np.int64))
+    x: Any = Examples(arrays) if several else arrays["x"].astype(np.float32)
+    return DriftData(x, y.astype(np.int64), domain.astype(np.int64))
 
 
 def _chunks(artifacts: Path, paths: list[Path]) -> list[Dataset]:
@@ -106,6 +121,7 @@ def _chunks(artifacts: Path, paths: list[Path]) -> list[Dataset]:
 def run_calibrate(args: argparse.Namespace) -> int:
     from .build import read_options
     from .calibrate import Calibrator
+    from .examples import of as examples_of
     from .export import export_quantized
 
     options = read_options(args.artifacts)
@@ -117,8 +133,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         first = int(calibrator.coreset.origin.max()) + 1
         for number, (path, chunk) in enumerate(zip(args.stream, chunks), start=first):
             bar.status(path.name)
-            x = next(iter(chunk.inputs.values()))
-            result = calibrator.step(x, chunk.labels, number, path.name)
+            result = calibrator.step(examples_of(chunk.inputs), chunk.labels, number, path.name)
             calibrator.save()
             rows.append(dataclasses.asdict(result))
             bar.advance(status=f"acc {result.accuracy_after:.3f}")

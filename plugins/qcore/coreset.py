@@ -10,6 +10,8 @@ import numpy as np
 
 from edgeplug.plugin_api import DataError, atomic_file
 
+from .examples import Examples, concatenate, load_arrays, save_arrays
+
 
 def forgetting_counts(records: np.ndarray, never_learned: int) -> np.ndarray:
     """Forgetting counts per example from correctness records [bit-widths, times, examples].
@@ -95,7 +97,7 @@ class Stacked:
 class Coreset:
     """The examples kept for calibration, with their forgetting counts and last correctness."""
 
-    x: np.ndarray  # or a Stacked view (`pooled(..., stacked=True)`)
+    x: Any  # np.ndarray, or Examples for a model with several inputs; or a Stacked view (`pooled(..., stacked=True)`)
     y: np.ndarray
     counts: np.ndarray
     correct: np.ndarray
@@ -106,20 +108,28 @@ class Coreset:
 
     def save(self, path: Path) -> None:
         with atomic_file(path) as staged, open(staged, "wb") as handle:
-            np.savez(handle, x=self.x, y=self.y, counts=self.counts, correct=self.correct, origin=self.origin)
+            arrays: dict[str, Any] = {**save_arrays("x", self.x), "y": self.y, "counts": self.counts, "correct": self.correct,
+                                      "origin": self.origin}
+            np.savez(handle, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Coreset:
         if not path.is_file():
             raise DataError(f"coreset not found: {path}; run 'edgeplug quantize OUT --data train.npz' first")
         with np.load(path, allow_pickle=False) as archive:
-            return cls(archive["x"], archive["y"], archive["counts"], archive["correct"].astype(bool), archive["origin"])
+            return cls(load_arrays("x", archive), archive["y"], archive["counts"], archive["correct"].astype(bool), archive["origin"])
 
-    def pooled(self, x: np.ndarray, y: np.ndarray, origin: int, *, stacked: bool = False) -> Coreset:
+    def pooled(self, x: Any, y: np.ndarray, origin: int, *, stacked: bool = False) -> Coreset:
         """This coreset followed by new examples that have no record yet (`stacked`: the inputs are not
         copied into one array but read through a `Stacked` view)."""
         n = len(y)
-        inputs: Any = Stacked(self.x, x) if stacked else np.concatenate([self.x, x])
+        inputs: Any
+        if not stacked:
+            inputs = concatenate([self.x, x])
+        elif isinstance(self.x, Examples):
+            inputs = Examples({name: Stacked(self.x.arrays[name], x.arrays[name]) for name in self.x.names})
+        else:
+            inputs = Stacked(self.x, x)
         return Coreset(inputs, np.concatenate([self.y, y]),
                        np.concatenate([self.counts, np.zeros(n, np.int64)]), np.concatenate([self.correct, np.zeros(n, bool)]),
                        np.concatenate([self.origin, np.full(n, origin, np.int64)]))

@@ -31,14 +31,15 @@ class QCorePass(Pass):
         if any(node.op_type == "DequantizeLinear" for node in state.model.graph.node):
             raise RecipeError("qcore quantizes float weights: remove quantize-frozen (or other quantization) from this recipe")
         initializers = {t.name for t in state.model.graph.initializer}
+        # several data inputs (token ids + attention mask) are all fed from the examples; what gets quantized is the
+        # weights of Conv/Gemm/MatMul layers and their inputs, never a graph input itself
         data_inputs = [i.name for i in state.model.graph.input if i.name not in initializers]
-        if len(data_inputs) != 1:
-            raise RecipeError(f"qcore needs a model with one data input; this one has {data_inputs}")
         layers = find_layers(state.model)
         self._details = {
             "bits": self.options["bits"], "record_bits": self.options["record_bits"],
             "layers": [layer.node for layer in layers], "batch_norms": [bn.name for bn in batch_norms(state.model)],
-            "float_input_layers": [layer.node for layer in layers if layer.first],
+            "float_input_layers": [layer.node for layer in layers if layer.first], "data_inputs": data_inputs,
+            "float_nodes": float_nodes(state.model),
         }
         context.work_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"options": self.options, **self._details}, indent=2) + "\n"
@@ -52,3 +53,14 @@ class QCorePass(Pass):
             summary=f"{len(layers)} layers to quantize at {self.options['bits']} bits; run 'edgeplug quantize' after training",
             details=self._details,
         )
+
+
+def float_nodes(model: Any) -> dict[str, int]:
+    """What stays in float, by op type: everything but the quantized layers' weights and inputs (embedding lookups,
+    LayerNorm, attention's activation-by-activation MatMuls, softmax...)."""
+    quantized = {layer.node for layer in find_layers(model)}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name not in quantized and node.op_type in ("Gather", "LayerNormalization", "BatchNormalization", "MatMul", "Gemm", "Conv", "Softmax"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

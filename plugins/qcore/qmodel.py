@@ -20,6 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeplug.plugin_api import DataError, GraphIndex, ModelError, atomic_file, inference_runtime, write_text
 
+from .examples import Examples, Inputs
+from .examples import feeds as input_feeds
 from .layers import QuantLayer, batch_norms, find_layers, initializer_array
 from .quantize import (
     ActivationGrid,
@@ -212,8 +214,10 @@ class QuantizedRunner:
         self.layers = find_layers(model)
         self.norms = batch_norms(model)
         data_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-        if len(data_inputs) != 1:
-            raise ModelError(f"qcore: the model must have one data input, it has {len(data_inputs)}: {data_inputs}")
+        if not data_inputs:
+            raise ModelError("qcore: the model has no data input")
+        # every data input is fed from the examples (an `Examples` for several, e.g. token ids + attention mask)
+        self.input_names = data_inputs
         self.input_name = data_inputs[0]
         self.output_name = model.graph.output[0].name
         from .signals import aligned_outputs
@@ -257,14 +261,16 @@ class QuantizedRunner:
                 feeds[bn.input[3]], feeds[bn.input[4]] = mean.astype(np.float32), var.astype(np.float32)
         return feeds
 
-    def run(self, x: np.ndarray, outputs: list[str], *, session: Any = None, input_name: str | None = None) -> list[np.ndarray]:
-        """Named outputs over `x` (fed as `input_name` of `session`, default the whole model's input), in batches."""
+    def run(self, x: Inputs, outputs: list[str], *, session: Any = None, input_name: str | None = None) -> list[np.ndarray]:
+        """Named outputs over `x` (an array fed as `input_name` of `session`, default the whole model's input; or
+        `Examples`, each array fed to the input of its name that the session declares), in batches."""
         session = session if session is not None else self.session
         input_name = input_name or self.input_name
+        wanted = {i.name for i in session.get_inputs()}
         parts: list[list[np.ndarray]] = [[] for _ in outputs]
         feeds = self._feeds(session)
         for start in range(0, len(x), self.batch):
-            feeds[input_name] = x[start:start + self.batch]
+            feeds.update(input_feeds(x[start:start + self.batch], input_name, wanted))
             for part, value in zip(parts, session.run(outputs, feeds)):
                 part.append(value)
         return [np.concatenate(p) for p in parts]
@@ -272,18 +278,18 @@ class QuantizedRunner:
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.run(x, [self.output_name])[0]
 
-    def correct(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def correct(self, x: Inputs, y: np.ndarray) -> np.ndarray:
         return np.asarray(self.logits(x).argmax(axis=-1) == y)
 
     # -- activations kept across flips -----------------------------------------------------------
 
-    def activations(self, x: np.ndarray, probes: Iterable[str]) -> Activations:
+    def activations(self, x: Inputs, probes: Iterable[str]) -> Activations:
         """One pass over `x`: the output and the named probes (layer inputs, aligned outputs)."""
         names = list(dict.fromkeys(probes))
         logits, *values = self.run(x, [self.output_name, *names])
         return Activations(logits, dict(zip(names, values)))
 
-    def prepare(self, layers: Iterable[QuantLayer], example: np.ndarray | None = None) -> None:
+    def prepare(self, layers: Iterable[QuantLayer], example: Inputs | None = None) -> None:
         """Build now the sessions the device loop will use (every norm's prefix, `layers`' suffixes) and, given
         an example, run each once (onnxruntime allocates on a session's first run), so that no calibration pays
         for either."""
@@ -300,17 +306,22 @@ class QuantizedRunner:
         for layer in layers:
             self.rerun_from(layer, acts, example)
 
-    def rerun_from(self, layer: QuantLayer, current: Activations, x: np.ndarray) -> Activations:
+    def rerun_from(self, layer: QuantLayer, current: Activations, x: Inputs) -> Activations:
         """`current` with everything after `layer` recomputed under the present codes and statistics.
 
-        Runs the layer's suffix from its cached input; where no suffix can be cut (another path
-        reaches the output around the layer, e.g. a residual connection), runs the whole model on `x`."""
+        Runs the layer's suffix from its cached input (and the model inputs it still reads, e.g. an
+        attention mask); where no suffix can be cut, runs the whole model on `x`."""
         suffix = self._suffix(layer)
         if suffix is None:
             return self.activations(x, current.values)
         session, _, reachable = suffix
         names = [name for name in current.values if name in reachable]
-        logits, *values = self.run(current.input_of(layer), [self.output_name, *names], session=session, input_name=layer.input)
+        source: Inputs = current.input_of(layer)
+        declared = {i.name for i in session.get_inputs()}
+        if any(name in declared for name in self.input_names):  # the suffix reads model inputs besides the cut
+            given = x.arrays if isinstance(x, Examples) else {self.input_name: x}
+            source = Examples({layer.input: source, **{k: v for k, v in given.items() if k in declared}})
+        logits, *values = self.run(source, [self.output_name, *names], session=session, input_name=layer.input)
         return Activations(logits, {**current.values, **dict(zip(names, values))})
 
     def _suffix(self, layer: QuantLayer) -> tuple[Any, str, list[str]] | None:
@@ -318,15 +329,17 @@ class QuantizedRunner:
             self._suffixes[layer.node] = None
             if not layer.first:
                 reachable = [name for name in self.probes if name != layer.input and name in downstream(self.graph, layer.input)]
-                params = [i.name for i in self.graph.graph.input if i.name != self.input_name]
-                part = cut(self.graph, [layer.input, *params], [self.output_name, *reachable])
+                params = [i.name for i in self.graph.graph.input if i.name not in self.input_names]
+                # model inputs the layers after the cut read themselves (an attention mask) are suffix inputs too
+                others = self.input_names if len(self.input_names) > 1 else []
+                part = cut(self.graph, [layer.input, *params, *others], [self.output_name, *reachable])
                 if part is not None:
                     self._suffixes[layer.node] = (self._session(part), layer.input, reachable)
         return self._suffixes[layer.node]
 
     # -- batch-norm statistics -------------------------------------------------------------------
 
-    def refresh_norm_stats(self, x: np.ndarray, momentum: float = 1.0) -> None:
+    def refresh_norm_stats(self, x: Inputs, momentum: float = 1.0) -> None:
         """Batch-norm statistics of `x`, layer after layer (each sees the updated ones before it).
 
         Each norm's input comes from a session cut just before it, batch by batch, merged into per-channel
@@ -334,9 +347,10 @@ class QuantizedRunner:
         for bn in self.norms:
             session = self._prefix(bn)
             feeds = self._feeds(session)
+            wanted = {i.name for i in session.get_inputs()}
             count, new_mean, squares = 0, 0.0, 0.0
             for start in range(0, len(x), self.batch):
-                feeds[self.input_name] = x[start:start + self.batch]
+                feeds.update(input_feeds(x[start:start + self.batch], self.input_name, wanted))
                 (value,) = session.run([bn.input[0]], feeds)
                 axes = (0, *range(2, value.ndim))
                 n = value.size // value.shape[1]
@@ -359,17 +373,33 @@ class QuantizedRunner:
 
     def _prefix(self, bn: onnx.NodeProto) -> Any:
         if bn.name not in self._prefixes:
-            params = [i.name for i in self.graph.graph.input if i.name != self.input_name]
-            part = cut(self.graph, [self.input_name, *params], [bn.input[0]])
+            params = [i.name for i in self.graph.graph.input if i.name not in self.input_names]
+            part = cut(self.graph, [*self.input_names, *params], [bn.input[0]])
             self._prefixes[bn.name] = self.session if part is None else self._session(part)
         return self._prefixes[bn.name]
 
     # -- convenience views -------------------------------------------------------------------------
 
-    def channel_stats(self, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per input channel mean and standard deviation of every quantized layer's float input on `x`."""
-        inputs = self.layer_inputs(x)
-        return {layer.node: channel_stats(layer, inputs[layer.node]) for layer in self.layers}
+    def channel_stats(self, x: Inputs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per input channel mean and standard deviation of every quantized layer's float input on `x`.
+
+        Accumulated batch by batch (float64 sums), so that an encoder's [batch, sequence, features] inputs
+        of every layer are never held for all of `x` at once."""
+        sums: dict[str, list[Any]] = {}
+        for start in range(0, len(x), self.batch):
+            inputs = self.layer_inputs(x[start:start + self.batch])
+            for layer in self.layers:
+                rows = channel_rows(layer, inputs[layer.node])
+                total = sums.setdefault(layer.node, [0, 0.0, 0.0])
+                total[0] += rows.shape[0]
+                total[1] = total[1] + rows.sum(axis=0, dtype=np.float64)
+                total[2] = total[2] + np.square(rows, dtype=np.float64).sum(axis=0)
+            del inputs
+        out = {}
+        for name, (count, first, second) in sums.items():
+            mean = first / max(count, 1)
+            out[name] = (mean.astype(np.float32), np.sqrt(np.maximum(second / max(count, 1) - mean**2, 0.0)).astype(np.float32))
+        return out
 
     def logits_and_inputs(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The output and every quantized layer's float input, from one pass."""
@@ -465,6 +495,14 @@ def write_json(path: Path, value: Mapping[str, Any]) -> None:
 
 
 def channel_stats(layer: QuantLayer, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation per input channel (axis 1 of a Conv input, the last axis otherwise)."""
+    """Mean and standard deviation per input channel (axis 1 of a Conv input, the last axis otherwise: a MatMul on
+    [batch, sequence, features] counts every token as a row)."""
     channels = value.reshape(value.shape[0], value.shape[1], -1) if layer.op_type == "Conv" else value.reshape(-1, value.shape[-1])[:, :, None]
     return channels.mean(axis=(0, 2)), channels.std(axis=(0, 2))
+
+
+def channel_rows(layer: QuantLayer, value: np.ndarray) -> np.ndarray:
+    """`value` as [rows, channels] in the sense of `channel_stats`."""
+    if layer.op_type == "Conv":
+        return np.moveaxis(value.reshape(value.shape[0], value.shape[1], -1), 1, 2).reshape(-1, value.shape[1])
+    return value.reshape(-1, value.shape[-1])
