@@ -176,6 +176,31 @@ def _train(args: argparse.Namespace) -> int:
     return print_result(document, f"done: {result.steps_run} steps, median step {step}, peak memory {result.peak_rss_bytes / 2**20:.0f} MiB")
 
 
+def _meta_pretrain(args: argparse.Namespace) -> int:
+    from edgeplug.meta_pretrain import MetaSettings, meta_pretrain
+
+    settings = MetaSettings(episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
+                            steps_per_episode=args.steps_per_episode, learning_rate=args.lr, optimizer=args.optimizer,
+                            scale=args.scale, seed=args.seed, threads=args.threads)
+    every = max(1, args.episodes // 10)
+
+    def report(episode: int, loss: float, accuracy: float) -> None:
+        if (episode + 1) % every == 0:
+            log.info("episode %d/%d: loss %.4f, query accuracy %.3f", episode + 1, args.episodes, loss, accuracy)
+
+    result = meta_pretrain(args.model, args.data, args.output, settings, on_episode=report)
+    document = result.summary()
+    if args.metrics:
+        from edgeplug.atomic import write_text
+
+        write_text(Path(args.metrics), json.dumps(document, indent=2) + "\n")
+    first, last = document["first_tenth"], document["last_tenth"]
+    return print_result(document, f"wrote {escape(args.output)}: {result.episodes} episodes in {result.seconds:.0f} s, "
+                                  f"{result.trainable_values:,} values trained; query accuracy before each update "
+                                  f"{first['query_accuracy']:.3f} (first tenth) -> {last['query_accuracy']:.3f} (last tenth), "
+                                  f"loss {first['loss']:.3f} -> {last['loss']:.3f}")
+
+
 def _dims(values: list[str]) -> dict[str, int]:
     dims: dict[str, int] = {}
     for value in values:
@@ -366,6 +391,27 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", type=Path, required=True, help="the .onnx inference model to write")
     sub.add_argument("--checkpoint", type=Path, help="checkpoint folder or state file (default: the latest, else the initial weights)")
     sub.set_defaults(run=_export)
+
+    sub = commands.add_parser("meta-pretrain", help="meta-train a model's backbone on few-shot episodes of source data (cloud side)",
+                              description="Episodic (ProtoNet-style) meta-training of every backbone parameter: each episode's "
+                                          "support set gives the new-head pass's prototype head, its query set the loss. "
+                                          "Writes the model with its own classifier and the meta-trained backbone.")
+    sub.add_argument("model", type=Path, help="the .onnx classifier whose backbone to meta-train")
+    sub.add_argument("--data", type=Path, required=True, metavar="NPZ",
+                     help="source examples: images 'x' (or the input's name), integer labels 'y', optional integer 'domain'")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="the .onnx model to write")
+    sub.add_argument("--episodes", type=int, default=200, metavar="N", help="episodes (one optimizer step each by default)")
+    sub.add_argument("--ways", type=int, default=5, metavar="N", help="classes per episode (fewer when a domain has fewer)")
+    sub.add_argument("--shots", type=int, default=5, metavar="N", help="support examples per class")
+    sub.add_argument("--queries", type=int, default=5, metavar="N", help="query examples per class")
+    sub.add_argument("--steps-per-episode", type=int, default=1, metavar="N", help="optimizer steps on each episode")
+    sub.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    sub.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer of every backbone parameter")
+    sub.add_argument("--scale", type=float, default=10.0, help="the prototype head's logit scale (new-head's 'scale')")
+    sub.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the episode draws")
+    sub.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
+    sub.add_argument("--metrics", type=Path, metavar="FILE", help="also write the result (what --json prints) to FILE")
+    sub.set_defaults(run=_meta_pretrain)
 
     sub = commands.add_parser("profile", help="count and measure the memory and compute of a training step")
     sub.add_argument("artifacts", type=Path, help="artifact folder written by 'edgeplug rewrite'")

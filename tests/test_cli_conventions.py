@@ -159,6 +159,7 @@ ERROR_RUNS: dict[str, str] = {
     "quantize": "minutes of qcore training: tests/test_qcore_cli.py runs it with --json",
     "calibrate": "needs quantize first: tests/test_qcore_cli.py runs it with --json",
     "export-quantized": "needs quantize first: tests/test_qcore_cli.py runs it with --json",
+    "meta-pretrain": "needs image-shaped source episodes: tests/test_meta_pretrain.py runs it with --json",
     "personalize anchors": "tests/test_personalize.py runs every step with --json",
     "personalize train-generator": "tests/test_personalize.py",
     "personalize generate": "tests/test_personalize.py",

