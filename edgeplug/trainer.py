@@ -465,7 +465,7 @@ class Trainer:
         checkpoint, progress = self._resume_point() if resume else (None, None)
         progress = progress or {"epoch": 0, "batch": 0, "step": 0, "history": []}
         raw_train = train_set
-        train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]))
+        train_set, cache_info = self._start_prefix_cache(train_set, epochs - int(progress["epoch"]), batch_size)
         _ort.seed_random_ops(step_seed(self.seed, int(progress["step"])))  # random ops seeded when sessions open
         self._open(checkpoint, start)
         trimming = self._start_trimming(raw_train, batch_size, cached=train_set is not raw_train)
@@ -620,7 +620,7 @@ class Trainer:
                       "neither reseeds per step nor checkpoints: this resumed run is not bit-identical to an "
                       "uninterrupted one (Dropout is)")
 
-    def _start_prefix_cache(self, train_set: Dataset, epochs_left: int) -> tuple[Dataset, dict[str, Any] | None]:
+    def _start_prefix_cache(self, train_set: Dataset, epochs_left: int, batch_size: int) -> tuple[Dataset, dict[str, Any] | None]:
         """Cut the frozen prefix and cache its outputs for `train_set` (see `cache_prefix`); the dataset to train on."""
         if self._prefix is not None:
             self._prefix.close()
@@ -629,6 +629,10 @@ class Trainer:
             return train_set, None
         if self.cache_prefix is None and epochs_left < 2:
             return train_set, {"reason": "fewer than two epochs left to train"}
+        kept = self._trimmed_share(train_set, batch_size) if self.cache_prefix is None else None
+        if kept is not None and kept <= TRIM_OVER_CACHE_SHARE:
+            return train_set, {"reason": f"trimming the padding keeps {kept:.0%} of the sequence positions of the first epoch's "
+                                         "batches: cheaper than caching the frozen prefix, whose cached tensors have the padded length"}
         from edgeplug import prefix_cache
 
         try:
@@ -655,6 +659,21 @@ class Trainer:
         self.echo(f"frozen prefix cached: {len(cut.boundary)} tensor(s), {cache.stats[-1].bytes_per_example / 1024:.1f} KiB per example, "
                   f"{cache.stats[-1].seconds:.2f} s")
         return cached, cache.stats[-1].to_dict()
+
+    def _trimmed_share(self, train_set: Dataset, batch_size: int) -> float | None:
+        """The share of the padded sequence positions that trimming would feed in the first epoch (its batches, in
+        its order), or None when batches would not be trimmed (see `trim_padding`; the padded-vs-trimmed check
+        comes later)."""
+        if self.trim_padding is False or self._staged:
+            return None
+        axes = find_sequence_axes(self.input_specs)
+        if axes is None or axes.mask not in train_set.inputs or not len(train_set):
+            return None
+        mask = np.asarray(train_set.inputs[axes.mask])
+        order = np.random.default_rng([self.seed, 0]).permutation(len(train_set))
+        size = max(1, batch_size)
+        fed = sum(axes.length({axes.mask: mask[order[i:i + size]]}) * len(order[i:i + size]) for i in range(0, len(order), size))
+        return fed / (len(order) * mask.shape[1]) if mask.ndim > 1 and mask.shape[1] else None
 
     def _epochs(self, train_set: Dataset, eval_set: Dataset | None, epochs: int, batch_size: int, steps_per_epoch: int,
                 schedule: Callable[[int], float], progress: dict[str, Any], monitor: CollapseMonitor) -> list[float]:
@@ -788,6 +807,11 @@ class Trainer:
 
 
 MEMORY_SETTINGS = ("arena", "lean")
+TRIM_OVER_CACHE_SHARE = 0.5
+"""Default mode: when trimming would keep at most this share of the padded positions, batches are trimmed and the
+frozen prefix is not cached (the cache holds padded-length tensors, so the cut model runs at the padded length). On
+MiniLM-L6 with LoRA on the last 2 of 6 blocks and TREC-like questions padded to 64 tokens (45% kept), trimmed steps
+took 275-290 ms against 371-422 ms cached; BBC articles fill all 128 tokens, and the cache made steps 1.3-1.9x faster."""
 
 
 def session_options(threads: int | None, memory: str = "arena") -> Any:

@@ -226,3 +226,19 @@ def test_an_encoder_with_int8_frozen_weights_caches_its_frozen_blocks(tmp_path: 
     for name, value in results[False][1].items():
         assert np.array_equal(value, results[True][1][name]), name
     assert [e.eval for e in results[False][0].epochs] == [e.eval for e in results[True][0].epochs]
+
+
+def test_by_default_heavily_padded_text_is_trimmed_rather_than_cached(tmp_path: Path) -> None:
+    """The cache holds padded-length tensors: when trimming keeps at most half the positions, trimming wins."""
+    from test_encoder_passes import rewrite, text_data
+
+    rewrite([{"name": "lora", "options": {"rank": 4, "alpha": 8, "last": 6}}, {"name": "quantize-frozen"}], tmp_path / "folder")
+    padded = text_data(n=16, length=16, seed=2)
+    padded["attention_mask"][:, 6:] = 0  # every text at most 6 of 16 tokens
+    padded["input_ids"] *= padded["attention_mask"]
+    fit = Trainer(tmp_path / "folder", progress=False).fit(padded, epochs=2, batch_size=4)
+    assert "trimming the padding keeps" in fit.prefix_cache["reason"] and fit.trimming.get("fed_share", 1) <= 0.5
+    full = text_data(n=16, length=16, seed=2)
+    full["attention_mask"][:] = 1
+    fit = Trainer(tmp_path / "folder", progress=False).fit(full, epochs=2, batch_size=4, resume=False)
+    assert "reason" not in fit.prefix_cache

@@ -93,7 +93,10 @@ def _train(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: in
 
 
 def _infer(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: int) -> list[float]:
-    session = _ort.inference_runtime().InferenceSession(str(artifacts / FORWARD_MODEL), providers=["CPUExecutionProvider"])
+    """Forward passes under the memory setting training uses, so that train minus infer compares like with like
+    (a lean training step against an arena inference would credit the arena's slack to inference)."""
+    options = session_options(None, _memory_setting(artifacts))
+    session = _ort.inference_runtime().InferenceSession(str(artifacts / FORWARD_MODEL), options, providers=["CPUExecutionProvider"])
     feeds = {value.name: batch[value.name] for value in session.get_inputs()}
     times = []
     for step in range(warmup + steps):
