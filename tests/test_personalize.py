@@ -310,3 +310,14 @@ def test_generated_models_keep_their_function(tmp_path_factory: pytest.TempPathF
     trainer.fit({"x": x, "y": np.arange(5) % classes}, epochs=1, batch_size=5)
     assert set(json.loads((out / "report.json").read_text())["parameters"]["trainable"]) == {
         s.name for s in device.manifest.parameter_slots()}
+
+
+def test_a_model_with_several_inputs_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A text encoder (token ids + attention mask): refused before anything is written, saying why and what to use."""
+    from tests.builders import two_input_encoder
+
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01},
+                               "passes": [{"name": "personalize", "options": {"slots": ["classifier"]}}]})
+    with pytest.raises(edgeplug.ModelError, match=r"one data input; this one has \['input_ids', 'attention_mask'\].*use qcore, lora"):
+        edgeplug.rewrite(two_input_encoder(), recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

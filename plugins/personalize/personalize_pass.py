@@ -46,6 +46,16 @@ class PersonalizePass(Pass):
 
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         model = state.model
+        initializers = {t.name for t in model.graph.initializer}
+        names = [i.name for i in model.graph.input if i.name not in initializers]
+        if len(names) != 1:
+            # not cheap to lift: the manifest, anchors and generator describe one input, the anchor features and adapters are
+            # per channel on axis 1 (the token axis of an encoder's [batch, sequence, features]), and an encoder has no
+            # batch-norm statistics for the device to re-estimate: only the classifier slots would be left
+            raise ModelError(f"personalize: the device model must have one data input; this one has {names}. Models with "
+                             "several inputs (a text encoder's token ids + attention mask) are not supported: anchors and "
+                             "adapters work per channel on axis 1 and the slots need batch norms; use qcore, lora or "
+                             "trainable on encoders")
         adapters: list[str] = []
         if self.options.get("adapters"):
             model, adapters = insert_adapters(model, self.options["adapters"], inferred_shapes(model))
@@ -58,10 +68,7 @@ class PersonalizePass(Pass):
         taps = [f.tensor for f in features] + [n.input for n in norms] + ([classifier.input] if classifier else [])
         device = _device_model(model, slots, list(dict.fromkeys(taps)), shapes)
         data = device.SerializeToString()
-        data_inputs = [i for i in model.graph.input if i.name not in index.initializers]
-        if len(data_inputs) != 1:
-            raise ModelError(f"personalize: the device model must have one data input; this one has {[i.name for i in data_inputs]}")
-        graph_input = data_inputs[0]
+        graph_input = next(i for i in model.graph.input if i.name not in index.initializers)
         manifest = Manifest(
             fingerprint=fingerprint(data), input=graph_input.name,
             input_shape=tuple(_dims(graph_input.type)), input_dtype=_dtype(graph_input.type.tensor_type.elem_type),
