@@ -13,6 +13,15 @@ loops add them:
 `static` (MCUNetV3's schemes) is the greedy loop over a contiguous tail: it
 stops at the first layer that does not fit. Layers that cannot train in part are
 tried whole.
+
+`tinytrain` with `criterion: budget` replaces the paper's score and loop by a
+knapsack-style greedy on the resource the budget is in: at each step it takes the
+update (a new layer at a channel share, or the next doubling of a chosen layer's
+share, channels by Fisher potential) with the most Fisher potential gained per
+unit of budget it adds to the whole plan (backward memory, and backward MACs when
+that budget is set: the larger fraction), and goes on while anything fits.
+Marginal costs see what the plan already keeps: a layer whose input a deeper
+chosen layer's backward retains anyway costs only its gradient and optimizer state.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ class Selection:
     updates: dict[int, Update]
     biases: set[int]
     cost: Cost
-    scores: dict[int, float]
+    scores: dict[int, float]  # paper: the layer score; budget: Fisher potential per budget fraction when last grown
 
 
 def layer_scores(candidates: list[Candidate], potentials: Potentials) -> dict[int, float]:
@@ -66,9 +75,26 @@ def channel_axis(options: Mapping[str, Any], candidate: Candidate) -> str:
     return str(axis)
 
 
+def criterion(options: Mapping[str, Any]) -> str:
+    """How tinytrain ranks and adds layers: 'paper' (score P/(params x MACs), Algorithm 1's loop) or 'budget'
+    (Fisher potential per unit of budget, knapsack greedy); 'none' for the other strategies."""
+    if options["strategy"] != "tinytrain":
+        return "none"
+    chosen = str(options.get("criterion", "auto"))
+    if chosen == "auto":
+        chosen = DEFAULT_CRITERION
+    if chosen == "budget" and options["loop"] != "auto":
+        raise RecipeError(f"sparse-update: loop '{options['loop']}' applies to criterion 'paper'; "
+                          "criterion 'budget' adds layers by its own knapsack loop (leave loop at auto)")
+    return chosen
+
+
+DEFAULT_CRITERION = "paper"
+
+
 def paper_loop(options: Mapping[str, Any]) -> bool:
     """Whether layers are added by TinyTrain's loop (fixed channel share, stop when the budget is spent)."""
-    if options["strategy"] in ("static", "last-k"):
+    if options["strategy"] in ("static", "last-k") or criterion(options) == "budget":
         return False
     return options["loop"] == "paper" or (options["loop"] == "auto" and options["strategy"] == "tinytrain")
 
@@ -164,6 +190,13 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
             raise RecipeError(f"sparse-update: the budget does not cover training the last layer '{head.node}' alone "
                               f"(backward memory {cost.memory_bytes:,} bytes, backward MACs {cost.backward_macs:,})")
         pool = [c for c in pool if c.position != head.position]
+    if criterion(options) == "budget":
+        assert potentials is not None
+        budget_scores = _knapsack(options, facts, candidates, pool, updates, potentials, cost_of, fits)
+        if not updates:
+            raise RecipeError("sparse-update: no layer fits the budget; raise memory_budget_bytes / backward_macs_budget")
+        cost, biases = cost_of(updates)
+        return Selection(updates, biases, cost, budget_scores)
     if strategy == "tinytrain":
         pool.sort(key=lambda c: -scores[c.position])
     elif strategy == "static":
@@ -184,6 +217,76 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
         raise RecipeError("sparse-update: no layer fits the budget; raise memory_budget_bytes / backward_macs_budget")
     cost, biases = cost_of(updates)
     return Selection(updates, biases, cost, scores)
+
+
+def _knapsack(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candidate], pool: list[Candidate],
+              updates: dict[int, Update], potentials: Potentials, cost_of: Any, fits: Any) -> dict[int, float]:
+    """Grow `updates` in place by the most Fisher potential per unit of budget until nothing more fits.
+
+    A layer not yet chosen is tried at every share from min_channel_ratio doubling up to whole (the first
+    share pays the layer's retained activations; a larger one may be worth more per byte); a chosen layer is
+    tried at the next doubling of its share (its channels rank by potential, so later channels gain less and
+    each costs the same). Returns, per chosen layer, its potential per budget fraction when it last grew.
+    """
+    memory_budget, macs_budget = options.get("memory_budget_bytes"), options.get("backward_macs_budget")
+
+    def used(cost: Cost) -> float:
+        return max(cost.memory_bytes / memory_budget if memory_budget else 0.0,
+                   cost.backward_macs / macs_budget if macs_budget else 0.0)
+
+    shares = []
+    share = options["min_channel_ratio"]
+    while share < 1.0 - 1e-12:
+        shares.append(share)
+        share *= 2
+    shares.append(1.0)
+    rng = np.random.default_rng(options["seed"])
+    # position -> (axis, channels most potential first, their potentials); whole layers: one "channel"
+    ranked: dict[int, tuple[str | None, np.ndarray, np.ndarray]] = {}
+    for c in pool:
+        if c.sliceable:
+            axis = channel_axis(options, c)
+            values = potentials.input[c.position] if (axis == "input" and c.kind == "conv") else potentials.output[c.position]
+            order = channel_ranking({**options, "channels": "fisher"}, facts, c, axis, potentials, rng)
+            ranked[c.position] = (axis, order, np.asarray(values, dtype=np.float64)[order])
+        else:
+            ranked[c.position] = (None, np.zeros(1, dtype=np.int64), np.array([float(np.sum(potentials.output[c.position]))]))
+    taken: dict[int, int] = {}  # position -> channels taken (in ranking order)
+    scores: dict[int, float] = {}
+    limit = options.get("layers")
+    current = used(cost_of(updates)[0])
+    while True:
+        best: tuple[float, int, int, Update, float] | None = None
+        for c in pool:
+            layer_axis, order, values = ranked[c.position]
+            have = taken.get(c.position, 0)
+            if have == 0 and limit is not None and len(updates) >= limit:
+                continue
+            total = len(values)
+            counts = sorted({min(total, max(1, round(s * total))) for s in shares} if layer_axis is not None else {1})
+            counts = [n for n in counts if n > have]
+            if have and counts:
+                counts = counts[:1]  # a chosen layer grows by its next share
+            for count in counts:
+                gain = float(values[have:count].sum())
+                if gain <= 0.0:
+                    continue
+                if layer_axis is None or count >= total:
+                    update = Update(c)
+                else:
+                    update = Update(c, tuple(sorted(int(i) for i in order[:count])), layer_axis)
+                cost, _ = cost_of({**updates, c.position: update})
+                if not fits(cost):
+                    continue
+                value = gain / max(used(cost) - current, 1e-12)
+                if best is None or value > best[0]:
+                    best = (value, c.position, count, update, used(cost))
+        if best is None:
+            return scores
+        value, position, count, update, current = best
+        updates[position] = update
+        taken[position] = count
+        scores[position] = value
 
 
 def _last_k(options: Mapping[str, Any], candidates: list[Candidate], cost_of: Any, fits: Any, scores: dict[int, float],

@@ -21,7 +21,7 @@ from .costs import Update, plan_cost, trained_biases
 from .criterion import Potentials, fisher_potentials
 from .lean import LeanResult, lean_frozen_path
 from .memory import trim_heap
-from .selection import feasible, needs_input_potentials, paper_loop, select
+from .selection import criterion, feasible, needs_input_potentials, paper_loop, select
 
 
 class SparseUpdatePass(Pass):
@@ -85,7 +85,9 @@ class SparseUpdatePass(Pass):
                    "batch_size": options["batch_size"], "optimizer": options["optimizer"]}
         self._details = {
             "strategy": options["strategy"],
-            "loop": "paper" if paper_loop(options) else ("contiguous" if options["strategy"] == "static" else "greedy"),
+            "criterion": criterion(options),
+            "loop": "paper" if paper_loop(options) else ("contiguous" if options["strategy"] == "static" else
+                                                         "knapsack" if criterion(options) == "budget" else "greedy"),
             "budgets": budgets,
             "candidates": len(candidates),
             "feasible": len(pool),
