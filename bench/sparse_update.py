@@ -44,10 +44,12 @@ def _arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def _recipe(strategy: str, job: dict[str, Any]) -> dict[str, Any]:
+    options = {"strategy": strategy, "memory_budget_bytes": job["budget"], "batch_size": job["batch_size"]}
+    if strategy == "tinytrain":
+        options.update({k: job[k] for k in ("criterion", "calibration_batch") if job.get(k) is not None})
     return {"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": job["lr"]}, "passes": [
         {"name": "new-head", "options": {"classes": job["classes"]}},
-        {"name": "sparse-update", "options": {"strategy": strategy, "memory_budget_bytes": job["budget"],
-                                              "batch_size": job["batch_size"]}}]}
+        {"name": "sparse-update", "options": options}]}
 
 
 def select_job(job: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--criterion", choices=["auto", "paper", "budget"], default=None, help="tinytrain's criterion (default: the pass's)")
+    parser.add_argument("--calibration-batch", type=int, default=None, help="probe chunk size (default: the pass's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench-sparse"))
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="sparse_update_overhead")
@@ -149,7 +153,8 @@ def main() -> None:
                 np.savez(paths[split], x=pools[episode.domain].to_input(indices), y=labels)
         batch = min(args.batch_size, len(episode.train))
         job = {"model": str(model), "train": str(paths["train"]), "query": str(paths["query"]), "classes": episode.ways,
-               "budget": args.budget_kib * 1024, "batch_size": batch, "lr": args.lr, "epochs": args.epochs}
+               "budget": args.budget_kib * 1024, "batch_size": batch, "lr": args.lr, "epochs": args.epochs,
+               "criterion": args.criterion, "calibration_batch": args.calibration_batch}
         if kind in ("train_cached", "train_uncached") and not (folder / "tinytrain" / "report.json").is_file():
             run_fresh("bench.sparse_update:select_job", {**job, "strategy": "tinytrain", "out": str(folder / "tinytrain")},
                       work=folder / "jobs", tag="select-first", threads=args.threads)
@@ -186,7 +191,8 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
     lines = [f"# sparse-update on the device: selection overhead and the frozen-prefix cache ({args.image_size} px)", "",
              f"Command: `{meta['command']}`  ",
              f"EfficientNet-{args.backbone.title()} at {args.image_size} px (bench/images export), new-head (prototypes) + sparse-update "
-             f"tinytrain at {args.budget_kib} KiB, batch min({args.batch_size}, shots), {args.epochs} epochs at lr {args.lr}, "
+             f"tinytrain at {args.budget_kib} KiB (criterion {args.criterion or 'default'}, calibration batch "
+             f"{args.calibration_batch or 'default'}), batch min({args.batch_size}, shots), {args.epochs} epochs at lr {args.lr}, "
              f"{args.ways} ways x {args.shots} shots; every job in a fresh process, {args.threads} thread(s). Load average "
              f"{meta['load_before'][0]:.1f} at start, {meta['load_after'][0]:.1f} at the end; wall {meta['wall_seconds']:.0f} s.", "",
              "| episode | train shots | layers probed / chosen | selection (pass) s | tinytrain rewrite s | static rewrite s | "
