@@ -47,6 +47,7 @@ def main() -> None:
 
     import edgeplug
     from bench.text import minilm
+    from edgeplug.errors import EdgeplugError
     from edgeplug.profiling import profile
     from edgeplug.recipe import recipe_from_dict
 
@@ -62,7 +63,12 @@ def main() -> None:
         edgeplug.rewrite(model, recipe, folder, force=True)
         for length in lengths:
             started = time.perf_counter()
-            result = profile(folder, args.batch_size, args.steps, 1, dims={"sequence": length})
+            try:
+                result = profile(folder, args.batch_size, args.steps, 1, dims={"sequence": length})
+            except EdgeplugError as error:  # a crashed measurement is a finding: recorded, the others go on
+                rows.append({"recipe": name, "memory": memory, "length": length, "batch_size": args.batch_size, "error": str(error)[-300:]})
+                print(f"{name:18} {memory:5} L={length:4} FAILED: {str(error)[-200:]}", flush=True)
+                continue
             s, m = result.static, result.measured
             assert m is not None
             counted = s.gradient_bytes + s.optimizer_state_bytes + s.retained_activation_bytes
@@ -92,6 +98,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | {r['memory']} | {r['length']} | – | – | – | – | – | – | failed: {r['error'][-120:]} |")
+            continue
         lines.append(f"| {r['recipe']} | {r['memory']} | {r['length']} | {r['counted_gradients_optimizer_bytes'] / MIB:.1f} | "
                      f"{r['counted_retained_activation_bytes'] / MIB:.1f} | {r['counted_added_bytes'] / MIB:.1f} | "
                      f"{r['measured_added_bytes'] / MIB:.1f} | {r['ratio']:.2f} | {r['train_peak_rss_bytes'] / MIB:.0f} | "
