@@ -141,7 +141,7 @@ def test_probing_only_later_layers_runs_the_prefix_as_inference_and_changes_noth
     if kind == "depthwise":
         assert part.prefix_nodes == 3  # pw, its Relu and dw itself run as inference
     assert set(part.output) == {c.position for c in later}
-    assert set(part.input) == {c.position for c in later if c.kind == "conv"}
+    assert set(part.input) == {c.position for c in later if c.probes_input}  # convs and the linear head
     for position in part.output:
         np.testing.assert_allclose(part.output[position], whole.output[position], rtol=1e-4, atol=1e-12)
     for position in part.input:
@@ -207,7 +207,7 @@ def _reassembled(original: onnx.ModelProto, exported: onnx.ModelProto, details: 
         if layer is not None and layer["channels"] is not None:
             chosen = np.array(layer["channels"])
             rest = np.setdiff1d(np.arange(layer["channels_total"]), chosen)
-            axis = 1 if (layer["axis"] == "input" and layer["kind"] == "conv") else 0
+            axis = layer["weight_axis"]
             index = [slice(None)] * weight.ndim
             index[axis] = chosen
             weight[tuple(index)] = values[f"{tensor.name}.sparse_trainable"]

@@ -3,13 +3,22 @@
 A candidate is a Conv, Gemm or MatMul on the path to the trained output whose
 weight is a trainable initializer used by that node alone. Convolutions with
 `group == 1` or depthwise ones (`group == channels`) can update a subset of
-channels; other layers train whole or not at all.
+channels. Linear layers (a MatMul of an activation of any rank >= 2 by a 2-D
+weight, as in a transformer's `[batch, sequence, features]` projections, or a
+plain Gemm) can update a subset of output features (weight columns) or input
+features (weight rows); their features lie on the activation's last axis. A
+MatMul's bias is the 1-D initializer a single `Add` adds to its output (how
+exporters write `nn.Linear` on 3-D inputs). Other layers train whole or not at all.
+
+Tensors whose shapes depend on a named dynamic axis besides the batch (a
+sequence) are counted at the lengths in `dims`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -27,7 +36,7 @@ class Candidate:
     position: int  # among candidates, in graph order
     node: str
     op_type: str
-    kind: str  # "conv" (group 1), "depthwise", "whole" (grouped conv, Gemm, MatMul)
+    kind: str  # "conv" (group 1), "depthwise", "linear" (MatMul/Gemm, 2-D weight), "whole" (grouped conv, other MatMul/Gemm)
     weight: str
     bias: str | None
     input: str
@@ -39,10 +48,28 @@ class Candidate:
     macs: int  # forward MACs at the cost model's batch size
     input_bytes: int
     output_bytes: int
+    weight_out_axis: int = 0  # the weight's axis of output channels (1 for a MatMul weight [in, out])
+    bias_node: str | None = None  # the separate Add that adds a MatMul's bias (None: the layer's own input 2)
 
     @property
     def sliceable(self) -> bool:
-        return self.kind in ("conv", "depthwise")
+        return self.kind in ("conv", "depthwise", "linear")
+
+    @property
+    def probes_input(self) -> bool:
+        """Whether the layer can train a subset of its input channels ranked by their own Fisher potential."""
+        return self.kind in ("conv", "linear")
+
+    @property
+    def features_last(self) -> bool:
+        """Whether channels lie on the activation's last axis (linear layers) rather than axis 1."""
+        return self.kind == "linear"
+
+    def weight_axis(self, axis: str | None) -> int:
+        """The weight's axis that `axis` ('input' or 'output' channels) slices."""
+        if axis == "input" and self.kind in ("conv", "linear"):
+            return 1 - self.weight_out_axis if self.kind == "linear" else 1
+        return self.weight_out_axis
 
 
 @dataclasses.dataclass
@@ -65,10 +92,10 @@ class ModelFacts:
         return 0 if shape is None else math.prod(shape) * self.itemsize.get(name, FLOAT_BYTES)
 
 
-def model_facts(model: onnx.ModelProto, output: str, batch_size: int) -> ModelFacts:
+def model_facts(model: onnx.ModelProto, output: str, batch_size: int, dims: Mapping[str, int] | None = None) -> ModelFacts:
     index = GraphIndex(model)
     data_inputs = {v.name for v in model.graph.input if v.name not in index.initializers}
-    shapes, dtypes = forward_shapes(_without_layer_weights(model, index), data_inputs, batch_size)
+    shapes, dtypes = forward_shapes(_without_layer_weights(model, index), data_inputs, batch_size, dims)
     constants = set(index.initializers)
     for node in model.graph.node:
         if all(not name or name in constants for name in node.input):
@@ -128,20 +155,55 @@ def find_candidates(facts: ModelFacts, trainable: frozenset[str]) -> list[Candid
         if out_shape is None or macs is None:
             continue
         channels = out_shape[1] if len(out_shape) > 1 else out_shape[0]
-        kind, slice_channels = "whole", 0
+        kind, slice_channels, out_axis, bias_node = "whole", 0, 0, None
         if node.op_type == "Conv":
             group = next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "group"), 1)
             if group == 1:
                 kind, slice_channels = "conv", dims[1]
             elif group == dims[0] and dims[1] == 1:
                 kind, slice_channels = "depthwise", dims[0]
+        else:
+            linear_axis = _linear_out_axis(node, dims, out_shape)
+            if linear_axis is not None:
+                kind, slice_channels, channels, out_axis = "linear", dims[1 - linear_axis], out_shape[-1], linear_axis
+                if node.op_type == "MatMul":
+                    bias, bias_node = _matmul_bias(index, node, channels, trainable)
         found.append(Candidate(
             position=len(found), node=node.name, op_type=node.op_type, kind=kind, weight=weight, bias=bias,
             input=node.input[0], output=node.output[0], channels=int(channels), slice_channels=int(slice_channels),
             weight_values=math.prod(dims), bias_values=math.prod(index.initializers[bias].dims) if bias else 0,
             macs=int(macs), input_bytes=facts.bytes_of(node.input[0]), output_bytes=facts.bytes_of(node.output[0]),
+            weight_out_axis=out_axis, bias_node=bias_node,
         ))
     return found
+
+
+def _linear_out_axis(node: onnx.NodeProto, dims: tuple[int, ...], out_shape: tuple[int, ...]) -> int | None:
+    """The weight axis of a linear layer's output features, or None when the layer cannot be sliced: a MatMul
+    by a 2-D weight [in, out] on an activation of rank >= 2, or a Gemm y = x W(^T) + C (alpha = beta = 1, x not
+    transposed, C absent or one value per output feature)."""
+    if len(dims) != 2 or len(out_shape) < 2:
+        return None
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul":
+        return 1 if out_shape[-1] == dims[1] else None
+    if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        return None
+    axis = 0 if attributes.get("transB", 0) else 1
+    return axis if out_shape[-1] == dims[axis] else None
+
+
+def _matmul_bias(index: GraphIndex, node: onnx.NodeProto, features: int, trainable: frozenset[str]) -> tuple[str | None, str | None]:
+    """The trainable 1-D bias that one `Add` adds to this MatMul's output (read by nothing else), and that Add."""
+    readers = index.consumers.get(node.output[0], [])
+    if len(readers) != 1 or readers[0][0].op_type != "Add":
+        return None, None
+    add = readers[0][0]
+    other = add.input[1 - readers[0][1]]
+    tensor = index.initializers.get(other)
+    if tensor is None or tuple(tensor.dims) != (features,) or other not in trainable or len(index.consumers[other]) != 1:
+        return None, None
+    return other, add.name
 
 
 def weight_array(facts: ModelFacts, name: str) -> np.ndarray:

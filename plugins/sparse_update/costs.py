@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import onnx
 
-from edgeplug.plugin_api import OPTIMIZER_STATES
+from edgeplug.plugin_api import OPTIMIZER_STATES, forward_macs
 
 from .candidates import FLOAT_BYTES, Candidate, ModelFacts
 from .lean import is_pointwise_frozen_conv
@@ -116,7 +116,7 @@ def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[i
             for slot, other in ((0, 1), (1, 0)):
                 if node.input[slot] in needs:
                     _keep(facts, node.input[other], retained)
-                    macs += candidate.macs if candidate else 0
+                    macs += candidate.macs if candidate else (forward_macs(node, facts.shapes) or 0)  # attention's products too
         elif node.op_type in PASS_THROUGH:
             continue
         elif node.op_type in READS_OUTPUT:
@@ -144,7 +144,8 @@ def _updated_layer(facts: ModelFacts, update: Update, input_needs: bool, retaine
         # weight gradient reads only the gathered channels; passing dX on reads the rest too
         # (unless the frozen rest is a 1x1 conv that the lean rewrite turns into a MatMul)
         retained[f"{c.input}[sliced for {c.node}]"] = round(c.input_bytes * ratio)
-        if input_needs and not (lean and c.kind == "conv" and _pointwise(facts, facts.index.producer.get(c.output))):
+        # a linear layer's input gradient reads only the weight
+        if input_needs and c.kind != "linear" and not (lean and c.kind == "conv" and _pointwise(facts, facts.index.producer.get(c.output))):
             retained[f"{c.input}[rest for {c.node}]"] = c.input_bytes - round(c.input_bytes * ratio)
     else:
         _keep(facts, c.input, retained)

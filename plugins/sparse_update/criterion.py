@@ -9,7 +9,9 @@ graph down to the earliest probe and nothing else, and
 
     dLoss/dprobe[n, c] = sum_d a[n, c, d] * g[n, c, d] / B
 
-(g = dLoss_n/da, the loss being the mean over the batch). The Fisher potential of
+(g = dLoss_n/da, the loss being the mean over the batch; d runs over space, or
+over a sequence's positions, where padded positions add nothing: a model that
+masks them gives them no gradient). The Fisher potential of
 channel c is 1/(2N) sum_n (B * dLoss/dprobe[n, c])^2. Only the part of the model
 after the probes is differentiated; the frozen prefix runs as plain inference
 (`probe_cut`), which changes no value and most of the time.
@@ -55,7 +57,7 @@ class Potentials:
     """Fisher potential per channel of each candidate's output (and of a conv's input)."""
 
     output: Mapping[int, np.ndarray]  # candidate position -> [channels]
-    input: Mapping[int, np.ndarray]  # candidate position -> [input channels], group-1 convs only
+    input: Mapping[int, np.ndarray]  # candidate position -> [input channels], group-1 convs and linear layers only
     samples: int
     build_seconds: float  # cut + prefix session + probe rewrite of the tail + generate_artifacts
     run_seconds: float  # prefix inference + tail forward/backward over the support set
@@ -85,7 +87,7 @@ def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str
         if layer.node in present or layer.output not in inputs:
             continue
         # the layer ran in the prefix: probe its output where the tail reads it
-        probe = _probe(editor, probed, f"{layer.node}.probe_out", batch, layer.channels, ranks[layer.output])
+        probe = _probe(editor, probed, f"{layer.node}.probe_out", batch, layer.channels, ranks[layer.output], layer.features_last)
         probes[probe] = (layer.position, "output")
         scaled = editor.node("Mul", [layer.output, probe], f"{layer.output}.probed")
         for node in probed.graph.node:
@@ -96,13 +98,15 @@ def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str
         if candidate is None:
             nodes.append(node)
             continue
-        if candidate.kind == "conv" and input_probes:
-            probe = _probe(editor, probed, f"{node.name}.probe_in", batch, candidate.slice_channels, ranks[candidate.input])
+        if candidate.probes_input and input_probes:
+            probe = _probe(editor, probed, f"{node.name}.probe_in", batch, candidate.slice_channels, ranks[candidate.input],
+                           candidate.features_last)
             probes[probe] = (candidate.position, "input")
             node.input[0] = editor.node("Mul", [candidate.input, probe], f"{candidate.input}.probed")
             nodes.extend(editor.take_nodes())
         nodes.append(node)
-        probe = _probe(editor, probed, f"{node.name}.probe_out", batch, candidate.channels, ranks[candidate.output])
+        probe = _probe(editor, probed, f"{node.name}.probe_out", batch, candidate.channels, ranks[candidate.output],
+                       candidate.features_last)
         probes[probe] = (candidate.position, "output")
         raw = editor.fresh(f"{candidate.output}.unprobed")
         node.output[0] = raw
@@ -113,9 +117,12 @@ def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str
     return probed, probes
 
 
-def _probe(editor: GraphEditor, model: onnx.ModelProto, base: str, batch: int, channels: int, rank: int) -> str:
+def _probe(editor: GraphEditor, model: onnx.ModelProto, base: str, batch: int, channels: int, rank: int,
+           last: bool = False) -> str:
+    """One scale per sample and channel: [B, C, 1, ...], or [B, 1, ..., C] when the channels are the last axis."""
     name = editor.fresh(base)
-    shape = (batch, channels) + (1,) * max(rank - 2, 0)
+    ones = (1,) * max(rank - 2, 0)
+    shape = (batch, *ones, channels) if last else (batch, channels, *ones)
     model.graph.initializer.append(numpy_helper.from_array(np.ones(shape, dtype=np.float32), name))
     return name
 
@@ -178,7 +185,7 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     build_seconds = time.perf_counter() - started - prefix_first
     started = time.perf_counter()
     names = module.input_names()
-    sums = {name: np.zeros(state.parameters[name].data.shape[1], dtype=np.float64) for name in probes}
+    sums = {name: np.zeros(state.parameters[name].data[0].size, dtype=np.float64) for name in probes}  # [B, C, 1..] or [B, 1.., C]
     module.train()
     for begin, feed in zip(range(0, total, batch), feeds, strict=True):
         real = min(batch, total - begin)

@@ -2,7 +2,7 @@
 
 Nothing before the earliest probe gets a gradient, so the probe pass need not
 run it in training mode. The *tail* holds the nodes that depend on a probed
-layer's output, the group-1 convs probed at their input (plus the constant nodes
+layer's output, the group-1 convs and linear layers probed at their input (plus the constant nodes
 they read); the *boundary* is every non-constant
 tensor the tail reads but does not compute. The *prefix* computes the boundary
 tensors that are not graph inputs; it runs in an ordinary onnxruntime
@@ -48,7 +48,7 @@ def cut_at(index: GraphIndex, probed: Iterable[Candidate], output: str, constant
     needed = index.ancestors([output])
     layers = list(probed)
     starts = [c.output for c in layers]
-    inside = {c.node for c in layers if (input_probes and c.kind == "conv") or c.output == output}
+    inside = {c.node for c in layers if (input_probes and c.probes_input) or c.output == output}
     downstream = (index.descendants(starts, float_only=False) | inside) & needed
     in_tail = set(downstream)
     # constant chains (shapes, pads) the tail reads stay in the tail, so its shapes stay static

@@ -102,7 +102,7 @@ def paper_loop(options: Mapping[str, Any]) -> bool:
 def needs_input_potentials(options: Mapping[str, Any], candidates: list[Candidate]) -> bool:
     """Whether a group-1 conv may train input channels ranked by their Fisher potential."""
     ranks_by_fisher = options["channels"] == "fisher" or (options["channels"] == "auto" and options["strategy"] == "tinytrain")
-    return ranks_by_fisher and any(c.kind == "conv" and channel_axis(options, c) == "input" for c in candidates)
+    return ranks_by_fisher and any(c.probes_input and channel_axis(options, c) == "input" for c in candidates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,10 +349,10 @@ def channel_ranking(options: Mapping[str, Any], facts: ModelFacts, c: Candidate,
     if method == "fisher":
         if potentials is None:
             raise RecipeError("sparse-update: channels 'fisher' needs the Fisher criterion (calibration data)")
-        values = potentials.input[c.position] if (axis == "input" and c.kind == "conv") else potentials.output[c.position]
+        values = potentials.input[c.position] if (axis == "input" and c.probes_input) else potentials.output[c.position]
     else:
         weight = weight_array(facts, c.weight).astype(np.float64)
-        moved = np.moveaxis(weight, 1 if (axis == "input" and c.kind == "conv") else 0, 0)
+        moved = np.moveaxis(weight, c.weight_axis(axis), 0)
         values = np.sqrt(np.square(moved.reshape(moved.shape[0], -1)).sum(axis=1))
     return np.argsort(-np.asarray(values), kind="stable")
 

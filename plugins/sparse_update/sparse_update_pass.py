@@ -10,7 +10,11 @@ that onnxruntime-training's own gradient builder gets there.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
+import onnx
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
 from edgeplug.plugin_api import RecipeError, load_schema
@@ -37,7 +41,8 @@ class SparseUpdatePass(Pass):
         started = time.perf_counter()
         trim_heap()  # what earlier passes freed goes back to the system before the probe allocates
         options = self.options
-        facts = model_facts(state.model, context.output_name, options["batch_size"])
+        dims = sequence_dims(state.model, options.get("dims"), context.calibration)
+        facts = model_facts(state.model, context.output_name, options["batch_size"], dims)
         candidates = find_candidates(facts, state.trainable)
         if not candidates:
             raise RecipeError("sparse-update: no trainable Conv/Gemm/MatMul layer with an initializer weight on the output's path")
@@ -74,7 +79,7 @@ class SparseUpdatePass(Pass):
             update, c = selection.updates[position], candidates[position]
             layers.append({
                 "node": c.node, "op_type": c.op_type, "kind": c.kind, "weight": c.weight,
-                "axis": update.axis, "ratio": round(update.ratio, 6),
+                "axis": update.axis, "weight_axis": c.weight_axis(update.axis), "ratio": round(update.ratio, 6),
                 "channels_total": c.slice_channels if update.axis == "input" else c.channels,
                 "channels": list(update.channels) if update.channels is not None else None,
                 "score": selection.scores.get(position),
@@ -82,7 +87,7 @@ class SparseUpdatePass(Pass):
             })
         ranking = sorted(selection.scores, key=lambda p: -selection.scores[p])
         budgets = {"memory_bytes": options.get("memory_budget_bytes"), "backward_macs": options.get("backward_macs_budget"),
-                   "batch_size": options["batch_size"], "optimizer": options["optimizer"]}
+                   "batch_size": options["batch_size"], "dims": dims, "optimizer": options["optimizer"]}
         self._details = {
             "strategy": options["strategy"],
             "criterion": criterion(options),
@@ -128,3 +133,31 @@ class SparseUpdatePass(Pass):
             details=d,
         )
 
+
+
+def sequence_dims(model: onnx.ModelProto, given: Mapping[str, int] | None,
+                  calibration: Mapping[str, np.ndarray] | None) -> dict[str, int]:
+    """Lengths of the data inputs' named dynamic axes besides the batch (a text model's sequence), which the
+    budgets are counted at: the `dims` option, else the widths of the calibration arrays (the padded length
+    the support set was prepared at; training trims each batch to its longest mask, so this is the most a
+    step keeps). Without either, a model with such an axis is refused: its costs would be unknown."""
+    dims = dict(given or {})
+    initializers = {t.name for t in model.graph.initializer}
+    missing: dict[str, list[str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis == 0 or dim.HasField("dim_value") or not dim.dim_param or dim.dim_param in dims:
+                continue
+            array = None if calibration is None else calibration.get(value.name)
+            if array is not None and np.ndim(array) > axis:
+                dims[dim.dim_param] = int(np.shape(array)[axis])
+            else:
+                missing.setdefault(dim.dim_param, []).append(value.name)
+    if missing:
+        names = ", ".join(f"'{name}' (of {', '.join(inputs)})" for name, inputs in missing.items())
+        example = ", ".join(f"{name}: 128" for name in missing)
+        raise RecipeError(f"sparse-update: the budgets need the length of the dynamic axis {names}: "
+                          f"set the option dims: {{{example}}} or give --calibration-data")
+    return dims
