@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -172,7 +172,8 @@ def _reassembled(original: onnx.ModelProto, exported: onnx.ModelProto, details: 
     return result
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each example rewrites and trains
 @given(widths=st.lists(st.integers(3, 9), min_size=2, max_size=4), head=st.sampled_from(["gemm", "matmul"]),
        strategy=st.sampled_from(["tinytrain", "static", "random"]), axis=st.sampled_from(["auto", "input", "output"]),
        budget=st.integers(4_000, 40_000), seed=st.integers(0, 3))
@@ -191,7 +192,8 @@ def test_matmul_stack_plans_fit_train_only_the_chosen_columns_and_export_the_fun
     assert details["budgets"]["dims"] == {"sequence": SEQUENCE}  # from the calibration arrays
     counted = static_profile(out / "a", batch_size=8, dims={"sequence": SEQUENCE})
     memory = counted.retained_activation_bytes + counted.gradient_bytes + counted.optimizer_state_bytes
-    assert memory <= details["predicted"]["backward_memory_bytes"] <= budget
+    # the pooling's Div: the count keeps both inputs, the runtime its output and divisor (a few hundred bytes)
+    assert memory <= details["predicted"]["backward_memory_bytes"] <= min(memory + 512, budget)
     assert details["predicted"]["backward_macs"] == counted.backward_macs
     training = onnx.load(str(out / "a" / "training_model.onnx"))
     grads = {o[: -len("_grad")] for n in training.graph.node for o in n.output if o.endswith("_grad")}
@@ -235,8 +237,8 @@ def test_split_columns_or_rows_of_an_encoder_projection(tmp_path: Path, axis: st
 
 def test_the_toy_bert_trains_encoder_projections_in_part(tmp_path: Path) -> None:
     """On a BERT-style encoder (two int64 inputs, dynamic sequence) the encoder's Linear layers are candidates:
-    tinytrain picks output columns of some of them by Fisher potential; the count holds the runtime's (which
-    fuses the Gelu decomposition and keeps less than predicted), the forward function is unchanged."""
+    tinytrain picks output columns of some of them by Fisher potential; the predicted memory is the profiler's
+    count of the training graph within 1%, the forward function is unchanged."""
     from test_encoder_passes import TINY_BERT, logits, text_data
 
     data = text_data(24, 16)
@@ -249,7 +251,8 @@ def test_the_toy_bert_trains_encoder_projections_in_part(tmp_path: Path) -> None
     assert encoder and all(layer["kind"] == "linear" and layer["axis"] == "output" and layer["channels"] for layer in encoder)
     counted = static_profile(tmp_path / "out", batch_size=8, dims={"sequence": 16})
     memory = counted.retained_activation_bytes + counted.gradient_bytes + counted.optimizer_state_bytes
-    assert memory <= details["predicted"]["backward_memory_bytes"] <= 200_000
+    # the count follows the runtime's fused Gelu and LayerNorm statistics: within 1% (small pooling helpers differ)
+    assert memory <= details["predicted"]["backward_memory_bytes"] <= min(1.01 * memory, 200_000)
     assert details["predicted"]["backward_macs"] == counted.backward_macs
     forward = onnx.load(str(tmp_path / "out" / "forward_model.onnx"))
     np.testing.assert_allclose(logits(forward, data), logits(TINY_BERT, data), rtol=1e-4, atol=1e-5)

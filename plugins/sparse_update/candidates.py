@@ -86,6 +86,7 @@ class ModelFacts:
     batch_size: int
     path: list[onnx.NodeProto] = dataclasses.field(default_factory=list)  # nodes on the output's path, in graph order
     first_use: dict[str, int] = dataclasses.field(default_factory=dict)  # tensor -> index in `path` of its first consumer
+    fused_gelu: dict[str, str] = dataclasses.field(default_factory=dict)  # node of an erf-Gelu pattern -> the Gelu's input
 
     def bytes_of(self, name: str) -> int:
         shape = self.shapes.get(name)
@@ -107,7 +108,34 @@ def model_facts(model: onnx.ModelProto, output: str, batch_size: int, dims: Mapp
         for name in node.input:
             first_use.setdefault(name, position)
     return ModelFacts(index, shapes, {k: int(v.itemsize) for k, v in dtypes.items()}, dict(dtypes), constants,
-                      on_path, output, batch_size, path, first_use)
+                      on_path, output, batch_size, path, first_use, _erf_gelus(index, constants))
+
+
+def _erf_gelus(index: GraphIndex, constants: set[str]) -> dict[str, str]:
+    """Nodes of exported erf-Gelus, ``x * (Erf(x / c) + 1)`` (times 0.5, before or after), mapped to x.
+
+    onnxruntime-training fuses the pattern into one Gelu whose gradient reads only x, so a plan keeps x
+    alone, not the pattern's intermediate tensors (BERT's intermediate layer: 2 tensors of [B, S, 4H])."""
+    found: dict[str, str] = {}
+    for erf in index.model.graph.node:
+        if erf.op_type != "Erf":
+            continue
+        div = index.producer.get(erf.input[0])
+        if div is None or div.op_type not in ("Div", "Mul") or div.input[1] not in constants:
+            continue
+        x = div.input[0]
+        add = _only_reader(index, erf.output[0], "Add")
+        mul = _only_reader(index, add.output[0], "Mul") if add is not None else None
+        if add is None or mul is None or not any(name in constants for name in add.input) or x not in mul.input:
+            continue
+        for node in (div, erf, add, mul):
+            found[node.name] = x
+    return found
+
+
+def _only_reader(index: GraphIndex, tensor: str, op_type: str) -> onnx.NodeProto | None:
+    readers = index.consumers.get(tensor, [])
+    return readers[0][0] if len(readers) == 1 and readers[0][0].op_type == op_type else None
 
 
 def _without_layer_weights(model: onnx.ModelProto, index: GraphIndex) -> onnx.ModelProto:

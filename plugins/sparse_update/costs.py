@@ -13,6 +13,7 @@ reads its input X even when only dX is needed).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import onnx
@@ -26,7 +27,7 @@ from .lean import is_pointwise_frozen_conv
 PASS_THROUGH = frozenset({
     "Add", "Sub", "Concat", "Split", "Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze",
     "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum", "Pad", "Slice", "Gather", "Neg", "Cast",
-    "Expand", "Tile", "Dropout",
+    "Expand", "Tile", "Dropout", "Shape", "Size",
 })
 READS_OUTPUT = frozenset({"Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Relu"})
 READS_INPUT = frozenset({"Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Gelu", "Erf", "Sqrt", "Exp", "Log",
@@ -106,6 +107,11 @@ def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[i
             continue
         if not inputs_needing:
             continue
+        if node.name in facts.fused_gelu:
+            _keep(facts, facts.fused_gelu[node.name], retained)  # the runtime's fused Gelu keeps its input alone
+            continue
+        if node.op_type == "LayerNormalization":
+            _keep_norm_statistics(facts, node, retained)
         if lean and node.input[0] in needs and _pointwise(facts, node):
             macs += (candidate.macs if candidate else 0)  # MatMul(W, x): its x gradient reads W only
         elif node.op_type in ("Conv", "ConvTranspose"):
@@ -160,6 +166,17 @@ def _pointwise(facts: ModelFacts, node: onnx.NodeProto | None) -> bool:
         return False
     shape = facts.shapes.get(node.input[0])
     return shape is not None and len(shape) >= 3 and all(d > 0 for d in shape[1:])
+
+
+def _keep_norm_statistics(facts: ModelFacts, node: onnx.NodeProto, retained: dict[str, int]) -> None:
+    """LayerNormalization's gradient also reads the mean and inverse standard deviation it saved (float32,
+    one value per normalised row)."""
+    shape = facts.shapes.get(node.input[0])
+    if shape is None:
+        return
+    axis = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"), -1)
+    rows = math.prod(shape[: axis % len(shape)])
+    retained.setdefault(f"{node.output[0]}[mean, inv_std_dev]", 2 * rows * FLOAT_BYTES)
 
 
 def _keep(facts: ModelFacts, name: str, retained: dict[str, int]) -> None:
