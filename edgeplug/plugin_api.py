@@ -16,7 +16,8 @@ ones; the other modules of `edgeplug` are internal and may change. Groups:
 - models on disk: `load_model`, `save_model` (atomic, IR clamped), `check_model`,
   `clamp_ir_version`, `default_opset`, `MAX_IR_VERSION`, `MAX_OPSET`;
 - shapes and costs: `forward_shapes` (every tensor's shape at a batch size),
-  `forward_macs`;
+  `forward_macs`, `data_axis_lengths` (the length of a sequence axis, from an
+  option or the calibration arrays);
 - onnxruntime without torch: `inference_session`, `inference_runtime`,
   `training_api`, `training_artifacts`, `open_artifacts`, `captured_native_stderr`;
 - training vocabulary: `LOSS_TYPES`, `OPTIMIZER_TYPES`, `OPTIMIZER_STATES`, the
@@ -102,6 +103,7 @@ from edgeplug.plugins import hookimpl
 from edgeplug.profiling.macs import forward_macs
 from edgeplug.profiling.static import forward_shapes
 from edgeplug.progress import Progress
+from edgeplug.sequences import data_axis_lengths
 from edgeplug.surgery import extract, on_ir, remove_unused, to_ir, to_proto
 from edgeplug.validation import first_error, load_schema
 
@@ -152,6 +154,7 @@ __all__ = [
     "captured_native_stderr",
     "check_model",
     "clamp_ir_version",
+    "data_axis_lengths",
     "default_opset",
     "ensure_node_names",
     "extract",

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgeplug.data import TensorSpec
 
@@ -81,6 +82,28 @@ def axis_lengths(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
             if axis > 0 and isinstance(dim, str) and dim and axis < array.ndim:
                 lengths[dim] = max(lengths.get(dim, 0), int(array.shape[axis]))
     return lengths
+
+
+def data_axis_lengths(model: onnx.ModelProto, given: Mapping[str, int] | None,
+                      calibration: Mapping[str, np.ndarray] | None) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Lengths of the data inputs' named dynamic axes besides the batch, for passes that count or build at a
+    fixed length: `given` (a pass's `dims` option) first, else the calibration arrays' widths (the padded
+    length the data was prepared at). Returns the lengths and, for each axis found in neither, its inputs."""
+    lengths = dict(given or {})
+    initializers = {t.name for t in model.graph.initializer}
+    missing: dict[str, list[str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis == 0 or dim.HasField("dim_value") or not dim.dim_param or dim.dim_param in lengths:
+                continue
+            array = None if calibration is None else calibration.get(value.name)
+            if array is not None and np.ndim(array) > axis:
+                lengths[dim.dim_param] = int(np.shape(array)[axis])
+            else:
+                missing.setdefault(dim.dim_param, []).append(value.name)
+    return lengths, missing
 
 
 def outputs_agree(full: np.ndarray, trimmed: np.ndarray) -> tuple[bool, float]:

@@ -115,3 +115,37 @@ def test_embedding_tables_stay_float_when_not_asked(options: dict[str, Any], tmp
                      tmp_path / "out")
     entry = next(p for p in report["passes"] if p["name"] == "quantize-frozen")
     assert "embeddings.word_embeddings.weight" not in {q["weight"] for q in entry["details"]["quantized"]}
+
+
+def _shortcut(options: dict[str, Any], out: Path, calibration: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    recipe = {"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.003}, "passes": [
+        {"name": "trainable", "options": {"layers": 3}},
+        {"name": "activation-shortcut", "options": {"method": "asi", "batch_size": 8, "op_types": ["MatMul", "Gemm"], **options}}]}
+    report = edgeplug.rewrite(TINY_BERT, recipe_from_dict(recipe), out, calibration=calibration).report
+    return next(p for p in report["passes"] if p["name"] == "activation-shortcut")["details"]
+
+
+def test_activation_shortcut_compresses_linear_inputs_at_the_sequence_length(tmp_path: Path) -> None:
+    """ASI on the encoder's [batch, sequence, features] Linear inputs: a Tucker core over (batch, sequence,
+    features) at the calibration arrays' length; full ranks train exactly like vanilla backprop; the carried
+    factors keep the trainer from trimming; without a length the layers stay vanilla and the report says why."""
+    data = text_data(16, 16)
+    details = _shortcut({"compression": 4}, tmp_path / "asi", data)
+    assert details["dims"] == {"sequence": 16}
+    encoder = [layer for layer in details["layers"] if layer["node"].startswith("/layer.1/")]
+    assert len(encoder) == 2 and all(len(layer["input_shape"]) == 3 and layer["input_freed"] for layer in encoder)
+    assert details["compressed_bytes"] * 3 < details["vanilla_bytes"]
+    fit = edgeplug.Trainer(tmp_path / "asi", progress=False, checkpoints=False).fit(data, epochs=2, batch_size=8)
+    assert np.isfinite(fit.step_losses).all() and "carries state" in fit.trimming["reason"]
+
+    exact = _shortcut({"ranks": "full", "dims": {"sequence": 16}}, tmp_path / "full", None)
+    assert len(exact["layers"]) == 3
+    plain = rewrite([{"name": "trainable", "options": {"layers": 3}}], tmp_path / "plain")
+    assert plain
+    losses = [edgeplug.Trainer(tmp_path / name, progress=False, checkpoints=False, trim_padding=False).fit(
+        data, epochs=2, batch_size=8).step_losses for name in ("full", "plain")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+    vanilla = _shortcut({"ranks": [8, 4, 4]}, tmp_path / "unknown", None)
+    assert [layer["node"] for layer in vanilla["layers"]] == ["/classifier/Gemm"]
+    assert all("length of 'sequence' is unknown" in entry["reason"] for entry in vanilla["skipped"])

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport, TrainingModels
-from edgeplug.plugin_api import CarriedState, GraphEditor, ModelError, RecipeError, forward_shapes, load_schema
+from edgeplug.plugin_api import CarriedState, GraphEditor, ModelError, RecipeError, data_axis_lengths, forward_shapes, load_schema
 
 from . import build, calibrate, ranks, tucker
 from .layers import Layer, backward_nodes, backward_readers, find_layers, select
@@ -39,6 +39,8 @@ class ActivationShortcutPass(Pass):
         self._details: dict[str, Any] = {}
         self._parameters: dict[str, np.ndarray] = {}
         self._data_inputs: set[str] = set()
+        self._dims: dict[str, int] = {}
+        self._undetermined: dict[str, list[str]] = {}
 
     def rewrite_forward(self, state: ForwardState, context: PassContext) -> ForwardState:
         """Nothing changes here; remember the weights and data inputs for the calibration run."""
@@ -46,6 +48,9 @@ class ActivationShortcutPass(Pass):
         graph = state.model.graph
         self._parameters = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self._data_inputs = {v.name for v in graph.input if v.name not in self._parameters}
+        # a text model's sequence axis: the built graph and its factors hold one length (the carried state then
+        # keeps the trainer from trimming batches); without a length, layers on that axis are left vanilla
+        self._dims, self._undetermined = data_axis_lengths(state.model, self.options.get("dims"), context.calibration)
         return state
 
     def _check_options(self, context: PassContext) -> None:
@@ -73,8 +78,13 @@ class ActivationShortcutPass(Pass):
         if opset < 13:
             raise ModelError(f"the training graph has opset {opset}; 13 or later is needed")
         batch = int(o["batch_size"])
-        shapes, _ = forward_shapes(models.eval, self._data_inputs | {"labels"}, batch)
+        shapes, _ = forward_shapes(models.eval, self._data_inputs | {"labels"}, batch, self._dims)
         found, skipped = find_layers(training, shapes, o["op_types"])
+        if self._undetermined:
+            axes = ", ".join(f"'{name}'" for name in self._undetermined)
+            for entry in skipped:
+                if entry["reason"].startswith("input/output shapes are not static"):
+                    entry["reason"] += f" (the length of {axes} is unknown: set the option dims or give --calibration-data)"
         if o["method"] == "gradient-filter":
             skipped += [{"node": la.node, "reason": "gradient-filter applies to Conv only"} for la in found if not la.is_conv]
             found = [la for la in found if la.is_conv]
@@ -207,7 +217,7 @@ class ActivationShortcutPass(Pass):
             "node_prefixes": sorted({f"{plan.real.node}.{tag}." for plan, _ in results for tag in ("asi", "gf", "shortcut")}),
         }
         return {
-            "method": self.options["method"], "batch_size": int(self.options["batch_size"]),
+            "method": self.options["method"], "batch_size": int(self.options["batch_size"]), "dims": dict(self._dims),
             "layers": layers, "skipped": skipped,
             "vanilla_bytes": vanilla_total, "compressed_bytes": compressed_total,
             "compression": round(vanilla_total / compressed_total, 3) if compressed_total else None,

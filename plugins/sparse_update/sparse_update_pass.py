@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.plugin_api import RecipeError, load_schema
+from edgeplug.plugin_api import RecipeError, data_axis_lengths, load_schema
 
 from . import split
 from .candidates import find_candidates, model_facts
@@ -141,20 +141,7 @@ def sequence_dims(model: onnx.ModelProto, given: Mapping[str, int] | None,
     budgets are counted at: the `dims` option, else the widths of the calibration arrays (the padded length
     the support set was prepared at; training trims each batch to its longest mask, so this is the most a
     step keeps). Without either, a model with such an axis is refused: its costs would be unknown."""
-    dims = dict(given or {})
-    initializers = {t.name for t in model.graph.initializer}
-    missing: dict[str, list[str]] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if axis == 0 or dim.HasField("dim_value") or not dim.dim_param or dim.dim_param in dims:
-                continue
-            array = None if calibration is None else calibration.get(value.name)
-            if array is not None and np.ndim(array) > axis:
-                dims[dim.dim_param] = int(np.shape(array)[axis])
-            else:
-                missing.setdefault(dim.dim_param, []).append(value.name)
+    dims, missing = data_axis_lengths(model, given, calibration)
     if missing:
         names = ", ".join(f"'{name}' (of {', '.join(inputs)})" for name, inputs in missing.items())
         example = ", ".join(f"{name}: 128" for name in missing)
