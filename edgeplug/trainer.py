@@ -165,7 +165,8 @@ class Trainer:
     ) -> None:
         """`cache_prefix`: compute the frozen prefix (everything before the first trainable layer) once per
         training example and train only the rest (`edgeplug.prefix_cache`; bit-identical weights). None (the
-        default) uses it when it applies and more than one epoch remains, True insists (an error says why it
+        default) uses it when it applies, more than one epoch remains and trimming the padding would not cut the
+        first epoch's batches to at most half their positions (`TRIM_OVER_CACHE_SHARE`), True insists (an error says why it
         cannot), False never. The cache keeps up to `cache_memory` in memory and the rest in a file under
         `cache_dir` (default: the system's temporary folder). `memory`: "arena" (onnxruntime's defaults) or
         "lean" (no arena, no planned buffer reuse: the process holds only live tensors; slower steps); None
