@@ -73,6 +73,7 @@ class Cut:
     boundary: tuple[str, ...]  # float per-example tensors the cut model reads instead of the data
     data_inputs: tuple[str, ...]
     prefix_nodes: int
+    carried_specs: tuple[Mapping[str, Any], ...] = ()  # report.json's carried_state: inputs the cut model still takes
 
     def write(self, folder: Path) -> tuple[Path, Path]:
         """Save the cut and the augmented training models in `folder`; return their paths."""
@@ -97,9 +98,12 @@ def cut_models(artifact_dir: Path, report: Mapping[str, Any], *, require_compute
         raise NotCacheable("staged folders train their stages one after another")
     if any(entry.get("runtime_hooks") for entry in report.get("passes", [])):
         raise NotCacheable("a pass feeds the training step from Python hooks (they read the batch)")
-    if training_info.get("extra_inputs") or training_info.get("carried_state"):
-        raise NotCacheable("the training step takes inputs besides the data (hook-fed or carried state)")
-    trainable = set(report["parameters"]["trainable"])
+    carried_specs = tuple(training_info.get("carried_state") or ())
+    carried_inputs = {spec["input"] for spec in carried_specs}
+    if any(spec["name"] not in carried_inputs for spec in training_info.get("extra_inputs") or ()):
+        raise NotCacheable("the training step takes inputs that pass hooks feed from the batch")
+    # carried state changes every step: what reads it is not frozen, like what reads a trainable parameter
+    trainable = set(report["parameters"]["trainable"]) | carried_inputs
     data_inputs = tuple(spec["name"] for spec in training_info["inputs"])
     training = onnx.load(str(artifact_dir / TRAINING_MODEL))
     prefix, constant = _prefix_nodes(training, trainable, data_inputs)
@@ -123,7 +127,7 @@ def cut_models(artifact_dir: Path, report: Mapping[str, Any], *, require_compute
     present = {value.name for value in augmented.graph.output}
     augmented.graph.output.extend(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
                                   for name in boundary if name not in present)
-    return Cut(cut, augmented, tuple(boundary), data_inputs, len(prefix))
+    return Cut(cut, augmented, tuple(boundary), data_inputs, len(prefix), carried_specs)
 
 
 def _prefix_nodes(model: Any, trainable: set[str], data_inputs: Sequence[str]) -> tuple[set[str], set[str]]:
@@ -144,7 +148,7 @@ def _prefix_nodes(model: Any, trainable: set[str], data_inputs: Sequence[str]) -
     return _recomputed_by_the_cut(model, _closed(model, data_dependent - trained, constant)), constant
 
 
-def _recomputed_by_the_cut(model: Any, prefix: set[str]) -> set[str]:
+def _recomputed_by_the_cut(model: Any, prefix: set[str], types: Mapping[str, int] | None = None) -> set[str]:
     """`prefix` less the nodes the trainable part reads whose data inputs it reads too, and less the view ops
     (`VIEW_OPS`) it reads: the cut model recomputes them from the tensors it receives anyway.
 
@@ -152,10 +156,11 @@ def _recomputed_by_the_cut(model: Any, prefix: set[str]) -> set[str]:
     as [batch * sequence, features], whose first axis is no longer the batch), nor a frozen product of one (a LoRA
     layer's base MatMul, as large as its input: recomputing it per step costs one MatMul and saves its bytes per
     example)."""
+    types = types if types is not None else _value_types(model)
     while True:
         read_outside = {name for node in model.graph.node if node.name not in prefix for name in node.input}
         produced = {out for node in model.graph.node if node.name in prefix for out in node.output if out}
-        moved = set()
+        moved = _value_chains_read_outside(model, prefix, read_outside, produced, types)
         for node in model.graph.node:
             if node.name not in prefix or not any(out in read_outside for out in node.output):
                 continue
@@ -165,6 +170,34 @@ def _recomputed_by_the_cut(model: Any, prefix: set[str]) -> set[str]:
         if not moved:
             return prefix
         prefix -= moved
+
+
+def _value_chains_read_outside(model: Any, prefix: set[str], read_outside: set[str], produced: set[str],
+                               types: Mapping[str, int]) -> set[str]:
+    """Prefix nodes computing a non-float tensor that the trainable part reads from values the cut model receives
+    anyway (a short chain, no multiply-accumulate op): the cut model recomputes them. activation-shortcut's
+    anchors are such chains (a bool from a compressed activation's first element, added to a shape so that
+    onnxruntime schedules the compression early). Chains that reach a Shape stay with `_batch_shape_chains`."""
+    producer = {out: node for node in model.graph.node if node.name in prefix for out in node.output if out}
+    moved: set[str] = set()
+    for name in sorted(read_outside & produced):
+        if types.get(name, 1) in FLOAT_TYPES:
+            continue
+        chain: dict[str, Any] = {}
+        frontier, ok = [name], True
+        while frontier and ok:
+            tensor = frontier.pop()
+            node = producer.get(tensor)
+            if node is None or node.name in chain:
+                continue
+            if node.op_type == "Shape" or node.op_type in COMPUTE_OPS or len(chain) >= 16:
+                ok = False
+                break
+            chain[node.name] = node
+            frontier.extend(i for i in node.input if i and i in producer and i not in read_outside)
+        if ok and chain:
+            moved.update(chain)
+    return moved
 
 
 def _closed(model: Any, prefix: set[str], constant: Iterable[str] = ()) -> set[str]:
@@ -421,6 +454,19 @@ class PrefixCache:
         self._paths = cut.write(self.model_folder())
         self._augmented: Any = None
         self.stats: list[CacheStats] = []
+        self._carried: dict[str, np.ndarray] = {}
+        if cut.carried_specs:  # the folder's initial values: the fill and the checks feed them (the prefix reads none)
+            from edgeplug.carried import load_carried_state
+
+            self._carried = load_carried_state(None, 0, self.artifact_dir, cut.carried_specs)
+
+    def _with_carried(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`batch` and the carried-state inputs for its size, as the trainer feeds them (`edgeplug.carried`)."""
+        if not self._carried:
+            return dict(batch)
+        from edgeplug.carried import carried_feeds
+
+        return {**batch, **carried_feeds(self._carried, self.cut.carried_specs, len(batch["labels"]))[0]}
 
     @property
     def folder(self) -> Path:
@@ -454,6 +500,7 @@ class PrefixCache:
     def run(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The boundary tensors of one batch of data (labels included), computed by the uncut training model."""
         _, module, inputs, outputs = self._module()
+        batch = self._with_carried(batch)
         values = module(*[batch[name] for name in inputs])
         module.lazy_reset_grad()
         named = dict(zip(outputs, values if isinstance(values, (list, tuple)) else [values], strict=True))
@@ -462,6 +509,7 @@ class PrefixCache:
     def _reference_step(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Loss and gradients of one step of the uncut model on `batch` (no update)."""
         state, module, inputs, _ = self._module()
+        batch = self._with_carried(batch)
         values = module(*[batch[name] for name in inputs])
         grads = {name: np.array(p.grad, copy=True) for name, p in state.parameters if p.requires_grad}
         module.lazy_reset_grad()
@@ -519,7 +567,7 @@ class PrefixCache:
         state = api.CheckpointState.load_checkpoint(str(self._state))
         module = api.Module(str(self._paths[0]), state, session_options=self._options(arena=False))
         module.train()
-        feed = cached.batch(rows)
+        feed = self._with_carried(cached.batch(rows))
         values = module(*[feed[name] for name in module.input_names()])
         cut_loss = np.array(values[0] if isinstance(values, (list, tuple)) else values)
         differing = [name for name, p in state.parameters if p.requires_grad and not np.array_equal(np.asarray(p.grad), grads[name])]

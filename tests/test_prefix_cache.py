@@ -242,3 +242,21 @@ def test_by_default_heavily_padded_text_is_trimmed_rather_than_cached(tmp_path: 
     full["attention_mask"][:] = 1
     fit = Trainer(tmp_path / "folder", progress=False).fit(full, epochs=2, batch_size=4, resume=False)
     assert "reason" not in fit.prefix_cache
+
+
+def test_a_folder_with_carried_state_caches_its_prefix(tmp_path: Path) -> None:
+    """activation-shortcut ASI carries its factors from step to step: the cut model takes them as the whole model does,
+    the fill and the checks feed the folder's initial values, its anchors are recomputed, and training stays
+    bit-identical."""
+    model = mbconv(blocks=2, width=4, seed=5)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=12, seed=5)
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.02}, "passes": [
+        {"name": "trainable", "options": {"layers": 3}},
+        {"name": "activation-shortcut", "options": {"method": "asi", "op_types": ["Conv"], "compression": 4, "batch_size": 4}}]})
+    edgeplug.rewrite(model, recipe, tmp_path / "asi", calibration=data)
+    assert edgeplug.Trainer(tmp_path / "asi").report["training"]["carried_state"]
+    results = _train_both(tmp_path / "asi", tmp_path, data, data, epochs=3, batch=4)
+    assert "reason" not in results[True][0].prefix_cache
+    for name, value in results[False][1].items():
+        assert np.array_equal(value, results[True][1][name]), name
+    assert [e.eval for e in results[False][0].epochs] == [e.eval for e in results[True][0].epochs]
