@@ -133,6 +133,8 @@ def plan_cost(facts: ModelFacts, candidates: list[Candidate], updates: Mapping[i
             for slot, other in ((0, 1), (1, 0)):
                 if node.input[slot] in needs:
                     _keep(facts, node.input[other], retained)
+        elif node.op_type == "Div" and node.input[1] not in needs:
+            _keep(facts, node.input[1], retained)  # d(a/b)/da = 1/b: the divisor only (a constant: nothing; attention's scale)
         else:  # unknown gradient: assume it reads every activation input
             for name in node.input:
                 _keep(facts, name, retained)
