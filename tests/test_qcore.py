@@ -246,3 +246,20 @@ def test_a_stacked_view_reads_like_the_concatenation(sizes: list[int], data: st.
     if len(whole):
         rows = np.asarray(data.draw(st.lists(st.integers(0, len(whole) - 1), max_size=8)), dtype=np.int64)
         np.testing.assert_array_equal(stacked[rows], whole[rows])
+
+
+def test_learning_rates_written_with_an_exponent_reach_the_trainer(tmp_path: Path) -> None:
+    """backprop_lr / flip_lr of 1e-05: json.dumps writes '1e-05', which a YAML 1.1 reader takes for a string."""
+    from builders import classification_data
+
+    from edgeplug_plugins.qcore.backprop import backprop_calibrate
+    from edgeplug_plugins.qcore.flipnet import train_flipnet
+
+    model, data = mlp(4, (6,), 3), classification_data((4,), 3, n=16)
+    state = quantize(model, data["x"], 8, 99.99)
+    tuned = backprop_calibrate(model, state, data["x"], data["y"], epochs=1, lr=1e-05)
+    assert tuned.codes.keys() == state.codes.keys()
+    rng = np.random.default_rng(0)
+    info = train_flipnet(rng.standard_normal((64, 4)).astype(np.float32), rng.integers(-1, 2, 64).astype(np.float32),
+                         tmp_path / "flip.onnx", hidden=4, epochs=1, lr=1e-05, seed=0)
+    assert (tmp_path / "flip.onnx").is_file() and info["rows"] > 0

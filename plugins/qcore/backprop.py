@@ -39,8 +39,9 @@ def backprop_artifacts(model: onnx.ModelProto, state: QuantState, folder: Path, 
                    {"name": "freeze-bn", "options": {"layers": "all"}}],
     }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.yaml").write_text(json.dumps(recipe), encoding="utf-8")
-    rewrite(dequantized_float_model(model, state), folder / "recipe.yaml", folder / "out")
+    # JSON, named .json: PyYAML (YAML 1.1) reads json.dumps(1e-05) = "1e-05" as a string, not a number
+    (folder / "recipe.json").write_text(json.dumps(recipe), encoding="utf-8")
+    rewrite(dequantized_float_model(model, state), folder / "recipe.json", folder / "out")
     return folder / "out"
 
 

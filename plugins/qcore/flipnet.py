@@ -117,8 +117,8 @@ def train_flipnet(features: np.ndarray, targets: np.ndarray, destination: Path, 
     recipe = {"version": 1, "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": lr}}
     with tempfile.TemporaryDirectory(prefix="qcore-flipnet-") as scratch:
         root = Path(scratch)
-        (root / "recipe.yaml").write_text(json.dumps(recipe), encoding="utf-8")
-        rewrite(mlp_graph(hidden, seed), root / "recipe.yaml", root / "out")
+        (root / "recipe.json").write_text(json.dumps(recipe), encoding="utf-8")
+        rewrite(mlp_graph(hidden, seed), root / "recipe.json", root / "out")
         trainer = Trainer(root / "out", seed=seed, progress=False)
         data = {"features": scaled[rows].astype(np.float32), "y": (targets[rows] + 1).astype(np.int64)}
         result = trainer.fit(data, epochs=epochs, batch_size=256)
