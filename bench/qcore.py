@@ -220,6 +220,7 @@ class Method:
             self.seen = len(train[1])
         self.coreset = core
         self.never = int(json.loads((qdir / "build.json").read_text())["never_learned_count"])
+        self.train_layers: list[str] | None = None  # backprop rows: the layer nodes that train (None: every quantized one)
         if name in VARIANTS:
             options = dict(self.options, **VARIANTS[name])
             self.calibrator = Calibrator(qdir, options, state=self.state, coreset=core, threads=THREADS)
@@ -248,7 +249,8 @@ class Method:
         with tempfile.TemporaryDirectory(prefix="qcore-bench-backprop-") as scratch:
             self.before_offline()
             tick = time.perf_counter()
-            artifacts = backprop_artifacts(self.model, self.state, Path(scratch), lr=float(self.options["backprop_lr"]))
+            artifacts = backprop_artifacts(self.model, self.state, Path(scratch), lr=float(self.options["backprop_lr"]),
+                                           layers=self.train_layers)
             offline = time.perf_counter() - tick
             self.after_offline()
             tuned = backprop_train(artifacts, self.model, self.state, pool.x, pool.y, epochs=int(self.options["backprop_epochs"]),

@@ -177,3 +177,15 @@ def test_quantize_cli_takes_drift_data_with_both_inputs(tmp_path: Path, capsys: 
     assert cli.main(["quantize", str(tmp_path / "out"), "--data", str(tmp_path / "train.npz"), "--epochs", "1",
                      "--drift-data", str(tmp_path / "bad.npz"), "--no-progress"]) == 2
     assert "missing arrays ['input_ids', 'attention_mask']" in capsys.readouterr().err
+
+
+def test_a_backprop_calibration_of_the_classifier_alone_leaves_the_encoder_codes(built: Path) -> None:
+    """What an encoder's flip targets come from: only the layers that get flip networks train."""
+    from edgeplug_plugins.qcore.backprop import backprop_calibrate
+
+    model = onnx.load(str(built / "qcore" / "float.onnx"))
+    data = token_data(24, seed=4, shift=1)
+    state = quantize(model, _examples(data), 8, 99.99)
+    tuned = backprop_calibrate(model, state, _examples(data), data["y"], epochs=3, lr=0.05, layers={"classifier"})
+    assert all(np.array_equal(tuned.codes[k], state.codes[k]) for k in state.codes if k != "classifier")
+    assert not np.array_equal(tuned.codes["classifier"], state.codes["classifier"])

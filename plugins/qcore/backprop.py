@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,17 @@ from .qmodel import QuantState, dequantized_float_model
 from .quantize import quantize_weights
 
 
-def backprop_artifacts(model: onnx.ModelProto, state: QuantState, folder: Path, *, lr: float) -> Path:
-    """Training artifacts of the dequantized model in `folder` (only the quantized weights train, batch norm
-    on the current statistics). The offline part of a backprop calibration: a device would ship these."""
+def backprop_artifacts(model: onnx.ModelProto, state: QuantState, folder: Path, *, lr: float,
+                       layers: Collection[str] | None = None) -> Path:
+    """Training artifacts of the dequantized model in `folder` (only the quantized weights train, or those of the
+    layer nodes named in `layers`; batch norm on the current statistics). The offline part of a backprop
+    calibration: a device would ship these."""
     from edgeplug import rewrite
 
-    layers = find_layers(model)
-    pattern = "^(" + "|".join(re.escape(layer.weight) for layer in layers) + ")$"
+    found = [layer for layer in find_layers(model) if layers is None or layer.node in layers]
+    if not found:
+        raise ValueError(f"backprop calibration: none of {sorted(layers or [])} is a quantized layer")
+    pattern = "^(" + "|".join(re.escape(layer.weight) for layer in found) + ")$"
     recipe = {
         "version": 1, "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": lr},
         "passes": [{"name": "trainable", "options": {"layers": "none", "include": [pattern], "syntax": "regex"}},
@@ -78,14 +83,18 @@ def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x
             module.lazy_reset_grad()
     result = state.copy()
     for layer in find_layers(model):
+        if layer.weight not in checkpoint.parameters:
+            continue  # not in the artifacts: its codes stay (frozen weights come back exactly: dequantized grid points)
         trained = np.asarray(checkpoint.parameters[layer.weight].data)
         result.codes[layer.node] = quantize_weights(layer.to_matrix(trained), state.weight_grids[layer.node])
     return result
 
 
 def backprop_calibrate(model: onnx.ModelProto, state: QuantState, x: np.ndarray | Examples, y: np.ndarray, *,
-                       epochs: int, lr: float, batch_size: int = 32, seed: int = 0, threads: int | None = None) -> QuantState:
-    """A copy of `state` whose integer weights are those of a fine-tune on (x, y), requantized."""
+                       epochs: int, lr: float, batch_size: int = 32, seed: int = 0, threads: int | None = None,
+                       layers: Collection[str] | None = None) -> QuantState:
+    """A copy of `state` whose integer weights are those of a fine-tune on (x, y), requantized (`layers`: only
+    those layer nodes train; default every quantized layer)."""
     with tempfile.TemporaryDirectory(prefix="qcore-backprop-") as scratch:
-        artifacts = backprop_artifacts(model, state, Path(scratch), lr=lr)
+        artifacts = backprop_artifacts(model, state, Path(scratch), lr=lr, layers=layers)
         return backprop_train(artifacts, model, state, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, threads=threads)

@@ -133,8 +133,13 @@ def flip_examples(float_model: onnx.ModelProto, state: QuantState, reference: Ma
     runner = QuantizedRunner(float_model, drifted)
     runner.refresh_norm_stats(x, float(options["norm_momentum"]))
     features = device_features(runner, reference, x, y, class_means, layers)
+    every = {layer.node for layer in runner.layers}
+    chosen = set(features)
+    # the targets come from a calibration of the layers that get flip networks; every layer when all of them do (CNNs),
+    # the classifier alone on an encoder (the only layer the device then moves)
     tuned = backprop_calibrate(float_model, drifted, x, y, epochs=int(options["backprop_epochs"]),
-                               lr=float(options["backprop_lr"]), seed=int(options["seed"]))
+                               lr=float(options["backprop_lr"]), seed=int(options["seed"]),
+                               layers=None if chosen == every else chosen)
     targets = {name: np.clip(tuned.codes[name].astype(np.int16) - drifted.codes[name], -1, 1).ravel().astype(np.float32)
                for name in features}
     return features, targets
