@@ -105,6 +105,8 @@ class MetaResult:
     losses: list[float]
     query_accuracy: list[float]
     """Each episode's query accuracy under its prototype head, before that episode's update."""
+    domains: list[int]
+    """Each episode's domain (the data's `domain` value; 0 when it has none)."""
 
     def summary(self) -> dict[str, Any]:
         tenth = max(1, len(self.losses) // 10)
@@ -113,7 +115,8 @@ class MetaResult:
                 "seconds": round(self.seconds, 1),
                 "first_tenth": {"loss": _mean(self.losses[:tenth]), "query_accuracy": _mean(self.query_accuracy[:tenth])},
                 "last_tenth": {"loss": _mean(self.losses[-tenth:]), "query_accuracy": _mean(self.query_accuracy[-tenth:])},
-                "losses": [round(v, 5) for v in self.losses], "query_accuracy": [round(v, 4) for v in self.query_accuracy]}
+                "losses": [round(v, 5) for v in self.losses], "query_accuracy": [round(v, 4) for v in self.query_accuracy],
+                "domains": self.domains}
 
 
 def _mean(values: list[float]) -> float:
@@ -268,6 +271,7 @@ def load_source(path: Path, model: onnx.ModelProto) -> SourceData:
 class EpisodeBatch:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray
+    domain: int
 
 
 def sample_episode(data: SourceData, usable: Mapping[int, list[int]], settings: MetaSettings, rng: np.random.Generator) -> EpisodeBatch:
@@ -293,7 +297,7 @@ def sample_episode(data: SourceData, usable: Mapping[int, list[int]], settings: 
     query_select[np.arange(n_query), n_support + np.arange(n_query)] = 1.0
     labels = np.repeat(np.arange(ways, dtype=np.int64), settings.queries)
     x = data.x[np.asarray(support + query)]
-    return EpisodeBatch({"x": x, SUPPORT_MEAN: support_mean, CLASS_AVERAGE: class_average, QUERY_SELECT: query_select}, labels)
+    return EpisodeBatch({"x": x, SUPPORT_MEAN: support_mean, CLASS_AVERAGE: class_average, QUERY_SELECT: query_select}, labels, domain)
 
 
 # -- running -------------------------------------------------------------------------------------------
@@ -318,6 +322,7 @@ def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: Met
     started = time.perf_counter()
     losses: list[float] = []
     accuracies: list[float] = []
+    domains: list[int] = []
     with tempfile.TemporaryDirectory(prefix="edgeplug-meta-") as folder:
         stage = Path(folder)
         _generate(episodic, trainable, settings, stage)
@@ -340,6 +345,7 @@ def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: Met
         with Progress("meta-pretrain", settings.episodes, unit="episode") as bar:
             for episode in range(settings.episodes):
                 batch = sample_episode(data, usable, settings, rng)
+                domains.append(batch.domain)
                 feeds = {**batch.inputs, LABELS: batch.labels}
                 feeds[input_names[0]] = feeds.pop("x")
                 for step in range(settings.steps_per_episode):
@@ -371,7 +377,7 @@ def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: Met
     with atomic_file(Path(output)) as staging:
         onnx.save_model(clamp_ir_version(result), str(staging))
     return MetaResult(str(output), settings.episodes, settings.episodes * settings.steps_per_episode, len(trainable), values,
-                      time.perf_counter() - started, losses, accuracies)
+                      time.perf_counter() - started, losses, accuracies, domains)
 
 
 def _generate(episodic: onnx.ModelProto, trainable: list[str], settings: MetaSettings, stage: Path) -> None:

@@ -68,7 +68,7 @@ def test_meta_pretrain_changes_the_backbone_keeps_the_head_and_loads(tmp_path: P
     session = _ort.inference_session(out)
     logits = session.run(None, {"x": np.zeros((2, 1, IMAGE, IMAGE), np.float32)})[0]
     assert logits.shape == (2, 7) and np.isfinite(logits).all()
-    assert len(result.losses) == len(result.query_accuracy) == 6
+    assert len(result.losses) == len(result.query_accuracy) == len(result.domains) == 6 and set(result.domains) <= {0, 1}
     assert result.trainable_values == sum(before[n].size for n in ("conv0.weight", "conv0.bias", "conv1.weight", "conv1.bias"))
 
 
