@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def main() -> None:
         raise SystemExit("--labels: give two names")
     a, b = report.load(args.a), report.load(args.b)
     text, document = table(a, b, (labels[0], labels[1]))
-    command = "python bench/meta_compare.py " + " ".join(sys.argv[1:])
+    command = "python bench/meta_compare.py " + shlex.join(sys.argv[1:])
     text = (f"# {args.title}\n\nCommand: `{command}`  \n{labels[0]}: `{args.a.name}` ({a['meta'].get('command', '')}).  \n"
             f"{labels[1]}: `{args.b.name}` ({b['meta'].get('command', '')}).  \nA winner is named only when the paired t interval "
             "and the bootstrap interval both exclude 0.\n\n" + text)
