@@ -135,3 +135,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".meta.onnx*"))
+
+
+def test_the_meta_pretrained_model_takes_new_head_and_trains(tmp_path: Path) -> None:
+    """The output is an ordinary model: new-head + sparse-update rewrite it and the folder trains."""
+    import edgeplug
+    from edgeplug.recipe import recipe_from_dict
+    from edgeplug.trainer import Trainer
+
+    model, data = _model(tmp_path), _source(tmp_path)
+    out = tmp_path / "meta.onnx"
+    meta_pretrain(model, data, out, MetaSettings(episodes=2, ways=2, shots=2, queries=2, threads=1))
+    arrays = dict(np.load(data))
+    support = {"x": arrays["x"][:24], "y": arrays["y"][:24]}  # domain 0: classes 0, 1, 2
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.01},
+                               "passes": [{"name": "new-head", "options": {"classes": 3}},
+                                          {"name": "sparse-update", "options": {"memory_budget_bytes": 65536}}]})
+    edgeplug.rewrite(onnx.load(str(out)), recipe, tmp_path / "folder", calibration=support)
+    np.savez(tmp_path / "support.npz", **support)
+    result = Trainer(tmp_path / "folder", checkpoints=False).fit(tmp_path / "support.npz", epochs=2, batch_size=8)
+    assert result.steps_run == 6 and all(np.isfinite(result.step_losses))
