@@ -44,6 +44,14 @@ class Numbers:
     def has(self, *rows: str) -> bool:
         return all(r in self.rows for r in rows)
 
+    def same_run(self, a: str, b: str) -> bool:
+        """Whether rows a and b were measured in one run (bench/merge_runs.py pairs rows of two runs)."""
+        second = set(self.result["meta"].get("second_run_rows", ()))
+        return (a in second) == (b in second)
+
+    def times_note(self, a: str, b: str) -> str:
+        return "" if self.same_run(a, b) else f" ({a} and {b} ran in different runs under different loads: compare with care)"
+
     def accuracy(self, row: str) -> str:
         s = stats.summary(list(report.values(self.result, row).values()))
         if not s["n"]:
@@ -115,11 +123,17 @@ def sparse_update(n: Numbers) -> list[str]:
          f"measured RSS added with loading {n.mib(n.loading('full'), 0)} vs {n.mib(n.loading('sparse_tinytrain'), 0)}"),
         ("end to end 9.5x faster than full fine-tuning", "Raspberry Pi Zero 2 / Jetson Nano",
          f"fine-tune time (one lr, sessions and prefix cache included) full / tinytrain: {n.ratio(n.fit('full'), n.fit('sparse_tinytrain'))}; "
-         f"median step {n.ratio(n.step('full'), n.step('sparse_tinytrain'))}"),
+         f"median step {n.ratio(n.step('full'), n.step('sparse_tinytrain'))}{n.times_note('full', 'sparse_tinytrain')}"),
         ("selection overhead", "not published",
          f"rewrite with selection {n.median('sparse_tinytrain', lambda r: r['rewrite_seconds']) or 0:.1f} s vs "
-         f"{n.median('last_layer', lambda r: r['rewrite_seconds']) or 0:.1f} s for last layer (median per episode, shared machine)"),
+         f"{n.median('last_layer', lambda r: r['rewrite_seconds']) or 0:.1f} s for last layer (median per episode, shared machine)"
+         f"{n.times_note('last_layer', 'sparse_tinytrain')}"),
     ]
+    if n.has("sparse_tinytrain_paper"):
+        lines.insert(3, ("(not in the paper) the default budget criterion vs the paper's score and loop", "—",
+                         f"tinytrain − tinytrain with criterion paper: {n.delta('sparse_tinytrain', 'sparse_tinytrain_paper')}; "
+                         f"paper criterion − random: {n.delta('sparse_tinytrain_paper', 'sparse_random')}; "
+                         f"− static: {n.delta('sparse_tinytrain_paper', 'sparse_static')}"))
     return table(("claim", "paper (TinyTrain, ICML 2024)", "our measurement"), lines)
 
 
@@ -270,7 +284,7 @@ def lora(n: Numbers) -> list[str]:
 
 PAGES: dict[str, tuple[tuple[str, ...], Callable[[Numbers], list[str]], tuple[str, ...]]] = {
     # page: (results stems tried in turn: the first that has every needed row is quoted, its block builder, the rows it needs)
-    "sparse-update.md": (("images",), sparse_update, ("sparse_tinytrain", "sparse_static", "sparse_random", "last_layer", "full")),
+    "sparse-update.md": (("images-sparse2", "images"), sparse_update, ("sparse_tinytrain", "sparse_static", "sparse_random", "last_layer", "full")),
     "activation-shortcut.md": (("images-shortcut", "images"), activation_shortcut,
                                ("shortcut_last8_vanilla", "shortcut_last8_asi", "shortcut_last8_gf")),
     "trainable.md": (("images",), trainable, ("last_layer", "full", "biases", "last_k")),

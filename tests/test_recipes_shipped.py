@@ -54,7 +54,10 @@ def test_recipe_runs_rewrite_train_export(tmp_path: Path, path: Path) -> None:
     assert float(np.mean(logits.argmax(axis=1) == data["y"])) == pytest.approx(eval_accuracy, abs=1 / 60)
     if "quantize-frozen" in names:
         details = next(p for p in report["passes"] if p["name"] == "quantize-frozen")["details"]
-        assert details["quantized"]
+        sparse = next((p["details"] for p in report["passes"] if p["name"] == "sparse-update"), None)
+        # on this small CNN the budget may cover every layer whole (criterion budget then trains them all)
+        if sparse is None or len(sparse["layers"]) < sparse["candidates"] or any(layer["channels"] for layer in sparse["layers"]):
+            assert details["quantized"]
         int8 = {t.name for t in exported.graph.initializer if t.data_type == onnx.TensorProto.INT8}
         assert {f"{q['weight']}_quantized" for q in details["quantized"]} <= int8
 

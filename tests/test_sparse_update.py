@@ -220,8 +220,8 @@ def _reassembled(original: onnx.ModelProto, exported: onnx.ModelProto, details: 
 
 
 @pytest.mark.parametrize("model_kind, options", [
-    ("cnn", {"strategy": "tinytrain", "memory_budget_bytes": 60_000}),
-    ("cnn", {"strategy": "tinytrain", "memory_budget_bytes": 200_000, "axis": "output", "channel_ratio": 0.5}),
+    ("cnn", {"strategy": "tinytrain", "criterion": "paper", "memory_budget_bytes": 60_000}),
+    ("cnn", {"strategy": "tinytrain", "criterion": "paper", "memory_budget_bytes": 200_000, "axis": "output", "channel_ratio": 0.5}),
     ("depthwise", {"strategy": "static", "memory_budget_bytes": 40_000, "channel_ratio": 0.5, "classifier": "candidate", "layers": 2}),
 ])
 def test_frozen_weights_stay_bit_identical_and_export_matches(tmp_path: Path, model_kind: str, options: dict) -> None:
@@ -346,12 +346,13 @@ def mbconv(blocks: int = 2, width: int = 4, expand: int = 3, classes: int = 5, s
     return model
 
 
-def test_tinytrain_defaults_follow_the_paper(tmp_path: Path) -> None:
+def test_tinytrain_criterion_paper_follows_the_paper(tmp_path: Path) -> None:
     """Output channels ranked by their own Fisher potential; layers in descending score until the next one
     does not fit (Algorithm 1), each with its top channel_ratio share; no input probes are built."""
     model = mbconv(blocks=3, width=8, seed=4)
     data = classification_data((3, IMAGE, IMAGE), 5, n=20, seed=4)
-    report = edgeplug.rewrite(model, _recipe(memory_budget_bytes=60_000, batch_size=8), tmp_path / "out", calibration=data).report
+    report = edgeplug.rewrite(model, _recipe(criterion="paper", memory_budget_bytes=60_000, batch_size=8), tmp_path / "out",
+                              calibration=data).report
     details = _details(report)
     assert details["loop"] == "paper" and details["probe"]["input_probes"] is False
     facts = model_facts(model, "logits", 8)

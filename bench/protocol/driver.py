@@ -156,6 +156,13 @@ def _launch(row: Row, prep: dict[str, Any], job: dict[str, Any], folder: Path, *
         return row, prep, error
 
 
+def row_meta(r: Row) -> dict[str, Any]:
+    """A row as a results file records it."""
+    return {"name": r.name, "label": r.label, "kind": r.kind, "order": r.order, "source": r.source, "recipe": r.recipe,
+            "calibration": r.calibration, "lr_grid": list(r.lr_grid) if r.lr_grid else None, "compare": list(r.compare),
+            "biases": r.biases}
+
+
 def _meta(family: Family, rows: list[Row]) -> dict[str, Any]:
     s = family.settings
     return {
@@ -163,9 +170,7 @@ def _meta(family: Family, rows: list[Row]) -> dict[str, Any]:
         "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]) if sys.argv and sys.argv[0] else None,
         "settings": {**dataclasses.asdict(s), "grid": list(s.grid)},
         "episodes": len(family.episodes), "domains": sorted({e.domain for e in family.episodes}),
-        "rows": [{"name": r.name, "label": r.label, "kind": r.kind, "order": r.order, "source": r.source,
-                  "recipe": r.recipe, "calibration": r.calibration, "lr_grid": list(r.lr_grid) if r.lr_grid else None,
-                  "compare": list(r.compare), "biases": r.biases} for r in rows],
+        "rows": [row_meta(r) for r in rows],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         **family.meta,

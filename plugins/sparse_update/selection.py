@@ -89,7 +89,7 @@ def criterion(options: Mapping[str, Any]) -> str:
     return chosen
 
 
-DEFAULT_CRITERION = "paper"
+DEFAULT_CRITERION = "budget"  # docs/passes/sparse-update.md, "Budget criterion": the paper's score spends the budget on retained activations
 
 
 def paper_loop(options: Mapping[str, Any]) -> bool:

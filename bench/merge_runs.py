@@ -1,0 +1,96 @@
+"""Pair new rows with an earlier run's rows on the same episodes, into one results file and report.
+
+`bench/run.py` is deterministic per (episode, row): the episodes come from the seed and the family's
+settings, every row trains in a fresh process with pinned threads and seeded order. A row whose code
+changed can then be re-run alone on the same episodes and paired with the earlier run's other rows,
+instead of re-running them all. This script checks that the two runs drew the same episodes (domain,
+ways, shots, classes and the untrained head's accuracy must agree episode by episode), keeps the
+episodes both runs finished, renames rows of the earlier run that the new run replaces, and writes
+`<name>.json/.md/.png`. Times and memory of rows from different runs were measured under different
+loads: compare accuracy across them, not time.
+
+    python bench/merge_runs.py bench/results/images.json /tmp/images-tt.json --take sparse_tinytrain \\
+        --rename sparse_tinytrain=sparse_tinytrain_paper --name images-sparse2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.protocol import report  # noqa: E402
+from bench.protocol.driver import row_meta  # noqa: E402
+from bench.protocol.rows import load_recipe_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SAME = ("domain", "ways", "shots", "classes")
+
+
+def merge(base: dict[str, Any], new: dict[str, Any], take: list[str], rename: dict[str, str]) -> dict[str, Any]:
+    """`base` with its rows renamed per `rename` and `new`'s rows `take` added, on the episodes both finished."""
+    heads = {}
+    for run, tag in ((base, "base"), (new, "new")):
+        for r in run["records"]:
+            if r["row"] == "head_only":
+                heads.setdefault(r["episode"], {})[tag] = r
+    common = sorted(e for e, both in heads.items() if len(both) == 2)
+    for episode in common:
+        a, b = heads[episode]["base"], heads[episode]["new"]
+        if any(a.get(k) != b.get(k) for k in SAME) or a.get("accuracy") != b.get("accuracy"):
+            raise SystemExit(f"episode {episode} differs between the runs: {[(k, a.get(k), b.get(k)) for k in (*SAME, 'accuracy')]}")
+    keep = set(common)
+    merged = copy.deepcopy(base)
+    records = [dict(r, row=rename.get(r["row"], r["row"])) for r in base["records"] if r["episode"] in keep]
+    records += [r for r in new["records"] if r["row"] in take and r["episode"] in keep]
+    merged["records"] = records
+    merged["prepare"] = [p for p in base.get("prepare", []) if p["episode"] in keep]
+    defined = {row.name: row for row in load_recipe_rows()}
+    rows = []
+    for row in base["meta"]["rows"]:  # a renamed row takes its new name's recipe file (label, options spelled out)
+        name = rename.get(row["name"], row["name"])
+        rows.append(row_meta(defined[name]) if name != row["name"] and name in defined else row)
+    rows += [r for r in new["meta"]["rows"] if r["name"] in take]
+    meta = merged["meta"]
+    meta["rows"] = rows
+    summaries = {rename.get(k, k): v for k, v in meta.get("pass_summaries", {}).items()}
+    summaries.update({k: v for k, v in new["meta"].get("pass_summaries", {}).items() if k in take})
+    meta["pass_summaries"] = summaries
+    meta["episodes_done"] = len(common)
+    meta["second_run_rows"] = list(take)  # measured in the second run (docs_tables: times comparable within a run only)
+    meta["command"] = f"{base['meta']['command']}  +  {new['meta']['command']} (rows {', '.join(take)}), merged by bench/merge_runs.py"
+    meta["description"] = [*meta.get("description", []), (
+        f"Rows {', '.join(take)} come from a second run on the same episodes (`{new['meta']['command']}`, started "
+        f"{new['meta'].get('started')}, load {new['meta'].get('loadavg_start', [0])[0]:.1f} at start); the other rows from the first "
+        f"(started {base['meta'].get('started')})"
+        + (f", where {', '.join(f'`{k}` was the row now called `{v}`' for k, v in rename.items())}" if rename else "")
+        + ". Both runs drew the same episodes (checked: domain, ways, shots, classes and the untrained head's accuracy in each); "
+        "time and memory columns of rows from different runs were measured under different loads.")]
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--take", required=True, help="comma-separated rows of the new run")
+    parser.add_argument("--rename", default="", help="comma-separated old=new names for rows of the base run")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--baseline", default="last_layer")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    rename = dict(pair.split("=", 1) for pair in args.rename.split(",") if pair)
+    merged = merge(json.loads(args.base.read_text()), json.loads(args.new.read_text()), args.take.split(","), rename)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.name}.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
+    report.write(report.load(args.results / f"{args.name}.json"), args.results, args.name, baseline=args.baseline)
+    print(f"wrote {args.results}/{args.name}.{{json,md,png}} ({merged['meta']['episodes_done']} episodes)")
+
+
+if __name__ == "__main__":
+    main()
