@@ -9,8 +9,8 @@ episodes both runs finished, renames rows of the earlier run that the new run re
 `<name>.json/.md/.png`. Times and memory of rows from different runs were measured under different
 loads: compare accuracy across them, not time.
 
-    python bench/merge_runs.py bench/results/images.json /tmp/images-tt.json --take sparse_tinytrain \\
-        --rename sparse_tinytrain=sparse_tinytrain_paper --name images-sparse2
+    python bench/merge_runs.py bench/results/images.json /tmp/images-tt.json \\
+        --take sparse_tinytrain=sparse_tinytrain_budget --name images-sparse2
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SAME = ("domain", "ways", "shots", "classes")
 
 
-def merge(base: dict[str, Any], new: dict[str, Any], take: list[str], rename: dict[str, str]) -> dict[str, Any]:
-    """`base` with its rows renamed per `rename` and `new`'s rows `take` added, on the episodes both finished."""
+def merge(base: dict[str, Any], new: dict[str, Any], take: dict[str, str], rename: dict[str, str]) -> dict[str, Any]:
+    """`base` with its rows renamed per `rename` and `new`'s rows `take` (name there -> name here) added, on the
+    episodes both finished."""
     heads = {}
     for run, tag in ((base, "base"), (new, "new")):
         for r in run["records"]:
@@ -47,7 +48,7 @@ def merge(base: dict[str, Any], new: dict[str, Any], take: list[str], rename: di
     keep = set(common)
     merged = copy.deepcopy(base)
     records = [dict(r, row=rename.get(r["row"], r["row"])) for r in base["records"] if r["episode"] in keep]
-    records += [r for r in new["records"] if r["row"] in take and r["episode"] in keep]
+    records += [dict(r, row=take[r["row"]]) for r in new["records"] if r["row"] in take and r["episode"] in keep]
     merged["records"] = records
     merged["prepare"] = [p for p in base.get("prepare", []) if p["episode"] in keep]
     defined = {row.name: row for row in load_recipe_rows()}
@@ -55,17 +56,26 @@ def merge(base: dict[str, Any], new: dict[str, Any], take: list[str], rename: di
     for row in base["meta"]["rows"]:  # a renamed row takes its new name's recipe file (label, options spelled out)
         name = rename.get(row["name"], row["name"])
         rows.append(row_meta(defined[name]) if name != row["name"] and name in defined else row)
-    rows += [r for r in new["meta"]["rows"] if r["name"] in take]
+    for row in new["meta"]["rows"]:
+        if row["name"] in take:
+            name = take[row["name"]]
+            rows.append(row_meta(defined[name]) if name != row["name"] and name in defined else row)
     meta = merged["meta"]
     meta["rows"] = rows
     summaries = {rename.get(k, k): v for k, v in meta.get("pass_summaries", {}).items()}
-    summaries.update({k: v for k, v in new["meta"].get("pass_summaries", {}).items() if k in take})
+    summaries.update({take[k]: v for k, v in new["meta"].get("pass_summaries", {}).items() if k in take})
     meta["pass_summaries"] = summaries
     meta["episodes_done"] = len(common)
-    meta["second_run_rows"] = list(take)  # measured in the second run (docs_tables: times comparable within a run only)
-    meta["command"] = f"{base['meta']['command']}  +  {new['meta']['command']} (rows {', '.join(take)}), merged by bench/merge_runs.py"
-    meta["description"] = [*meta.get("description", []), (
-        f"Rows {', '.join(take)} come from a second run on the same episodes (`{new['meta']['command']}`, started "
+    meta["second_run_rows"] = list(take.values())  # measured in the second run (docs_tables: times comparable within a run only)
+    taken = ", ".join(k if k == v else f"{k} as {v}" for k, v in take.items())
+    meta["command"] = f"{base['meta']['command']}  +  {new['meta']['command']} (rows {taken}), merged by bench/merge_runs.py"
+    kept = [line for line in meta.get("description", []) if not line.startswith("Run stopped after")]  # the merge's own count below
+    second = new["meta"]
+    meta["description"] = [*kept, (
+        f"Merged: the {len(common)} episodes both runs finished (the second run's wall {second.get('wall_seconds', 0):.0f} s, load "
+        f"{second.get('loadavg_start', [0])[0]:.1f} at start, {second.get('loadavg_now', [0])[0]:.1f} at the end; the Machine line is "
+        "the first run's)."), (
+        f"Rows {taken} come from a second run on the same episodes (`{new['meta']['command']}`, started "
         f"{new['meta'].get('started')}, load {new['meta'].get('loadavg_start', [0])[0]:.1f} at start); the other rows from the first "
         f"(started {base['meta'].get('started')})"
         + (f", where {', '.join(f'`{k}` was the row now called `{v}`' for k, v in rename.items())}" if rename else "")
@@ -78,14 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=Path)
     parser.add_argument("new", type=Path)
-    parser.add_argument("--take", required=True, help="comma-separated rows of the new run")
+    parser.add_argument("--take", required=True, help="comma-separated rows of the new run, name or name_there=name_here")
     parser.add_argument("--rename", default="", help="comma-separated old=new names for rows of the base run")
     parser.add_argument("--name", required=True)
     parser.add_argument("--baseline", default="last_layer")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     rename = dict(pair.split("=", 1) for pair in args.rename.split(",") if pair)
-    merged = merge(json.loads(args.base.read_text()), json.loads(args.new.read_text()), args.take.split(","), rename)
+    take = dict((pair.split("=", 1) * 2)[:2] for pair in args.take.split(",") if pair)
+    merged = merge(json.loads(args.base.read_text()), json.loads(args.new.read_text()), take, rename)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.name}.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
     report.write(report.load(args.results / f"{args.name}.json"), args.results, args.name, baseline=args.baseline)

@@ -25,18 +25,18 @@ def _run(rows: tuple[str, ...], episodes: int, shift: float = 0.0, ways: int = 3
 def test_rows_of_a_second_run_join_on_the_episodes_both_finished_and_renamed_rows_keep_their_records() -> None:
     base = _run(("last_layer", "sparse_tinytrain"), episodes=6)
     new = _run(("sparse_tinytrain",), episodes=4, shift=0.1)
-    merged = merge(base, new, ["sparse_tinytrain"], {"sparse_tinytrain": "sparse_tinytrain_paper"})
+    merged = merge(base, new, {"sparse_tinytrain": "sparse_tinytrain_budget"}, {"sparse_tinytrain": "sparse_tinytrain_paper"})
     by_row: dict[str, list[int]] = {}
     for r in merged["records"]:
         by_row.setdefault(r["row"], []).append(r["episode"])
     assert {row: sorted(e) for row, e in by_row.items()} == {
-        "head_only": [0, 1, 2, 3], "last_layer": [0, 1, 2, 3], "sparse_tinytrain_paper": [0, 1, 2, 3], "sparse_tinytrain": [0, 1, 2, 3]}
-    assert merged["meta"]["episodes_done"] == 4 and [r["name"] for r in merged["meta"]["rows"]][-1] == "sparse_tinytrain"
+        "head_only": [0, 1, 2, 3], "last_layer": [0, 1, 2, 3], "sparse_tinytrain_paper": [0, 1, 2, 3], "sparse_tinytrain_budget": [0, 1, 2, 3]}
+    assert merged["meta"]["episodes_done"] == 4 and [r["name"] for r in merged["meta"]["rows"]][-1] == "sparse_tinytrain_budget"
     numbers = docs_tables.Numbers(merged, "m")
-    assert numbers.delta("sparse_tinytrain", "sparse_tinytrain_paper").startswith("+0.100")
-    assert not numbers.same_run("sparse_tinytrain", "last_layer") and numbers.same_run("last_layer", "sparse_tinytrain_paper")
+    assert numbers.delta("sparse_tinytrain_budget", "sparse_tinytrain_paper").startswith("+0.100")
+    assert not numbers.same_run("sparse_tinytrain_budget", "last_layer") and numbers.same_run("last_layer", "sparse_tinytrain_paper")
 
 
 def test_runs_that_drew_different_episodes_are_refused() -> None:
     with pytest.raises(SystemExit, match="episode 0 differs"):
-        merge(_run(("last_layer",), 3), _run(("sparse_tinytrain",), 3, ways=2), ["sparse_tinytrain"], {})
+        merge(_run(("last_layer",), 3), _run(("sparse_tinytrain",), 3, ways=2), {"sparse_tinytrain": "sparse_tinytrain"}, {})

@@ -61,7 +61,7 @@ def test_cached_training_is_bit_identical(tmp_path_factory: pytest.TempPathFacto
     tmp = tmp_path_factory.mktemp("cache")
     options = {"strategy": strategy, "layers": 2} if strategy == "last-k" else {"strategy": strategy, "memory_budget_bytes": 40_000}
     if strategy == "tinytrain":
-        options["criterion"] = "paper"  # leaves a frozen prefix at this budget (criterion budget trains the stem too)
+        options["criterion"] = "paper"  # leaves a frozen prefix at this budget (criterion budget may train the stem too)
     folder = _sparse(model, data, tmp / "a", **options)
     results = _train_both(folder, tmp, data, held_out, epochs=3, batch=batch)
     (plain, plain_weights, _), (cached, cached_weights, trainer) = results[False], results[True]

@@ -346,15 +346,15 @@ def mbconv(blocks: int = 2, width: int = 4, expand: int = 3, classes: int = 5, s
     return model
 
 
-def test_tinytrain_criterion_paper_follows_the_paper(tmp_path: Path) -> None:
+def test_tinytrain_defaults_follow_the_paper(tmp_path: Path) -> None:
     """Output channels ranked by their own Fisher potential; layers in descending score until the next one
     does not fit (Algorithm 1), each with its top channel_ratio share; no input probes are built."""
     model = mbconv(blocks=3, width=8, seed=4)
     data = classification_data((3, IMAGE, IMAGE), 5, n=20, seed=4)
-    report = edgeplug.rewrite(model, _recipe(criterion="paper", memory_budget_bytes=60_000, batch_size=8), tmp_path / "out",
+    report = edgeplug.rewrite(model, _recipe(memory_budget_bytes=60_000, batch_size=8), tmp_path / "out",  # the defaults
                               calibration=data).report
     details = _details(report)
-    assert details["loop"] == "paper" and details["probe"]["input_probes"] is False
+    assert details["criterion"] == "paper" and details["loop"] == "paper" and details["probe"]["input_probes"] is False
     facts = model_facts(model, "logits", 8)
     candidates = find_candidates(facts, frozenset(facts.index.parameters()))
     by_node = {c.node: c for c in candidates}

@@ -131,10 +131,10 @@ def test_channels_follow_the_fisher_potential_and_the_first_pick_has_the_most_po
         assert sorted(chosen.channels) == sorted(int(i) for i in order[: len(chosen.channels)])
 
 
-def test_the_default_criterion_is_budget_end_to_end_matches_the_profiler_and_reports_its_loop(tmp_path: Path) -> None:
+def test_the_budget_criterion_end_to_end_matches_the_profiler_and_reports_its_loop(tmp_path: Path) -> None:
     model = mbconv(blocks=3, width=8, seed=4)
     data = classification_data((3, IMAGE, IMAGE), 5, n=20, seed=4)
-    report = edgeplug.rewrite(model, _recipe(memory_budget_bytes=80_000, batch_size=BATCH),  # tinytrain's default criterion
+    report = edgeplug.rewrite(model, _recipe(criterion="budget", memory_budget_bytes=80_000, batch_size=BATCH),
                               tmp_path / "out", calibration=data).report
     details = _details(report)
     assert details["criterion"] == "budget" and details["loop"] == "knapsack" and details["probe"]["input_probes"] is False
