@@ -246,7 +246,7 @@ def _knapsack(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Ca
     for c in pool:
         if c.sliceable:
             axis = channel_axis(options, c)
-            values = potentials.input[c.position] if (axis == "input" and c.kind == "conv") else potentials.output[c.position]
+            values = potentials.input[c.position] if (axis == "input" and c.probes_input) else potentials.output[c.position]
             order = channel_ranking({**options, "channels": "fisher"}, facts, c, axis, potentials, rng)
             ranked[c.position] = (axis, order, np.asarray(values, dtype=np.float64)[order])
         else:
