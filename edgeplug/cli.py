@@ -188,7 +188,10 @@ def _meta_pretrain(args: argparse.Namespace) -> int:
         if (episode + 1) % every == 0:
             log.info("episode %d/%d: loss %.4f, query accuracy %.3f", episode + 1, args.episodes, loss, accuracy)
 
-    result = meta_pretrain(args.model, args.data, args.output, settings, on_episode=report)
+    if args.checkpoint_every < 1:
+        raise EdgeplugError(f"--checkpoint-every must be at least 1, not {args.checkpoint_every}")
+    result = meta_pretrain(args.model, args.data, args.output, settings, on_episode=report,
+                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
     document = result.summary()
     if args.metrics:
         from edgeplug.atomic import write_text
@@ -410,6 +413,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--scale", type=float, default=10.0, help="the prototype head's logit scale (new-head's 'scale')")
     sub.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the episode draws")
     sub.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
+    sub.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                     help="save weights, optimizer state and episode draws here; the same command run again resumes from the last save")
+    sub.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="episodes between saves to --checkpoint-dir")
     sub.add_argument("--metrics", type=Path, metavar="FILE", help="also write the result (what --json prints) to FILE")
     sub.set_defaults(run=_meta_pretrain)
 

@@ -303,9 +303,72 @@ def sample_episode(data: SourceData, usable: Mapping[int, list[int]], settings: 
 # -- running -------------------------------------------------------------------------------------------
 
 
+PROGRESS = "progress.json"
+
+
+def _fingerprint(settings: MetaSettings, model_path: Path, data_path: Path) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (episodes may grow; threads may change)."""
+    import hashlib
+
+    chosen = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("episodes", "threads")}
+    digests = {}
+    for label, path in (("model", model_path), ("data", data_path)):
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        digests[label] = digest.hexdigest()
+    return {"settings": chosen, **digests}
+
+
+def _read_progress(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    import json
+
+    path = folder / PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise EdgeplugError(f"{path} is unreadable ({error}); remove {folder} to start again") from None
+    if progress.get("fingerprint") != fingerprint:
+        raise EdgeplugError(f"{folder} holds a checkpoint of another run (different model, data or options); "
+                            "remove it, or name another --checkpoint-dir")
+    if not (folder / progress["state"]).is_file():
+        raise EdgeplugError(f"{folder / progress['state']} is missing; remove {folder} to start again")
+    return progress
+
+
+def _write_progress(folder: Path, state: Any, fingerprint: dict[str, Any], episode: int, rng: np.random.Generator,
+                    losses: list[float], accuracies: list[float], domains: list[int]) -> None:
+    """The weights and optimizer state after `episode` episodes, then the file that points at them (atomic)."""
+    import json
+
+    from edgeplug.atomic import write_text
+
+    api = _ort.training_api()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"state-{episode}"
+    partial = folder / f".{name}.partial"
+    api.CheckpointState.save_checkpoint(state, str(partial), include_optimizer_state=True)
+    partial.replace(folder / name)
+    write_text(folder / PROGRESS, json.dumps({"fingerprint": fingerprint, "episode": episode, "state": name,
+                                              "rng": rng.bit_generator.state, "losses": losses,
+                                              "query_accuracy": accuracies, "domains": domains}) + "\n")
+    for old in folder.glob("state-*"):
+        if old.name != name:
+            old.unlink()
+
+
 def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: MetaSettings,
-                  *, on_episode: Callable[[int, float, float], None] | None = None) -> MetaResult:
-    """Meta-train `model_path`'s backbone on episodes of `data_path`; write the model with those weights to `output`."""
+                  *, on_episode: Callable[[int, float, float], None] | None = None,
+                  checkpoint_dir: Path | None = None, checkpoint_every: int = 50) -> MetaResult:
+    """Meta-train `model_path`'s backbone on episodes of `data_path`; write the model with those weights to `output`.
+
+    With `checkpoint_dir`, the weights, optimizer state and episode draws are saved there every
+    `checkpoint_every` episodes, and a run started again with the same model, data and options
+    resumes from the last save (the same weights as an uninterrupted run); the folder is removed
+    once the output is written."""
     from edgeplug.atomic import atomic_file
     from edgeplug.generation import runtime_message
     from edgeplug.modelio import clamp_ir_version, load_model
@@ -332,18 +395,32 @@ def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: Met
         if settings.threads:
             options.intra_op_num_threads = settings.threads
             options.inter_op_num_threads = 1
-        state = api.CheckpointState.load_checkpoint(str(stage / "checkpoint"))
+        fingerprint = _fingerprint(settings, Path(model_path), Path(data_path)) if checkpoint_dir else {}
+        progress = _read_progress(checkpoint_dir, fingerprint) if checkpoint_dir else None
+        first = 0
+        if progress is not None and checkpoint_dir is not None:
+            if progress["episode"] > settings.episodes:
+                raise EdgeplugError(f"{checkpoint_dir} has {progress['episode']} episodes done, more than --episodes {settings.episodes}")
+            state = api.CheckpointState.load_checkpoint(str(checkpoint_dir / progress["state"]))
+            first = int(progress["episode"])
+            losses, accuracies, domains = list(progress["losses"]), list(progress["query_accuracy"]), list(progress["domains"])
+            log.info("resuming from %s: %d of %d episodes done", checkpoint_dir, first, settings.episodes)
+        else:
+            state = api.CheckpointState.load_checkpoint(str(stage / "checkpoint"))
         module = api.Module(str(stage / "training_model.onnx"), state, str(stage / "eval_model.onnx"), session_options=options)
         optimizer = api.Optimizer(str(stage / "optimizer_model.onnx"), module)
         optimizer.set_learning_rate(settings.learning_rate)
         input_names = module.input_names()
         rng = np.random.default_rng(settings.seed)
+        if progress is not None:
+            rng.bit_generator.state = progress["rng"]
         _ort.seed_random_ops(settings.seed)
         module.train()
         from edgeplug.progress import Progress
 
         with Progress("meta-pretrain", settings.episodes, unit="episode") as bar:
-            for episode in range(settings.episodes):
+            bar.advance(first)
+            for episode in range(first, settings.episodes):
                 batch = sample_episode(data, usable, settings, rng)
                 domains.append(batch.domain)
                 feeds = {**batch.inputs, LABELS: batch.labels}
@@ -363,6 +440,8 @@ def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: Met
                                      f"lower --learning-rate (now {settings.learning_rate})")
                 if on_episode is not None:
                     on_episode(episode, losses[-1], accuracies[-1])
+                if checkpoint_dir is not None and (episode + 1) % checkpoint_every == 0 and episode + 1 < settings.episodes:
+                    _write_progress(checkpoint_dir, state, fingerprint, episode + 1, rng, losses, accuracies, domains)
                 bar.advance(1, f"loss {np.mean(losses[-20:]):.3f}, query acc {np.mean(accuracies[-20:]):.3f}")
         trained = {name: np.asarray(state.parameters[name].data) for name in trainable}
     result = onnx.ModelProto.FromString(original.SerializeToString())
@@ -376,6 +455,10 @@ def meta_pretrain(model_path: Path, data_path: Path, output: Path, settings: Met
     _check_export(result, data)
     with atomic_file(Path(output)) as staging:
         onnx.save_model(clamp_ir_version(result), str(staging))
+    if checkpoint_dir is not None and (checkpoint_dir / PROGRESS).exists():
+        import shutil
+
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return MetaResult(str(output), settings.episodes, settings.episodes * settings.steps_per_episode, len(trainable), values,
                       time.perf_counter() - started, losses, accuracies, domains)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from edgeplug import _ort
 from edgeplug.cli import main
+from edgeplug.errors import EdgeplugError
 from edgeplug.meta_pretrain import (
     CLASS_AVERAGE,
     QUERY_SELECT,
@@ -155,3 +157,31 @@ def test_the_meta_pretrained_model_takes_new_head_and_trains(tmp_path: Path) -> 
     np.savez(tmp_path / "support.npz", **support)
     result = Trainer(tmp_path / "folder", checkpoints=False).fit(tmp_path / "support.npz", epochs=2, batch_size=8)
     assert result.steps_run == 6 and all(np.isfinite(result.step_losses))
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    model, data = _model(tmp_path), _source(tmp_path)
+    settings = MetaSettings(episodes=5, ways=2, shots=2, queries=2, learning_rate=1e-2, threads=1)
+    whole = meta_pretrain(model, data, tmp_path / "whole.onnx", settings)
+
+    class Killed(Exception):
+        pass
+
+    def killed(episode: int, loss: float, accuracy: float) -> None:
+        if episode == 3:
+            raise Killed
+
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Killed):
+        meta_pretrain(model, data, tmp_path / "resumed.onnx", settings, on_episode=killed, checkpoint_dir=checkpoints, checkpoint_every=2)
+    assert not (tmp_path / "resumed.onnx").exists() and (checkpoints / "progress.json").is_file()
+    resumed = meta_pretrain(model, data, tmp_path / "resumed.onnx", settings, checkpoint_dir=checkpoints, checkpoint_every=2)
+    assert resumed.losses == whole.losses and resumed.domains == whole.domains
+    a, b = _values(onnx.load(str(tmp_path / "whole.onnx"))), _values(onnx.load(str(tmp_path / "resumed.onnx")))
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    assert not checkpoints.exists()
+    with pytest.raises(Killed):
+        meta_pretrain(model, data, tmp_path / "x.onnx", settings, on_episode=killed, checkpoint_dir=checkpoints, checkpoint_every=2)
+    other = dataclasses.replace(settings, learning_rate=1e-3)
+    with pytest.raises(EdgeplugError, match="checkpoint of another run"):
+        meta_pretrain(model, data, tmp_path / "x.onnx", other, checkpoint_dir=checkpoints, checkpoint_every=2)
