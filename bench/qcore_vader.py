@@ -398,6 +398,10 @@ def main() -> None:
     started = time.perf_counter()
     data = make_data(args, args.seeds[0])
     folder = args.work / "out" if args.reuse else prepare(args, data)
+    built_bits = int(json.loads((folder / "passes" / "qcore" / "config.json").read_text())["options"]["bits"])
+    if built_bits != args.bits:  # a reused folder at another bit-width: requantize before tuning on it
+        args.reflip = True
+        folder = prepare(args, data)
     tuning: dict[str, Any] = json.loads(args.lr_tuning.read_text()) if args.lr_tuning else {}
     if args.backprop_lr_grid and "backprop" in args.methods:
         tuning["backprop"] = tune_backprop_lr(folder, data, [float(v) for v in args.backprop_lr_grid.split(",")], args.chunk,
