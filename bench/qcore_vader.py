@@ -299,9 +299,10 @@ def markdown(result: dict[str, Any]) -> str:
                   f"accuracy on its other {a['drift_examples'] - a['chunk']}; mean over the 3 domains; no recalibration "
                   f"{t['validation']['none']:.3f}): " + ", ".join(f"{lr:g} → {t['validation'][str(lr)]:.3f}" for lr in t["grid"])
                   + f"; chosen **{t['chosen']:g}** (ties: the smallest)."
-                  + ("" if row in result["methods"] else f" {row} (the classifier alone trains) is not a row of the stream: "
-                     "at no lr of its grid did it beat no recalibration on validation, and at the chosen one it moved no "
-                     "integer code (it is also what the flip network imitates: 0 non-zero targets).")]
+                  + ("" if row in result["methods"] else f" {row} (the classifier alone trains; what the flip network imitates, at "
+                     f"the chosen lr: {sum(v['nonzero_targets'] for v in build_info['flipnets'].values())} non-zero targets) "
+                     "is not a row of the stream" + (": at no lr of its grid did it beat no recalibration on validation."
+                     if max(t["validation"][str(lr)] for lr in t["grid"]) <= t["validation"]["none"] else "."))]
     lines += ["", "Paired differences, points (×100), mean [95% t interval] over the (seed, chunk) items (the chunks of one "
               "domain and seed share its test set, so the items are not independent: read the intervals as optimistic):", "",
               "| qcore minus | new domain | movies | amazon | nyt | original (tweets) |", "|---|---|---|---|---|---|"]
