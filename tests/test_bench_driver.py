@@ -142,3 +142,27 @@ def test_only_keeps_the_head_row() -> None:
     """Every run records the untrained head per episode; tables list it whatever --only says (unless --skip)."""
     assert [r.name for r in rows.select_rows("images", ["full", "last_layer"], torch=False)][0] == "head_only"
     assert "head_only" not in [r.name for r in rows.select_rows("images", ["full"], ["head_only"], torch=False)]
+
+
+def test_query_chunks_count_the_chosen_candidates_test_predictions(tmp_path: Path) -> None:
+    """`query_chunk`: the manual and recipe rows record correct query predictions per chunk, summing to the accuracy;
+    bench/text_full.py's paired interval over those chunks is exact for identical rows."""
+    import dataclasses
+
+    from bench.text_full import compare
+
+    family = _family(tmp_path)
+    family = dataclasses.replace(family, episodes=family.episodes[:1])
+    chosen = rows.select_rows("images", ["full_manual_ort", "last_layer"], torch=False)
+    result = run_family(family, chosen, tmp_path / "work", echo=lambda text: None, query_chunk=3)
+    by = {r["row"]: r for r in result["records"]}
+    for name in ("full_manual_ort", "last_layer"):
+        r = by[name]
+        assert "error" not in r, r.get("error")
+        counts = r["query_chunk_correct"]
+        assert len(counts) == -(-r["query_size"] // 3) and all(0 <= c <= 3 for c in counts)
+        assert sum(counts) == round(r["accuracy"] * r["query_size"])
+    same = compare({"a": by["last_layer"], "b": by["last_layer"]}, "a", "b", 3, 0)
+    assert same is not None and same["bootstrap"]["mean"] == 0.0 and same["within_margin_shown"]
+    pair = compare(by, "last_layer", "full_manual_ort", 3, 0)
+    assert pair is not None and math.isclose(pair["bootstrap"]["mean"], by["last_layer"]["accuracy"] - by["full_manual_ort"]["accuracy"], abs_tol=1e-9)

@@ -62,10 +62,13 @@ class Family:
 
 
 def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None = None, keep: bool = False,
-               parallel: int = 1, query_all: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+               parallel: int = 1, query_all: bool = False, echo: Callable[[str], None] = print,
+               query_chunk: int | None = None) -> dict[str, Any]:
     """Every row on every episode. `parallel` row processes run at once (each with the pinned thread
     count: on 2 idle cores, 2 single-thread rows); `query_all` scores every lr candidate on the query
-    set too (for the record; the choice never looks at it)."""
+    set too (for the record; the choice never looks at it); `query_chunk` makes the manual and recipe rows also
+    record the chosen candidate's correct query predictions per chunk of that many examples
+    (`query_chunk_correct`: what a paired interval over test examples needs)."""
     settings = family.settings
     started, cpu = time.perf_counter(), 0.0
     result: dict[str, Any] = {"meta": {**_meta(family, rows), "parallel_rows": parallel}, "records": [], "prepare": []}
@@ -113,7 +116,8 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
                 continue
             job = {"seed": episode.index, "train": data["train"], "validation": data["validation"], "query": data["query"],
                    "grid": list(row.lr_grid or settings.grid), "epochs": settings.epochs(train_size), "batch_size": batch,
-                   "schedule": dict(settings.schedule) if settings.schedule else None, "query_all": query_all}
+                   "schedule": dict(settings.schedule) if settings.schedule else None, "query_all": query_all,
+                   "query_chunk": query_chunk}
             if row.kind in ("recipe", "manual"):
                 job["artifacts"] = str(folder / row.name)
             if row.kind == "torch":

@@ -64,6 +64,12 @@ def _finish(candidates: list[Candidate], memory: dict[str, Any] | None, extra: M
             "steps": candidates[0].extra.get("steps"), **(extra or {})}
 
 
+def _chunk_correct(correct: np.ndarray, chunk: int) -> list[int]:
+    """Correct predictions per consecutive chunk of `chunk` examples (the last chunk may be shorter): the unit a
+    paired interval over test examples resamples when a runtime reports accuracy per batch, not per example."""
+    return [int(correct[i:i + chunk].sum()) for i in range(0, len(correct), chunk)]
+
+
 # -- per episode ------------------------------------------------------------------------------
 
 def prepare_episode(job: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -288,6 +294,7 @@ def _grid(job: Mapping[str, Any], train_one: Callable[[float, bool], tuple[dict[
 
 def train_recipe(job: dict[str, Any], context: Any) -> dict[str, Any]:
     """A recipe row: its edgeplug artifact folder trained by `edgeplug.Trainer`."""
+    from edgeplug.data import Dataset
     from edgeplug.errors import EdgeplugError
     from edgeplug.trainer import Trainer
 
@@ -314,12 +321,24 @@ def train_recipe(job: dict[str, Any], context: Any) -> dict[str, Any]:
                  "fit_seconds": time.perf_counter() - started, "prefix_cache": getattr(fit, "prefix_cache", None)}
 
         def evaluate(split: str) -> tuple[float, float]:
-            metrics = trainer.evaluate(job[split])
+            data = trainer.dataset(job[split])
+            if split == "query" and job.get("query_chunk"):  # per-chunk counts for a paired interval over test examples
+                chunk = int(job["query_chunk"])
+                counts, loss = [], 0.0
+                for i in range(0, len(data), chunk):
+                    part = Dataset({k: v[i:i + chunk] for k, v in data.inputs.items()}, data.labels[i:i + chunk], data.source)
+                    metrics = trainer.evaluate(part, batch_size=chunk)
+                    counts.append(round(float(metrics.accuracy or 0.0) * len(part)))
+                    loss += float(metrics.loss) * len(part)
+                details["query_chunk_correct"] = counts
+                return sum(counts) / len(data), loss / len(data)
+            metrics = trainer.evaluate(data)
             return float(metrics.accuracy or 0.0), float(metrics.loss)
 
         return extra, evaluate
 
-    return _grid(job, train_one, context.probe.result)
+    details: dict[str, Any] = {}
+    return {**_grid(job, train_one, context.probe.result), **details}
 
 
 def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -363,11 +382,14 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
             ex, ey = evaluation[split]
             module.eval()
             logits = np.concatenate([module(*_take(ex, slice(i, i + 64)), ey[i:i + 64])[1] for i in range(0, len(ey), 64)])
+            if split == "query" and job.get("query_chunk"):
+                details["query_chunk_correct"] = _chunk_correct(logits.argmax(1) == ey, int(job["query_chunk"]))
             return float((logits.argmax(1) == ey).mean()), _cross_entropy(logits, ey)
 
         return extra, evaluate
 
-    return _grid(job, train_one, context.probe.result)
+    details: dict[str, Any] = {}
+    return {**_grid(job, train_one, context.probe.result), **details}
 
 
 def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
