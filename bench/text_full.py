@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -76,18 +77,29 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--chunk", type=int, default=16, help="test texts per chunk of the paired interval")
     p.add_argument("--rows", default="full_manual_ort,lora_last2_int8", help=f"comma-separated; grids: {GRIDS}")
+    p.add_argument("--grid", action="append", default=[], metavar="ROW=LR,LR", help="a row's learning-rate grid instead of GRIDS")
+    p.add_argument("--against", type=Path, help=f"an earlier run's JSON (same split and seed) whose `{REFERENCE}` record the rows "
+                   "are compared with when this run does not train it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny-encoder", action="store_true", help="toy encoder (pipeline check, not a benchmark)")
     p.add_argument("--work", type=Path, default=Path("/tmp/text-full"))
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default="text_full")
+    p.add_argument("--render", type=Path, help="only rewrite the Markdown of this result JSON")
     args = p.parse_args()
+    if args.render is not None:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text(encoding="utf-8"))), encoding="utf-8")
+        return
 
     corpus = data.load(args.corpus)
     length = min(LENGTHS[args.corpus], 64) if args.tiny_encoder else LENGTHS[args.corpus]
     episode = split(corpus, args.train, args.validation, args.test, args.seed)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    rows = [dataclasses.replace(r, lr_grid=GRIDS.get(r.name, r.lr_grid)) for r in select_rows("text", names, torch=False)]
+    grids = dict(GRIDS)
+    for item in args.grid:
+        row, _, values = item.partition("=")
+        grids[row] = tuple(float(v) for v in values.split(","))
+    rows = [dataclasses.replace(r, lr_grid=grids.get(r.name, r.lr_grid)) for r in select_rows("text", names, torch=False)]
 
     def write_episode(ep: Episode, folder: Path) -> dict[str, Path]:
         paths = {}
@@ -108,6 +120,14 @@ def main() -> None:
     out = args.results / f"{args.name}.json"
     result = run_family(family, rows, args.work, out=out, query_chunk=args.chunk)
     records = {r["row"]: r for r in result["records"]}
+    if args.against is not None and REFERENCE not in records:
+        earlier = json.loads(args.against.read_text(encoding="utf-8"))
+        if earlier["meta"]["split"] != {**earlier["meta"]["split"], "seed": args.seed, "train": args.train, "validation": args.validation}:
+            raise SystemExit(f"{args.against}: another split")
+        reference = next(r for r in earlier["records"] if r["row"] == REFERENCE)
+        records[REFERENCE] = reference
+        result["records"].append({**reference, "from": str(args.against)})
+        names.append(REFERENCE)
     result["meta"].update(split={"train": len(episode.train), "validation": len(episode.validation), "test": len(episode.query),
                                  "seed": args.seed, "epochs": args.epochs, "chunk": args.chunk, "all_rest": args.test is None},
                           grids={r.name: list(r.lr_grid or settings.grid) for r in rows if r.trains}, loadavg_end=os.getloadavg(),
@@ -121,7 +141,8 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     meta, s = result["meta"], result["meta"]["split"]
     records = {r["row"]: r for r in result["records"]}
-    labels = {r["name"]: r["label"] for r in meta["rows"]}
+    labels = {"head_only": "new-head prototypes, no training", REFERENCE: "full fine-tune, ORT artifacts by hand (no edgeplug)",
+              **{r["name"]: r["label"] for r in meta["rows"]}}
     lines = [f"# {meta['title']}", "",
              f"Command: `{meta.get('command')}`  ",
              f"Split (seed {s['seed']}): train {s['train']}, validation {s['validation']} (learning-rate choice), test {s['test']} "
@@ -143,7 +164,8 @@ def markdown(result: dict[str, Any]) -> str:
         added = mem.get("rss_added_bytes")
         step = r.get("median_step_seconds")
         fit = "–" if r.get("fit_seconds") is None else f"{r['fit_seconds']:.0f}"
-        lines.append(f"| {labels.get(name, 'new-head prototypes, no training')} (`{name}`) | {r['accuracy']:.4f} | "
+        earlier = f" (from {Path(r['from']).name})" if r.get("from") else ""
+        lines.append(f"| {labels.get(name, name)} (`{name}`){earlier} | {r['accuracy']:.4f} | "
                      f"{r['lr'] if r.get('lr') is not None else '–'} | {vals} | {r.get('trainable_values', '–')} | "
                      f"{'–' if peak is None else f'{peak / 2**20:.0f}'} | {'–' if added is None else f'{added / 2**20:.0f}'} | "
                      f"{'–' if step is None else f'{1000 * step:.0f}'} | {fit} |")
