@@ -117,14 +117,17 @@ def main() -> None:
         name="text", title=f"Full-data text: MiniLM-L6 on {args.corpus}" + (" (TOY ENCODER)" if args.tiny_encoder else ""),
         model=minilm.exported(args.work / "models", tiny=args.tiny_encoder), episodes=[episode], write_episode=write_episode,
         settings=settings, meta={"corpora": [args.corpus], "lengths": {args.corpus: length}, "dims": {"sequence": length}})
+    reference = None
+    if args.against is not None:  # checked before training: the same split and epochs, else the comparison means nothing
+        earlier = json.loads(args.against.read_text(encoding="utf-8"))
+        if earlier["meta"]["split"] != {**earlier["meta"]["split"], "seed": args.seed, "train": args.train, "validation": args.validation,
+                                         "epochs": args.epochs}:
+            raise SystemExit(f"{args.against}: another split or epoch count")
+        reference = next(r for r in earlier["records"] if r["row"] == REFERENCE)
     out = args.results / f"{args.name}.json"
     result = run_family(family, rows, args.work, out=out, query_chunk=args.chunk)
     records = {r["row"]: r for r in result["records"]}
-    if args.against is not None and REFERENCE not in records:
-        earlier = json.loads(args.against.read_text(encoding="utf-8"))
-        if earlier["meta"]["split"] != {**earlier["meta"]["split"], "seed": args.seed, "train": args.train, "validation": args.validation}:
-            raise SystemExit(f"{args.against}: another split")
-        reference = next(r for r in earlier["records"] if r["row"] == REFERENCE)
+    if reference is not None and REFERENCE not in records:
         records[REFERENCE] = reference
         result["records"].append({**reference, "from": str(args.against)})
         names.append(REFERENCE)
