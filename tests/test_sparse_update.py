@@ -12,6 +12,7 @@ from builders import classification_data, cnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from sparse_checks import initializers, reassembled
 
 import edgeplug
 from edgeplug.profiling import static_profile
@@ -30,9 +31,6 @@ def _recipe(**options: object) -> edgeplug.Recipe:
 def _details(report: dict) -> dict:
     return next(p for p in report["passes"] if p["name"] == "sparse-update")["details"]
 
-
-def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -70,7 +68,7 @@ def depthwise_cnn(seed: int = 0) -> onnx.ModelProto:
 def _numpy_cnn_losses(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, scale: dict[tuple[str, int], float]) -> np.ndarray:
     """Per-sample cross-entropy of builders.cnn(batch_norm=False, activation='Tanh') in float64; `scale` multiplies
     channel c of a layer's output ('out', node) or of its input ('in', node) by a factor."""
-    w = {k: v.astype(np.float64) for k, v in _inits(model).items()}
+    w = {k: v.astype(np.float64) for k, v in initializers(model).items()}
     h = x.astype(np.float64)
     layer = 0
     while f"conv{layer}.weight" in w:
@@ -111,7 +109,7 @@ def test_fisher_potentials_match_a_numpy_reference() -> None:
     np.testing.assert_allclose(got.output[by_node["conv1"]], reference("out:conv1", 4, 4), rtol=2e-3, atol=1e-9)
     np.testing.assert_allclose(got.input[by_node["conv1"]], reference("in:conv1", 3, 4), rtol=2e-3, atol=1e-9)
     # linear head: a = logits, g = softmax - onehot, exactly
-    w = _inits(model)
+    w = initializers(model)
     session_model = onnx.ModelProto()
     session_model.CopyFrom(model)
     logits = _run(session_model, data["x"]).astype(np.float64)
@@ -185,7 +183,7 @@ def test_selection_respects_the_budget_and_only_chosen_channels_get_gradients(
     training = onnx.load(str(out / "a" / "training_model.onnx"))
     grads = {o[: -len("_grad")] for n in training.graph.node for o in n.output if o.endswith("_grad")}
     trainable = set(report["parameters"]["trainable"])
-    params = set(_inits(onnx.load(str(out / "a" / "forward_model.onnx"))))
+    params = set(initializers(onnx.load(str(out / "a" / "forward_model.onnx"))))
     assert grads & params == trainable  # gradients exist for the trainable tensors and nothing else
     for layer in details["layers"]:
         if layer["channels"] is not None:
@@ -195,28 +193,6 @@ def test_selection_respects_the_budget_and_only_chosen_channels_get_gradients(
 
 
 # -- training leaves frozen channels alone; export is an equivalent model -----------------------------
-
-def _reassembled(original: onnx.ModelProto, exported: onnx.ModelProto, details: dict) -> onnx.ModelProto:
-    """The original architecture with the exported (trained) values put back in place."""
-    values = _inits(exported)
-    result = onnx.ModelProto()
-    result.CopyFrom(original)
-    for tensor in result.graph.initializer:
-        weight = numpy_helper.to_array(tensor).copy()
-        layer = next((layer for layer in details["layers"] if layer["weight"] == tensor.name), None)
-        if layer is not None and layer["channels"] is not None:
-            chosen = np.array(layer["channels"])
-            rest = np.setdiff1d(np.arange(layer["channels_total"]), chosen)
-            axis = layer["weight_axis"]
-            index = [slice(None)] * weight.ndim
-            index[axis] = chosen
-            weight[tuple(index)] = values[f"{tensor.name}.sparse_trainable"]
-            index[axis] = rest
-            assert np.array_equal(values[f"{tensor.name}.sparse_frozen"], weight[tuple(index)])  # bit-identical
-        elif tensor.name in values:
-            weight = values[tensor.name]
-        tensor.CopyFrom(numpy_helper.from_array(weight, tensor.name))
-    return result
 
 
 @pytest.mark.parametrize("model_kind, options", [
@@ -239,14 +215,14 @@ def test_frozen_weights_stay_bit_identical_and_export_matches(tmp_path: Path, mo
     edgeplug.Trainer(out, progress=False).fit(data, epochs=2, batch_size=8)
     edgeplug.export(out, tmp_path / "trained.onnx")
     exported = onnx.load(str(tmp_path / "trained.onnx"))
-    trained, before = _inits(exported), _inits(forward)
+    trained, before = initializers(exported), initializers(forward)
     trainable = set(report["parameters"]["trainable"])
     for name, value in before.items():
         if name in trainable:
             assert not np.array_equal(trained[name], value), name
         else:
             assert np.array_equal(trained[name], value), name  # frozen: bit-identical
-    rebuilt = _reassembled(model, exported, details)
+    rebuilt = reassembled(model, exported, details)
     np.testing.assert_allclose(_run(exported, data["x"]), _run(rebuilt, data["x"]), rtol=1e-4, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from sparse_checks import initializers, reassembled
 
 import edgeplug
 from edgeplug.profiling import static_profile
@@ -83,9 +84,6 @@ def _details(report: dict) -> dict:
     return next(p for p in report["passes"] if p["name"] == "sparse-update")["details"]
 
 
-def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
 
 def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -97,7 +95,7 @@ def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
 def _numpy_losses(model: onnx.ModelProto, data: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> np.ndarray:
     """Per-sample cross-entropy of linear_stack(head='gemm') in float64; scales['out:l0'] multiplies layer 0's
     MatMul output per feature, scales['in:l0'] its input."""
-    w = {k: v.astype(np.float64) for k, v in _inits(model).items()}
+    w = {k: v.astype(np.float64) for k, v in initializers(model).items()}
     h, mask = data["x"].astype(np.float64), data["mask"].astype(np.float64)[..., None]
     i = 0
     while f"l{i}.weight" in w:
@@ -150,27 +148,6 @@ def test_a_sequence_axis_needs_its_length(tmp_path: Path) -> None:
 
 # -- plans over generated MatMul stacks ---------------------------------------------------------------
 
-def _reassembled(original: onnx.ModelProto, exported: onnx.ModelProto, details: dict) -> onnx.ModelProto:
-    """The original model with the exported (trained) values put back in place; frozen slices checked bit-identical."""
-    values = _inits(exported)
-    result = onnx.ModelProto()
-    result.CopyFrom(original)
-    for tensor in result.graph.initializer:
-        weight = numpy_helper.to_array(tensor).copy()
-        layer = next((layer for layer in details["layers"] if layer["weight"] == tensor.name), None)
-        if layer is not None and layer["channels"] is not None:
-            chosen = np.array(layer["channels"])
-            rest = np.setdiff1d(np.arange(layer["channels_total"]), chosen)
-            index = [slice(None)] * weight.ndim
-            index[layer["weight_axis"]] = chosen
-            weight[tuple(index)] = values[f"{tensor.name}.sparse_trainable"]
-            index[layer["weight_axis"]] = rest
-            assert np.array_equal(values[f"{tensor.name}.sparse_frozen"], weight[tuple(index)])
-        elif tensor.name in values:
-            weight = values[tensor.name]
-        tensor.CopyFrom(numpy_helper.from_array(weight, tensor.name))
-    return result
-
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each example rewrites and trains
@@ -198,18 +175,18 @@ def test_matmul_stack_plans_fit_train_only_the_chosen_columns_and_export_the_fun
     grads = {o[: -len("_grad")] for n in training.graph.node for o in n.output if o.endswith("_grad")}
     trainable = set(report["parameters"]["trainable"])
     forward = onnx.load(str(out / "a" / "forward_model.onnx"))
-    assert grads & set(_inits(forward)) == trainable  # gradients for the trainable tensors and nothing else
+    assert grads & set(initializers(forward)) == trainable  # gradients for the trainable tensors and nothing else
     np.testing.assert_allclose(_run(forward, data), _run(model, data), rtol=1e-5, atol=1e-5)
 
     edgeplug.Trainer(out / "a", progress=False).fit(data, epochs=2, batch_size=8)
     edgeplug.export(out / "a", out / "trained.onnx")
     exported = onnx.load(str(out / "trained.onnx"))
-    trained, before = _inits(exported), _inits(forward)
+    trained, before = initializers(exported), initializers(forward)
     for name, value in before.items():
         if name not in trainable:
             assert np.array_equal(trained[name], value), name  # frozen columns and layers: bit-identical
     assert any(not np.array_equal(trained[name], before[name]) for name in trainable)
-    np.testing.assert_allclose(_run(exported, data), _run(_reassembled(model, exported, details), data), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_run(exported, data), _run(reassembled(model, exported, details), data), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("axis", ["input", "output"])
