@@ -89,6 +89,20 @@ def fake_plugin(tmp_path: Path, plugin_env: pytest.MonkeyPatch) -> Iterator[Fake
         sys.modules.pop(module, None)
 
 
+@pytest.fixture(scope="module")
+def qcore_registered() -> Iterator[None]:
+    """The default host with qcore, even where stale metadata (an old egg-info) hides its entry point."""
+    import edgeplug_plugins.qcore as qcore_plugin
+    from edgeplug.plugins import default_host
+
+    reset_default_host()
+    host = default_host()
+    if "qcore" not in host.passes():
+        host.register(qcore_plugin, name="qcore", version="test")
+    yield
+    reset_default_host()
+
+
 # -- the fast subset: `python -m pytest -m "not slow"` ------------------------------------------
 
 _END_TO_END = re.compile(r"\brewrite\(|\bsubprocess\.|\bTrainer\(|\bcli\.main\(|\bmain\(\[|\.fit\(|\bexport\(|\bprofile\(|\bsimulate\(")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,8 @@ import yaml
 from builders import cnn
 
 import edgeplug
-import edgeplug_plugins.qcore as qcore_plugin
 from edgeplug import _ort, cli
 from edgeplug.errors import RecipeError
-from edgeplug.plugins import default_host, reset_default_host
 from edgeplug_plugins.qcore.build import build, read_options
 from edgeplug_plugins.qcore.calibrate import Calibrator
 from edgeplug_plugins.qcore.quantize import weight_limits
@@ -35,15 +32,7 @@ def _digits(n: int, seed: int, shift: float = 0.0) -> dict[str, np.ndarray]:
     return {"x": x.astype(np.float32), "y": digits.target[picked].astype(np.int64)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def qcore_registered() -> Iterator[None]:
-    """The default host with qcore, even where stale metadata (an old egg-info) hides its entry point."""
-    reset_default_host()
-    host = default_host()
-    if "qcore" not in host.passes():
-        host.register(qcore_plugin, name="qcore", version="test")
-    yield
-    reset_default_host()
+pytestmark = pytest.mark.usefixtures("qcore_registered")
 
 
 @pytest.fixture(scope="module")

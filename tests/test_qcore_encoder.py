@@ -7,7 +7,6 @@ every input of each example; the device loop feeds all of them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import edgeplug
-import edgeplug_plugins.qcore as qcore_plugin
 from edgeplug import _ort, cli
 from edgeplug.errors import RecipeError
-from edgeplug.plugins import default_host, reset_default_host
 from edgeplug_plugins.qcore.build import build, quantize
 from edgeplug_plugins.qcore.calibrate import Calibrator
 from edgeplug_plugins.qcore.coreset import Coreset
@@ -36,14 +33,7 @@ OPTIONS = {"bits": 8, "coreset_size": 10, "record_bits": [8, 4], "drifts": 1, "d
 INPUTS = ("input_ids", "attention_mask")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def qcore_registered() -> Iterator[None]:
-    reset_default_host()
-    host = default_host()
-    if "qcore" not in host.passes():
-        host.register(qcore_plugin, name="qcore", version="test")
-    yield
-    reset_default_host()
+pytestmark = pytest.mark.usefixtures("qcore_registered")
 
 
 def _recipe(root: Path, **options: object) -> Path:
