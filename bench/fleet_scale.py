@@ -30,14 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODEL = ROOT / "examples" / "digits_fewshot" / "pretrained_cnn.onnx"
 RESULTS = HERE / "results"
-RECIPE = """loss: cross-entropy
-optimizer: {name: adamw, lr: 0.01}
-passes:
-  - name: sparse-update
-    options: {strategy: static, memory_budget_bytes: 100000, batch_size: 16, channel_ratio: 0.0625, min_channel_ratio: 0.0625}
-  - name: freeze-bn
-    options: {layers: all}
-"""
+RECIPE = (ROOT / "examples" / "digits_fewshot" / "fleet_sparse_recipe.yaml").read_text()  # the fleet tests' recipe
 
 
 def _tree(root: int) -> list[int]:

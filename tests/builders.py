@@ -162,14 +162,7 @@ def with_subgraph(kind: str = "If", *, seed: int = 0, dtype: int = TensorProto.F
     return model
 
 
-FLEET_SPARSE_RECIPE = """loss: cross-entropy
-optimizer: {name: adamw, lr: 0.01}
-passes:
-  - name: sparse-update
-    options: {strategy: static, memory_budget_bytes: 100000, batch_size: 16, channel_ratio: 0.0625, min_channel_ratio: 0.0625}
-  - name: freeze-bn
-    options: {layers: all}
-"""
+FLEET_SPARSE_RECIPE = (Path(__file__).resolve().parents[1] / "examples" / "digits_fewshot" / "fleet_sparse_recipe.yaml").read_text()
 """The fleet tests' sparse recipe for the digits CNN: a few static channels of some layers travel, BN frozen."""
 
 
