@@ -661,6 +661,10 @@ class Trainer:
                   f"{cache.stats[-1].seconds:.2f} s")
         return cached, cache.stats[-1].to_dict()
 
+    def _epoch_order(self, epoch: int, examples: int) -> np.ndarray:
+        """The order an epoch feeds the training examples in: a function of (seed, epoch) only, so a resumed run repeats it."""
+        return np.random.default_rng([self.seed, epoch]).permutation(examples)
+
     def _trimmed_share(self, train_set: Dataset, batch_size: int) -> float | None:
         """The share of the padded sequence positions that trimming would feed in the first epoch (its batches, in
         its order), or None when batches would not be trimmed (see `trim_padding`; the padded-vs-trimmed check
@@ -671,7 +675,7 @@ class Trainer:
         if axes is None or axes.mask not in train_set.inputs or not len(train_set):
             return None
         mask = np.asarray(train_set.inputs[axes.mask])
-        order = np.random.default_rng([self.seed, 0]).permutation(len(train_set))
+        order = self._epoch_order(0, len(train_set))
         size = max(1, batch_size)
         fed = sum(axes.length({axes.mask: mask[order[i:i + size]]}) * len(order[i:i + size]) for i in range(0, len(order), size))
         return fed / (len(order) * mask.shape[1]) if mask.ndim > 1 and mask.shape[1] else None
@@ -684,7 +688,7 @@ class Trainer:
         self._set_mode(True)
         while progress["epoch"] < epochs:
             epoch = progress["epoch"]
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(train_set))
+            order = self._epoch_order(epoch, len(train_set))
             started = time.perf_counter()
             sums: dict[str, Any] = progress.setdefault("running", {"loss": 0.0, "correct": 0, "seen": 0})
             spread = OutputSpread()
