@@ -35,6 +35,7 @@ from edgeplug.plugin_api import (
     CHECKPOINT,
     LOSS_TYPES,
     TRAINING_MODEL,
+    Dataset,
     GraphEditor,
     GraphIndex,
     ModelError,
@@ -68,15 +69,17 @@ class Potentials:
 
 def probe_model(model: onnx.ModelProto, candidates: list[Candidate], output: str, batch: int,
                 ranks: Mapping[str, int], input_probes: bool = True) -> tuple[onnx.ModelProto, dict[str, tuple[int, str]]]:
-    """The forward model with probes of ones; returns it and probe name -> (candidate position, 'output'/'input')."""
-    probed = onnx.ModelProto()
-    probed.CopyFrom(model)
+    """The forward model with probes of ones; returns it and probe name -> (candidate position, 'output'/'input').
+
+    Edits `model` in place (the caller's own copy: the probe cut's tail), so its weights are not held twice."""
+    probed = model
     needed = GraphIndex(probed).ancestors([output])
     kept = [node for node in probed.graph.node if node.name in needed]
     del probed.graph.node[:]
     probed.graph.node.extend(kept)
+    kept_outputs = [v for v in probed.graph.output if v.name == output]
     del probed.graph.output[:]
-    probed.graph.output.extend(v for v in model.graph.output if v.name == output)
+    probed.graph.output.extend(kept_outputs)
     editor = GraphEditor(probed)
     by_node = {c.node: c for c in candidates}
     probes: dict[str, tuple[int, str]] = {}
@@ -145,36 +148,25 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     batch = math.ceil(total / math.ceil(total / chunk))  # equal chunks of at most `chunk`: the least padding
     started = time.perf_counter()
     cut = cut_at(facts.index, candidates, output, facts.constants, facts.dtypes, input_probes)
-    prefix = _prefix_session(cut)
-    timer = _Timer()
-
-    def chunk_at(begin: int) -> dict[str, np.ndarray]:
-        rows = np.arange(begin, begin + batch) % total  # the last chunk repeats samples; their rows are ignored
-        feed = data.batch(rows)
-        if prefix is not None:
-            with timer:
-                computed = prefix.run(None, {name: feed[name] for name in cut.prefix_inputs})
-            feed.update(zip((o.name for o in prefix.get_outputs()), computed, strict=True))
-        return feed
-
-    # every chunk's prefix outputs first, then the prefix session goes: the probe's peak is the larger of the
-    # two sessions, not their sum
-    feeds = [chunk_at(begin) for begin in range(0, total, batch)]
-    prefix = None
-    trim_heap()
-    prefix_first = timer.seconds
-    first = feeds[0]
-    probed, probes = probe_model(tail_model(model, cut, output, first), candidates, output, batch, ranks, input_probes)
+    feeds, prefix_first = _tail_feeds(cut, data, batch)
+    cut = dataclasses.replace(cut, prefix=None)
+    del data  # the support set's raw inputs: the tail reads the prefix's outputs
+    trim_heap()  # the prefix session is gone
+    probed, probes = probe_model(tail_model(model, cut, output, feeds[0]), candidates, output, batch, ranks, input_probes)
     artifacts = training_artifacts()
-    frozen = [t.name for t in probed.graph.initializer if t.name not in probes]
     with tempfile.TemporaryDirectory(prefix="edgeplug-sparse-probe-") as folder:
         with captured_native_stderr() as native_log:
             try:
                 artifacts.generate_artifacts(
-                    clamp_ir_version(probed), requires_grad=sorted(probes), frozen_params=frozen,
+                    clamp_ir_version(probed), requires_grad=sorted(probes),
+                    frozen_params=[t.name for t in probed.graph.initializer if t.name not in probes],
                     loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=None,
                     artifact_directory=folder, loss_input_names=[output],
                 )
+                # the probe graph is in the folder now: its protobufs (and generate_artifacts' copies) go before
+                # the session loads it, so they do not add to the session's peak
+                del probed
+                trim_heap()
                 api = training_api()
                 state = api.CheckpointState.load_checkpoint(str(Path(folder) / CHECKPOINT))
                 module = api.Module(str(Path(folder) / TRAINING_MODEL), state,  # no eval model: never evaluated
@@ -199,8 +191,30 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     fisher_in: dict[int, np.ndarray] = {}
     for name, (position, where) in probes.items():
         (fisher_out if where == "output" else fisher_in)[position] = sums[name] / (2.0 * total)
-    return Potentials(fisher_out, fisher_in, total, build_seconds, run_seconds, timer.seconds,
+    return Potentials(fisher_out, fisher_in, total, build_seconds, run_seconds, prefix_first,
                       len(cut.tail_nodes), len(model.graph.node) - len(cut.tail_nodes))
+
+
+def _tail_feeds(cut: Cut, data: Dataset, batch: int) -> tuple[list[dict[str, np.ndarray]], float]:
+    """What the tail reads for each chunk of `batch` samples (the boundary tensors and the labels), and the
+    seconds the prefix's inference took. Every chunk's prefix outputs are computed before the tail's training
+    session exists and the prefix session is gone when this returns: the probe's peak is the larger of the two
+    sessions, not their sum."""
+    total = len(data)
+    prefix = _prefix_session(cut)
+    reads = (*cut.boundary, "labels")
+    timer = _Timer()
+    feeds = []
+    for begin in range(0, total, batch):
+        rows = np.arange(begin, begin + batch) % total  # the last chunk repeats samples; their rows are ignored
+        feed = data.batch(rows)
+        if prefix is not None:
+            with timer:
+                computed = prefix.run(None, {name: feed[name] for name in cut.prefix_inputs})
+            # copies: onnxruntime's arrays can be views that keep the run's whole memory-pattern block alive
+            feed.update((o.name, np.array(value, copy=True)) for o, value in zip(prefix.get_outputs(), computed, strict=True))
+        feeds.append({name: feed[name] for name in reads})  # not the raw inputs the prefix already read
+    return feeds, timer.seconds
 
 
 def _prefix_session(cut: Cut) -> Any:
