@@ -221,6 +221,8 @@ class Method:
         self.coreset = core
         self.never = int(json.loads((qdir / "build.json").read_text())["never_learned_count"])
         self.train_layers: list[str] | None = None  # backprop rows: the layer nodes that train (None: every quantized one)
+        # backprop rows: latent float weights kept across the stream (straight-through; None: plain, requantized each chunk)
+        self.latent: dict[str, np.ndarray] | None = None
         if name in VARIANTS:
             options = dict(self.options, **VARIANTS[name])
             self.calibrator = Calibrator(qdir, options, state=self.state, coreset=core, threads=THREADS)
@@ -254,7 +256,7 @@ class Method:
             offline = time.perf_counter() - tick
             self.after_offline()
             tuned = backprop_train(artifacts, self.model, self.state, pool.x, pool.y, epochs=int(self.options["backprop_epochs"]),
-                                   lr=float(self.options["backprop_lr"]), seed=chunk, threads=THREADS)
+                                   lr=float(self.options["backprop_lr"]), seed=chunk, threads=THREADS, latent=self.latent)
         self.state.codes.update(tuned.codes)
         if self.name == "backprop":  # the coreset is kept by forgetting, as QCore keeps it
             pool = recount(pool, self.runner.correct(pool.x, pool.y), pool.origin == chunk, self.never)

@@ -45,6 +45,7 @@ from bench.protocol.stats import paired_t  # noqa: E402
 from bench.qcore import THREADS, Method, _status_kib  # noqa: E402
 from bench.text import data as text_data  # noqa: E402
 from bench.text import minilm  # noqa: E402
+from edgeplug_plugins.qcore.backprop import latent_weights  # noqa: E402
 from edgeplug_plugins.qcore.build import DriftData, build, rebuild  # noqa: E402
 from edgeplug_plugins.qcore.examples import Examples  # noqa: E402
 
@@ -113,6 +114,8 @@ def prepare(args: argparse.Namespace, data: dict[str, Any]) -> Path:
         recipe = json.loads((work / "recipe.json").read_text())
         recipe["passes"][-1]["options"]["backprop_lr"] = args.head_lr
         recipe["passes"][-1]["options"]["bits"] = args.bits
+        recipe["passes"][-1]["options"]["backprop_straight_through"] = not args.plain_backprop
+        recipe["passes"][-1]["options"]["backprop_epochs"] = args.backprop_epochs
         (work / "recipe.json").write_text(json.dumps(recipe))
         (folder / "passes" / "qcore" / "config.json").write_text(json.dumps(
             {**json.loads((folder / "passes" / "qcore" / "config.json").read_text()),
@@ -123,7 +126,7 @@ def prepare(args: argparse.Namespace, data: dict[str, Any]) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     options = {"bits": args.bits, "record_bits": [8, 4], "coreset_size": args.coreset, "calibration_samples": 128,
                "drifts": args.drifts, "drift_chunk": args.chunk, "backprop_epochs": args.backprop_epochs,
-               "backprop_lr": args.head_lr}
+               "backprop_lr": args.head_lr, "backprop_straight_through": not args.plain_backprop}
     recipe = {"version": 1, "loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": args.lr},
               "passes": [{"name": "new-head", "options": {"classes": 2, "init": "prototypes"}},
                          {"name": "trainable", "options": {"layers": args.train_layers}},
@@ -136,19 +139,22 @@ def prepare(args: argparse.Namespace, data: dict[str, Any]) -> Path:
     return folder
 
 
-def make_method(name: str, folder: Path, train: Any, seed: int, lrs: dict[str, float]) -> Method:
+def make_method(name: str, folder: Path, train: Any, seed: int, lrs: dict[str, Any]) -> Method:
     """bench/qcore.py's rows, plus backprop_head: the same backprop calibration with only the classifier training
-    (the one layer qcore's flips move on an encoder). The backprop rows use their own tuned lr."""
+    (the one layer qcore's flips move on an encoder). The backprop rows use their own tuned lr and, unless
+    lrs["plain"], keep latent float weights (from the float model) across the stream, straight-through."""
     method = Method("backprop" if name == "backprop_head" else name, folder, train, seed)
     if name == "backprop_head":
         method.train_layers = [max(method.runner.layers, key=lambda layer: layer.last).node]
     if name in lrs:
         method.options["backprop_lr"] = lrs[name]
+    if name.startswith("backprop") and not lrs.get("plain"):
+        method.latent = latent_weights(method.model, method.train_layers)
     return method
 
 
 def tune_backprop_lr(folder: Path, data: dict[str, Any], grid: list[float], chunk: int, seed: int,
-                     row: str = "backprop") -> dict[str, Any]:
+                     row: str = "backprop", args_plain: bool = False) -> dict[str, Any]:
     """The backprop row's learning rate, chosen on validation texts: for each stream domain, backprop calibration from
     the quantized model on coreset + `chunk` of that domain's drift texts, accuracy on the domain's other drift texts
     (never in the stream or its test sets). The mean over the domains picks the lr."""
@@ -162,7 +168,7 @@ def tune_backprop_lr(folder: Path, data: dict[str, Any], grid: list[float], chun
         none = Method("none", folder, data["train"], seed)
         scores["none"].append(none.accuracy(drift.x[check], drift.y[check]))
         for lr in grid:
-            method = make_method(row, folder, data["train"], seed, {row: lr})
+            method = make_method(row, folder, data["train"], seed, {row: lr, "plain": args_plain})
             method.step(drift.x[fit], drift.y[fit], 1)
             scores[str(lr)].append(method.accuracy(drift.x[check], drift.y[check]))
             print(f"  [lr {row}] {STREAM[int(domain)]} lr {lr:g}: validation {scores[str(lr)][-1]:.3f} (none {scores['none'][-1]:.3f})", flush=True)
@@ -373,6 +379,9 @@ def main() -> None:
     parser.add_argument("--head-lr-grid", default="", help="comma-separated lrs to choose backprop_head's from (the flip "
                         "networks are then rebuilt with it)")
     parser.add_argument("--backprop-epochs", type=int, default=3)
+    parser.add_argument("--plain-backprop", action="store_true", help="backprop rows and flip targets train from the "
+                        "dequantized codes and round each chunk (before 2026-12-05; at 4-8 bits it moved no code); default: "
+                        "straight-through with latent float weights kept across the stream")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--reuse", action="store_true", help="reuse the quantized folder in --work")
     parser.add_argument("--reflip", action="store_true", help="keep the float model and records, redo quantization, coreset "
@@ -406,17 +415,19 @@ def main() -> None:
     tuning: dict[str, Any] = json.loads(args.lr_tuning.read_text()) if args.lr_tuning else {}
     if args.backprop_lr_grid and "backprop" in args.methods:
         tuning["backprop"] = tune_backprop_lr(folder, data, [float(v) for v in args.backprop_lr_grid.split(",")], args.chunk,
-                                              args.seeds[0], "backprop")
+                                              args.seeds[0], "backprop", args.plain_backprop)
         args.backprop_lr = tuning["backprop"]["chosen"]
     if args.head_lr_grid:
         tuning["backprop_head"] = tune_backprop_lr(folder, data, [float(v) for v in args.head_lr_grid.split(",")], args.chunk,
-                                                   args.seeds[0], "backprop_head")
+                                                   args.seeds[0], "backprop_head", args.plain_backprop)
         args.head_lr = tuning["backprop_head"]["chosen"]
     print(f"  lr tuning: {tuning}", flush=True)
-    lrs = {"backprop": args.backprop_lr, "backprop_head": args.head_lr}
+    lrs = {"backprop": args.backprop_lr, "backprop_head": args.head_lr, "plain": args.plain_backprop}
     options = json.loads((folder / "passes" / "qcore" / "config.json").read_text())["options"]
     # the flip networks imitate the classifier's backprop at its lr; --bits on a reused folder requantizes it
-    if float(options["backprop_lr"]) != args.head_lr or int(options["bits"]) != args.bits:
+    if (float(options["backprop_lr"]) != args.head_lr or int(options["bits"]) != args.bits
+            or bool(options.get("backprop_straight_through")) == args.plain_backprop
+            or int(options["backprop_epochs"]) != args.backprop_epochs):
         args.reflip = True
         folder = prepare(args, data)
     result = {"command": "python bench/qcore_vader.py " + " ".join(sys.argv[1:]), "methods": args.methods,

@@ -263,3 +263,50 @@ def test_learning_rates_written_with_an_exponent_reach_the_trainer(tmp_path: Pat
     info = train_flipnet(rng.standard_normal((64, 4)).astype(np.float32), rng.integers(-1, 2, 64).astype(np.float32),
                          tmp_path / "flip.onnx", hidden=4, epochs=1, lr=1e-05, seed=0)
     assert (tmp_path / "flip.onnx").is_file() and info["rows"] > 0
+
+
+def test_straight_through_calibrations_add_up_small_updates_that_rounding_throws_away() -> None:
+    """A plain calibration at a learning rate far below half a grid step moves no code; straight-through
+    calibrations that share latent float weights move codes, and the codes are always Q(latent)."""
+    from builders import classification_data
+
+    from edgeplug_plugins.qcore.backprop import backprop_calibrate, latent_weights
+    from edgeplug_plugins.qcore.quantize import quantize_weights
+
+    model, data = mlp(4, (6,), 3), classification_data((4,), 3, n=32)
+    state = quantize(model, data["x"], 4, 99.99)
+    plain = state
+    for _ in range(3):
+        plain = backprop_calibrate(model, plain, data["x"], data["y"], epochs=10, lr=3e-4)
+    assert all(np.array_equal(plain.codes[k], state.codes[k]) for k in state.codes)
+    latent = latent_weights(model)
+    start = {k: v.copy() for k, v in latent.items()}
+    assert all(np.array_equal(quantize_weights(latent[k], state.weight_grids[k]), state.codes[k]) for k in state.codes)
+    tuned = state
+    for _ in range(3):
+        tuned = backprop_calibrate(model, tuned, data["x"], data["y"], epochs=10, lr=3e-4, latent=latent)
+        assert all(np.array_equal(tuned.codes[k], quantize_weights(latent[k], state.weight_grids[k])) for k in state.codes)
+    assert any(not np.array_equal(latent[k], start[k]) for k in latent)
+    assert any(not np.array_equal(tuned.codes[k], state.codes[k]) for k in state.codes)
+    # the latent weights moved by at most what 30 AdamW steps of 3e-4 move a weight, far less than a grid step
+    assert max(float(np.abs(latent[k] - start[k]).max()) for k in latent) < 30 * 3e-4 * 1.5
+
+
+def test_straight_through_flip_targets_move_codes_that_a_plain_calibration_rounds_back() -> None:
+    """backprop_straight_through: the flip networks' targets come from a quantization-aware calibration that
+    starts at the float weights, so a learning rate too small for plain rounding to move anything still gives
+    non-zero targets (the weights nearest a rounding boundary)."""
+    from builders import classification_data
+
+    from edgeplug_plugins.qcore.build import flip_examples
+
+    model, data = mlp(4, (6,), 3), classification_data((4,), 3, n=32)
+    state = quantize(model, data["x"], 4, 99.99)
+    reference = QuantizedRunner(model, state).channel_stats(data["x"])
+    options = {"norm_momentum": 1.0, "backprop_epochs": 20, "backprop_lr": 3e-4, "seed": 0}
+    _, plain = flip_examples(model, state, reference, data["x"], data["y"], options)
+    _, straight = flip_examples(model, state, reference, data["x"], data["y"], {**options, "backprop_straight_through": True})
+    assert plain.keys() == straight.keys()
+    assert all(not v.any() for v in plain.values())
+    assert any(v.any() for v in straight.values())
+    assert all(set(np.unique(v)) <= {-1.0, 0.0, 1.0} for v in straight.values())

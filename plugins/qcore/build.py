@@ -16,7 +16,7 @@ import onnx
 
 from edgeplug.plugin_api import DataError, RecipeError, atomic_directory, fill_defaults, load_schema, save_model
 
-from .backprop import backprop_calibrate
+from .backprop import backprop_calibrate, latent_weights
 from .calibrate import device_features, flip_layers
 from .coreset import Coreset, coreset_size, draw, forgetting_counts
 from .examples import Examples, concatenate
@@ -137,9 +137,11 @@ def flip_examples(float_model: onnx.ModelProto, state: QuantState, reference: Ma
     chosen = set(features)
     # the targets come from a calibration of the layers that get flip networks; every layer when all of them do (CNNs),
     # the classifier alone on an encoder (the only layer the device then moves)
+    trained = None if chosen == every else chosen
+    # straight-through: latent weights from the float model, whose quantization the drifted state's codes are
+    latent = latent_weights(float_model, trained) if options.get("backprop_straight_through") else None
     tuned = backprop_calibrate(float_model, drifted, x, y, epochs=int(options["backprop_epochs"]),
-                               lr=float(options["backprop_lr"]), seed=int(options["seed"]),
-                               layers=None if chosen == every else chosen)
+                               lr=float(options["backprop_lr"]), seed=int(options["seed"]), layers=trained, latent=latent)
     targets = {name: np.clip(tuned.codes[name].astype(np.int16) - drifted.codes[name], -1, 1).ravel().astype(np.float32)
                for name in features}
     return features, targets
