@@ -213,3 +213,24 @@ def test_the_recalibrated_model_is_exported_by_a_public_command_and_export_says_
     assert "this is its float model" in err and f"edgeplug export-quantized {copy} -o" in err
     with pytest.raises(edgeplug.EdgeplugError, match="run 'edgeplug quantize'"):
         export_quantized(tmp_path / "nowhere", tmp_path / "x.onnx")
+
+
+def test_guarded_flips_never_raise_the_coreset_or_the_chunk_loss(built: Path) -> None:
+    """flip_guard: whatever the flip networks propose, the codes left after the rounds give a coreset cross-entropy
+    no higher and a chunk cross-entropy no higher than before the flips (forward passes only)."""
+    from edgeplug_plugins.qcore.calibrate import split_losses
+
+    for seed in (21, 22):
+        calibrator = Calibrator(built / "out" / "qcore", {**read_options(built / "out"), "flip_rounds": 5, "flip_layers": "all"})
+        chunk = _digits(30, seed, shift=0.4)
+        pool = calibrator.coreset.pooled(chunk["x"], chunk["y"], 1, stacked=True)
+        rows = calibrator._rows(len(calibrator.coreset), len(chunk["y"]))
+        acts = calibrator.runner.activations(pool.x, calibrator.probes)
+        before = split_losses(acts.logits, pool.y, rows.old)
+        proposed, kept, _, after_acts = calibrator._flip(pool, acts, rows)
+        after = split_losses(calibrator.runner.logits(pool.x), pool.y, rows.old)
+        np.testing.assert_allclose(after_acts.logits, calibrator.runner.logits(pool.x), rtol=1e-5, atol=1e-5)
+        assert proposed > 0
+        assert after[0] <= before[0] + 1e-9 and after[1] <= before[1] + 1e-9
+        if kept:
+            assert after[1] < before[1]
