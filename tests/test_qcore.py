@@ -310,3 +310,22 @@ def test_straight_through_flip_targets_move_codes_that_a_plain_calibration_round
     assert all(not v.any() for v in plain.values())
     assert any(v.any() for v in straight.values())
     assert all(set(np.unique(v)) <= {-1.0, 0.0, 1.0} for v in straight.values())
+
+
+def test_a_straight_through_calibration_of_some_layers_needs_latent_weights_only_for_those() -> None:
+    from builders import classification_data
+
+    from edgeplug_plugins.qcore.backprop import backprop_calibrate, latent_weights
+
+    model, data = mlp(4, (6,), 3), classification_data((4,), 3, n=32)
+    state = quantize(model, data["x"], 4, 99.99)
+    last = [layer.node for layer in find_layers(model) if layer.last]
+    latent = latent_weights(model, last)
+    assert list(latent) == last
+    tuned = backprop_calibrate(model, state, data["x"], data["y"], epochs=30, lr=3e-3, layers=last, latent=latent)
+    for node in state.codes:
+        if node not in last:
+            np.testing.assert_array_equal(tuned.codes[node], state.codes[node])
+    assert any(not np.array_equal(tuned.codes[k], state.codes[k]) for k in last)
+    with pytest.raises(ValueError, match="no latent weights"):
+        backprop_calibrate(model, state, data["x"], data["y"], epochs=1, lr=3e-3, latent=latent)

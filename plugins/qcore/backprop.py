@@ -91,7 +91,9 @@ def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x
     missing = [name for name in names if name != "labels" and isinstance(x, Examples) and name not in x.names]
     if missing:
         raise ValueError(f"backprop calibration: the training model reads {missing}, which the examples lack")
-    trained_layers = [layer for layer in find_layers(model) if layer.weight in checkpoint.parameters]
+    # the layers whose weights train (frozen ones are in the checkpoint too, as dequantized grid points)
+    trained_layers = [layer for layer in find_layers(model)
+                      if layer.weight in checkpoint.parameters and checkpoint.parameters[layer.weight].requires_grad]
     shadow: dict[str, np.ndarray] = {} if latent is None else latent
     straight = [layer for layer in trained_layers if layer.node in shadow]
     if latent is not None and len(straight) != len(trained_layers):
@@ -124,7 +126,7 @@ def backprop_train(artifacts: Path, model: onnx.ModelProto, state: QuantState, x
                 stepped = layer.to_matrix(np.asarray(checkpoint.parameters[layer.weight].data))
                 shadow[layer.node] += stepped - snapped[layer.node]
     result = state.copy()
-    for layer in trained_layers:  # layers not in the artifacts keep their codes
+    for layer in trained_layers:  # frozen layers keep their codes
         trained = shadow[layer.node] if latent is not None else layer.to_matrix(np.asarray(checkpoint.parameters[layer.weight].data))
         result.codes[layer.node] = quantize_weights(trained, state.weight_grids[layer.node])
     return result
