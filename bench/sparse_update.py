@@ -87,7 +87,16 @@ def select_job(job: dict[str, Any], context: Any) -> dict[str, Any]:
             "feasible": details["feasible"], "probe": details.get("probe"), "summary": next(
                 p["summary"] for p in report["passes"] if p["name"] == "sparse-update"),
             "layers": [(layer["node"], layer["kind"], layer["axis"], layer["ratio"]) for layer in details["layers"]],
+            "plan_sha256": plan_digest(details),
             "predicted": details["predicted"], "predicted_all_layers": details["predicted_all_layers"]}
+
+
+def plan_digest(details: dict[str, Any]) -> str:
+    """What the selection chose, as one digest: every trained layer's axis and channels, the bias-only layers,
+    the trainable parameters. Equal digests = the same plan (runs with other probe settings compare by it)."""
+    plan = {"layers": [(layer["node"], layer["axis"], layer["channels"]) for layer in details["layers"]],
+            "bias_only": details["bias_only"], "trainable": details["trainable"]}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
 def train_job(job: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -198,7 +207,7 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
              "| episode | train shots | layers probed / chosen | selection (pass) s | tinytrain rewrite s | static rewrite s | "
              "fine-tune s (uncached) | fine-tune s (cached, incl. fill) | selection / fine-tune | selection peak RSS MiB (rewrite) | "
              "fine-tune peak RSS MiB (uncached / cached) | epoch s uncached | epoch s cached (after fill) | cache fill s | "
-             "median step ms uncached / cached | bit-identical |", "|" + "---|" * 16]
+             "median step ms uncached / cached | bit-identical | plan |", "|" + "---|" * 17]
     ratios_time, ratios_mem = [], []
     for (domain, index), kinds in sorted(by.items()):
         s, st, c, u = (kinds.get(k) for k in ("select", "rewrite_static", "train_cached", "train_uncached"))
@@ -217,7 +226,7 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
             f"{selection_peak / mib:.0f} ({s['memory']['peak_rss_bytes'] / mib:.0f}) | {u['memory']['peak_rss_bytes'] / mib:.0f} / {c['memory']['peak_rss_bytes'] / mib:.0f} | "
             f"{_median(u['epoch_seconds']):.2f} | {_median(cached_epochs):.2f} | {fill if fill is not None else float('nan'):.2f} | "
             f"{u['median_step_seconds'] * 1000:.0f} / {c['median_step_seconds'] * 1000:.0f} | "
-            f"{'yes' if c['weights_sha256'] == u['weights_sha256'] else 'NO'} |")
+            f"{'yes' if c['weights_sha256'] == u['weights_sha256'] else 'NO'} | {s.get('plan_sha256', '-')[:12]} |")
     lines += ["", f"Median selection / uncached fine-tuning time: {_median(ratios_time):.3f}; median selection peak / fine-tuning peak RSS: "
               f"{_median(ratios_mem):.2f}.", "",
               "Selection = the sparse-update pass (report.json `seconds.selection_total`: feasibility, probe pass over the "
@@ -225,7 +234,9 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
               "it started), in parentheses the whole `edgeplug.rewrite` (new-head, both passes, generate_artifacts, the "
               "smoke load of the written folder). Fine-tune peak RSS = the "
               "whole training process (the cache fill included). Epoch times from `FitResult.epochs` (the first cached "
-              "epoch follows the fill; the fill itself is `prefix_cache.seconds`)."]
+              "epoch follows the fill; the fill itself is `prefix_cache.seconds`). Plan = the first 12 hex digits of "
+              "`plan_sha256` (layers, axes, channels, bias-only layers, trainable parameters): runs with other probe "
+              "settings chose the same plan where they agree."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,8 @@ loop) cannot be, and neither can passes run outside the main thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import math
 import os
 import re
@@ -75,6 +77,16 @@ def current_rss_bytes() -> int:
     except OSError:
         pass
     return RUNTIME_FOOTPRINT
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand the C heap's free memory back to the system (glibc's malloc_trim; a no-op
+    elsewhere). onnxruntime sessions and protobufs a pass freed leave their memory in the heap, where the
+    next allocations need not reuse it: without this, what a pass freed still counts in the process's RSS
+    while the next pass (or the training the rewrite prepares, in the same process) runs."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def available_memory_bytes() -> int | None:

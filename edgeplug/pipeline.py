@@ -35,6 +35,7 @@ from edgeplug.guard import (
     check_pass_timeout,
     parse_size,
     pass_timeout_from_environment,
+    trim_heap,
 )
 from edgeplug.layout import (
     EVAL_MODEL,
@@ -163,6 +164,7 @@ class Rewrite:
             self._phase(f"{info.name}: rewrite_forward")
             state = run_phase(info, "rewrite_forward", instance.rewrite_forward, state, self._context(info), timeout=self.timeout)
             check_forward(info, state)
+            trim_heap()  # what the pass freed (sessions, protobufs) leaves the process before the next one runs
             self.progress.advance()
             if state.stages:
                 check_stages(info, state, self.original, self.output_name)

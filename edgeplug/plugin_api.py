@@ -20,6 +20,7 @@ ones; the other modules of `edgeplug` are internal and may change. Groups:
   option or the calibration arrays);
 - onnxruntime without torch: `inference_session`, `inference_runtime`,
   `training_api`, `training_artifacts`, `open_artifacts`, `captured_native_stderr`;
+  `trim_heap` (free memory back to the system once a session or a big protobuf is gone);
 - training vocabulary: `LOSS_TYPES`, `OPTIMIZER_TYPES`, `OPTIMIZER_STATES`, the
   artifact folder's file names (`TRAINING_MODEL`, `CHECKPOINT`, ...);
 - data and files: `load_dataset`, `load_npz`, `Dataset`, `TensorSpec`,
@@ -66,6 +67,7 @@ from edgeplug.graph import (
     tensor_ranks,
     tensor_values,
 )
+from edgeplug.guard import trim_heap
 from edgeplug.layout import (
     CHECKPOINT,
     EVAL_MODEL,
@@ -182,5 +184,6 @@ __all__ = [
     "to_proto",
     "training_api",
     "training_artifacts",
+    "trim_heap",
     "write_text",
 ]

@@ -191,13 +191,15 @@ def _remove_unused_flat(graph: onnx.GraphProto) -> int:
         removed += len(nodes) - len(alive)
         nodes = alive
     read = outputs | {value.name for value in graph.input} | {name for node in nodes for name in node.input if name}
-    initializers = [tensor for tensor in graph.initializer if tensor.name in read]
-    removed += len(graph.initializer) - len(initializers)
-    if removed:
+    unused = [position for position, tensor in enumerate(graph.initializer) if tensor.name not in read]
+    removed += len(unused)
+    if len(nodes) < len(graph.node):
         del graph.node[:]
         graph.node.extend(nodes)
-        del graph.initializer[:]
-        graph.initializer.extend(initializers)
+    # by position, not `del [:]` + `extend(kept)`: extend copies every kept tensor while the removed ones stay in
+    # the protobuf's arena until the model goes, so that would hold the weights twice
+    for position in reversed(unused):
+        del graph.initializer[position]
     return removed
 
 

@@ -347,6 +347,31 @@ def test_tinytrain_defaults_follow_the_paper(tmp_path: Path) -> None:
     assert [layer["node"] for layer in sorted(chosen, key=lambda layer: -layer["score"])] == ranked[: len(chosen)]
 
 
+@pytest.mark.parametrize("criterion", ["paper", "budget"])
+def test_the_lean_probe_chooses_the_same_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, criterion: str) -> None:
+    """What keeps the selection's peak low (the probe's frozen weights fed as inputs instead of living in its
+    graph and checkpoint; the support set probed in chunks of 4, the default, instead of whole) changes
+    no choice: the same layers and channels, potentials equal to float rounding."""
+    from edgeplug_plugins.sparse_update import probe_cut
+
+    model = mbconv(blocks=3, width=8, seed=4)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=20, seed=4)
+    plans = {}
+    for lean in (True, False):
+        # lifted: every float initializer of the tail (the builders' weights are small); kept: none of them
+        monkeypatch.setattr(probe_cut, "LIFT_MIN_VALUES", 1 if lean else 2**62)
+        options = {"memory_budget_bytes": 60_000, "batch_size": 16, "criterion": criterion}
+        if not lean:
+            options["calibration_batch"] = 16  # two chunks of 10, the old default's
+        details = _details(edgeplug.rewrite(model, _recipe(**options), tmp_path / str(lean), calibration=data).report)
+        plans[lean] = details
+    lean, whole = plans[True], plans[False]
+    assert [(x["node"], x["axis"], x["channels"]) for x in lean["layers"]] == [(x["node"], x["axis"], x["channels"]) for x in whole["layers"]]
+    assert lean["bias_only"] == whole["bias_only"] and lean["trainable"] == whole["trainable"]
+    for a, b in zip(lean["layers"], whole["layers"], strict=True):
+        assert a["potential"] == pytest.approx(b["potential"], rel=1e-5)
+
+
 def test_the_lean_frozen_path_keeps_no_input_for_frozen_pointwise_convs(tmp_path: Path) -> None:
     """Training the stem only: the frozen 1x1 convs after it become MatMuls whose input gradient keeps
     nothing; values are unchanged and the prediction equals the profiler's count, with and without."""

@@ -46,11 +46,11 @@ from edgeplug.plugin_api import (
     load_dataset,
     training_api,
     training_artifacts,
+    trim_heap,
 )
 
 from .candidates import Candidate, ModelFacts
-from .memory import trim_heap
-from .probe_cut import Cut, cut_at, tail_model
+from .probe_cut import Cut, cut_at, lift_weights, tail_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +153,8 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     del data  # the support set's raw inputs: the tail reads the prefix's outputs
     trim_heap()  # the prefix session is gone
     probed, probes = probe_model(tail_model(model, cut, output, feeds[0]), candidates, output, batch, ranks, input_probes)
+    weights = lift_weights(probed, probes)
+    trim_heap()
     artifacts = training_artifacts()
     with tempfile.TemporaryDirectory(prefix="edgeplug-sparse-probe-") as folder:
         with captured_native_stderr() as native_log:
@@ -182,7 +184,7 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
     for begin, feed in zip(range(0, total, batch), feeds, strict=True):
         real = min(batch, total - begin)
         module.lazy_reset_grad()
-        module(*[feed[name] if name in feed else feed["labels"] for name in names])
+        module(*[feed[name] if name in feed else weights[name] if name in weights else feed["labels"] for name in names])
         for name in probes:
             grad = state.parameters[name].grad.reshape(batch, -1)[:real].astype(np.float64) * batch
             sums[name] += np.square(grad).sum(axis=0)

@@ -110,18 +110,29 @@ def _static_input(shape: tuple[int, ...] | None) -> bool:
 
 def _conv_as_matmul(editor: GraphEditor, model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto,
                     shape: tuple[int, ...]) -> None:
-    weight = numpy_helper.to_array(index.initializers[node.input[1]])
-    out_channels, in_channels = weight.shape[0], weight.shape[1]
-    matrix = editor.fresh(f"{node.input[1]}.matmul")
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.reshape(out_channels, in_channels)), matrix))
+    out_channels, in_channels = (int(d) for d in index.initializers[node.input[1]].dims[:2])
+    matrix = _reshaped(editor, model, index, node.input[1], (out_channels, in_channels), "matmul")
     flat = editor.node("Reshape", [node.input[0], editor.constant(f"{node.name}.flat_shape", np.array([0, in_channels, -1], np.int64))],
                        f"{node.name}.flat")
     product = editor.node("MatMul", [matrix, flat], f"{node.name}.matmul")
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is not None:
-        column = editor.fresh(f"{bias}.column")
-        value = numpy_helper.to_array(index.initializers[bias])
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.reshape(out_channels, 1)), column))
+        column = _reshaped(editor, model, index, bias, (out_channels, 1), "column")
         product = editor.node("Add", [product, column], f"{node.name}.biased")
     target = np.array([0, out_channels, *shape[2:]], np.int64)
     editor.node("Reshape", [product, editor.constant(f"{node.name}.out_shape", target)], f"{node.name}.unflat")
+
+
+def _reshaped(editor: GraphEditor, model: onnx.ModelProto, index: GraphIndex, name: str, shape: tuple[int, ...],
+              suffix: str) -> str:
+    """The initializer `name` seen as `shape` (same values, same order): its own dims changed when only one node
+    reads it (no second copy of the weight), else a reshaped copy under a fresh name."""
+    tensor = index.initializers[name]
+    shared = len(index.consumers.get(name, ())) > 1 or any(value.name == name for value in (*model.graph.input, *model.graph.output))
+    if not shared:
+        del tensor.dims[:]
+        tensor.dims.extend(shape)
+        return name
+    fresh = editor.fresh(f"{name}.{suffix}")
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).reshape(shape)), fresh))
+    return fresh

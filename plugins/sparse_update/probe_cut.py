@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from edgeplug.plugin_api import GraphIndex, extract
 
@@ -101,3 +101,32 @@ def tail_model(model: onnx.ModelProto, cut: Cut, output: str, arrays: Mapping[st
         array = arrays[value.name]
         value.type.CopyFrom(helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
     return tail
+
+
+LIFT_MIN_VALUES = 4096  # float initializers at least this large become inputs; small ones (scalars, shapes) stay
+
+
+def lift_weights(model: onnx.ModelProto, keep: Iterable[str]) -> dict[str, np.ndarray]:
+    """Turn `model`'s large float initializers (the frozen weights, not those named in `keep`) into graph
+    inputs, in place; return their values, to be fed at every step.
+
+    generate_artifacts copies its model several times (onnxblock's base, the gradient builder's serialised
+    graph, the eval model, the optimised graph) and writes every frozen initializer into the checkpoint: with
+    the weights outside the graph it handles a few kilobytes, and the probe session reads them from the
+    arrays returned here instead of a second copy in its checkpoint."""
+    kept = set(keep)
+    lifted: dict[str, np.ndarray] = {}
+    stay = []
+    for tensor in model.graph.initializer:
+        values = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.name in kept or values < LIFT_MIN_VALUES or tensor.data_type not in _FLOAT_TYPES:
+            stay.append(tensor)
+            continue
+        lifted[tensor.name] = numpy_helper.to_array(tensor)
+        model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(stay)
+    return lifted
+
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})

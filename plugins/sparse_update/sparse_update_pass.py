@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 
 from edgeplug import ForwardState, Pass, PassContext, PassReport
-from edgeplug.plugin_api import RecipeError, data_axis_lengths, load_schema
+from edgeplug.plugin_api import RecipeError, data_axis_lengths, load_schema, trim_heap
 
 from . import split
 from .candidates import find_candidates, model_facts
 from .costs import Update, plan_cost, trained_biases
 from .criterion import Potentials, fisher_potentials
 from .lean import LeanResult, lean_frozen_path
-from .memory import trim_heap
 from .selection import criterion, feasible, needs_input_potentials, paper_loop, select
 
 
