@@ -96,7 +96,7 @@ def _runtime_gradient_ops_apart(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def check_stages(info: PassInfo, state: ForwardState, original: onnx.ModelProto, output_name: str) -> None:
+def check_stages(info: PassInfo, state: ForwardState, output_name: str) -> None:
     """Stages form a chain: each input is data or passed on by an earlier stage; the last trains the output."""
     available = {value.name for value in state.model.graph.input}
     names: set[str] = set()

@@ -53,7 +53,7 @@ from edgeplug.passes import ForwardState, Pass, PassContext, PassInfo, Plan, Tra
 from edgeplug.plugins import CORE_STAGES, PluginHost, default_host
 from edgeplug.progress import Progress
 from edgeplug.recipe import PassSpec, Recipe, check_recipe, load_recipe
-from edgeplug.report import artifact_sizes, build_report, check_report, report_entry
+from edgeplug.report import SourceModel, artifact_sizes, build_report, check_report, report_entry
 from edgeplug.surgery import extract
 from edgeplug.trainability import check_runtime_support, check_trainable_widths, untie_frozen_norm_parameters
 from edgeplug.validation import first_error
@@ -117,9 +117,11 @@ def rewrite(
                              replaceable_kind="an edgeplug artifact folder") as stage:
         context = PassContext(work_dir=stage / "passes", output_name=output_name, loss=recipe.loss, calibration=calibration)
         with Progress("rewrite", total=2 * len(passes) + 2, unit="phase") as bar:
-            run = Rewrite(recipe, passes, context, source, loaded, output_name, timeout=timeout, budget=budget,
+            run = Rewrite(recipe, passes, context, SourceModel.of(source, loaded), output_name, timeout=timeout, budget=budget,
                           ort_format=ort_format, nominal_checkpoint=nominal_checkpoint, progress=bar)
-            state = run.forward(ForwardState(loaded, frozenset(GraphIndex(loaded).parameters())))
+            start = [ForwardState(loaded, frozenset(GraphIndex(loaded).parameters()))]
+            del loaded  # from here only the passes' states hold the model: the source goes once a pass replaces it
+            state = run.forward(start)
             if state.stages:  # each stage is an artifact set: generation, every pass's rewrite_training, device files
                 bar.set_total(len(passes) + len(state.stages) * (len(passes) + 2))
             report = run.write_stages(state, stage) if state.stages else run.write_folder(state, stage)
@@ -137,8 +139,7 @@ class Rewrite:
     recipe: Recipe
     passes: list[tuple[PassInfo, Pass]]
     context: PassContext
-    source: str
-    original: onnx.ModelProto
+    source: SourceModel
     output_name: str
     timeout: float | None = None
     budget: int | None = None
@@ -153,8 +154,10 @@ class Rewrite:
         self.progress.status(text)
         log.debug("%s", text)
 
-    def forward(self, state: ForwardState) -> ForwardState:
-        """Every pass's rewrite_forward, in recipe order, each result checked."""
+    def forward(self, start: list[ForwardState]) -> ForwardState:
+        """Every pass's rewrite_forward, in recipe order, each result checked. `start` holds the first state and
+        is emptied, so that no caller keeps the source model alive once a pass has replaced it."""
+        state = start.pop()
         staged_by: str | None = None
         for info, instance in self.passes:
             if staged_by is not None:
@@ -163,23 +166,24 @@ class Rewrite:
             started = time.perf_counter()
             self._phase(f"{info.name}: rewrite_forward")
             state = run_phase(info, "rewrite_forward", instance.rewrite_forward, state, self._context(info), timeout=self.timeout)
+            trim_heap()  # what the pass freed (sessions, protobufs) leaves the process before the checks and the next pass
             check_forward(info, state)
-            trim_heap()  # what the pass freed (sessions, protobufs) leaves the process before the next one runs
+            trim_heap()
             self.progress.advance()
             if state.stages:
-                check_stages(info, state, self.original, self.output_name)
+                check_stages(info, state, self.output_name)
                 staged_by = info.name
             self.timings[info.name] = time.perf_counter() - started
         return state
 
     def write_folder(self, state: ForwardState, out: Path) -> dict[str, Any]:
         """A plain artifact folder: one artifact set, recipe.json and report.json."""
-        forward = _prune_to_output(state.model, self.output_name)
+        forward = _prune_to_output(state.model, self.output_name, reuse=True)  # the passes are done with state.model
         trainable = sorted(state.trainable)
         if not trainable:
             raise RecipeError("no parameter is trainable after the passes ran; widen the 'trainable' pass's selection")
         device = self.write_artifact_set(forward, trainable, self.output_name, out)
-        report = build_report(self.source, self.original, forward, self.recipe, self.output_name, trainable,
+        report = build_report(self.source, forward, self.recipe, self.output_name, trainable,
                               self._entries(), out)
         report["training"]["carried_state"] = device["carried_state"]
         report["device_runtime"] = device_runtime(report, self.recipe.to_dict(), [device])
@@ -202,6 +206,7 @@ class Rewrite:
         self._phase(f"{label}generating the training, eval and optimizer models (onnxruntime-training)")
         generate(forward, trainable, self.recipe, output_name, folder, nominal_checkpoint=self.nominal_checkpoint,
                  passes_on=passes_on)
+        trim_heap()  # generate_artifacts' copies of the model
         models = TrainingModels(*(onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)))
         name_targets_labels(models.training)
         name_targets_labels(models.eval)
@@ -220,7 +225,10 @@ class Rewrite:
         save_model(forward, folder / FORWARD_MODEL)
         device = write_device_files(folder, models, {t.name for t in forward.graph.initializer}, trainable,
                                     output=output_name, passes_on=passes_on, relative_dir=relative_dir)
+        del models  # written: the smoke load reads the files, and the device holds no second copy meanwhile
+        trim_heap()
         smoke_load(folder)
+        trim_heap()
         if self.ort_format:
             convert_to_ort(folder)
             smoke_load(folder, ort_format=True)
@@ -239,7 +247,7 @@ class Rewrite:
             trainable = sorted(stage.trainable)
             devices.append(self.write_artifact_set(forward, trainable, stage.output, folder, passes_on=stage.passes_on,
                                                    label=f"stage {stage.name!r}: ", relative_dir=stage_dir(number)))
-            stage_report = build_report(self.source, self.original, forward, self.recipe, stage.output, trainable, [],
+            stage_report = build_report(self.source, forward, self.recipe, stage.output, trainable, [],
                                         folder, data_inputs=passed)
             stage_report["training"]["carried_state"] = devices[-1]["carried_state"]
             self._write_documents(folder, stage_report)
@@ -250,7 +258,7 @@ class Rewrite:
         save_model(inference, out / FORWARD_MODEL)
         trainable_all = sorted({name for stage in state.stages for name in stage.trainable})
         exported = {tensor.name for tensor in inference.graph.initializer}
-        report = build_report(self.source, self.original, inference, self.recipe, self.output_name,
+        report = build_report(self.source, inference, self.recipe, self.output_name,
                               [n for n in trainable_all if n in exported], self._entries(), out)
         report["parameters"] = {
             "trainable": trainable_all,
@@ -328,7 +336,27 @@ def _output_name(model: onnx.ModelProto, recipe: Recipe) -> str:
     return recipe.output
 
 
-def _prune_to_output(model: onnx.ModelProto, output_name: str, also: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """Keep only the trained output (and `also`, outputs a stage passes on) and what computes them."""
+def _prune_to_output(model: onnx.ModelProto, output_name: str, also: tuple[str, ...] = (), *,
+                     reuse: bool = False) -> onnx.ModelProto:
+    """Keep only the trained output (and `also`, outputs a stage passes on) and what computes them.
+
+    With `reuse`, a model that has nothing to prune is returned itself rather than copied (the caller then
+    owns it): the artifact generation that follows holds one copy of the weights less."""
+    if reuse and _nothing_to_prune(model, [output_name, *also]):
+        return model
     return extract(model, [output_name, *also], [value.name for value in model.graph.input
                                                  if value.name not in {t.name for t in model.graph.initializer}])
+
+
+def _nothing_to_prune(model: onnx.ModelProto, outputs: list[str]) -> bool:
+    """The model's outputs are exactly `outputs`, every node computes part of them and every initializer is read."""
+    graph = model.graph
+    if [value.name for value in graph.output] != outputs or model.functions or any(
+            attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node for attribute in node.attribute):
+        return False
+    names = [node.name for node in graph.node]
+    if "" in names or len(set(names)) < len(names):  # ancestors() goes by node name
+        return False
+    needed = GraphIndex(model).ancestors(outputs)
+    read = {name for node in graph.node for name in node.input if name}
+    return all(node.name in needed for node in graph.node) and all(tensor.name in read for tensor in graph.initializer)

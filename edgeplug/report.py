@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -68,22 +69,40 @@ def _weight_values(model: onnx.ModelProto, parameters: list[str]) -> int:
     return sum(tensor_values(index.initializers[name]) for name in (set(parameters) - scales) | quantized)
 
 
-def build_report(source: str, original: onnx.ModelProto, forward: onnx.ModelProto, recipe: Recipe, output_name: str,
+@dataclasses.dataclass(frozen=True)
+class SourceModel:
+    """What report.json says about the model the rewrite started from, taken when it is loaded: the rewrite
+    then holds no copy of the source's weights while the passes and generate_artifacts run."""
+
+    path: str
+    sha256: str
+    ir_version: int
+    opset: int
+    producer: str
+    inputs: frozenset[str]
+
+    @classmethod
+    def of(cls, path: str, model: onnx.ModelProto) -> SourceModel:
+        return cls(path, hashlib.sha256(model.SerializeToString()).hexdigest(), int(model.ir_version), default_opset(model),
+                   f"{model.producer_name} {model.producer_version}".strip(), frozenset(v.name for v in model.graph.input))
+
+
+def build_report(source: SourceModel, forward: onnx.ModelProto, recipe: Recipe, output_name: str,
             trainable: list[str], entries: list[dict[str, Any]], stage: Path,
             data_inputs: set[str] | None = None) -> dict[str, Any]:
     sizes = {tensor.name: tensor_values(tensor) for tensor in forward.graph.initializer}
-    source_inputs = {value.name for value in original.graph.input} | (data_inputs or set())
+    source_inputs = set(source.inputs) | (data_inputs or set())
     parameters = GraphIndex(forward).parameters()
     trainable_values = sum(sizes[name] for name in trainable)
     report = {
         "edgeplug_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {
-            "path": source,
-            "sha256": hashlib.sha256(original.SerializeToString()).hexdigest(),
-            "ir_version": int(original.ir_version),
-            "opset": default_opset(original),
-            "producer": f"{original.producer_name} {original.producer_version}".strip(),
+            "path": source.path,
+            "sha256": source.sha256,
+            "ir_version": source.ir_version,
+            "opset": source.opset,
+            "producer": source.producer,
         },
         "training": {
             "output": output_name,

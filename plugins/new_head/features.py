@@ -33,6 +33,9 @@ def penultimate_features(model: onnx.ModelProto, head: Head, data: Dataset, batc
     runtime = inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
     options = runtime.SessionOptions()
     options.log_severity_level = 3
+    # no memory arena: what the session allocates goes back when it is gone, not kept for the passes and the
+    # artifact generation that run next in the same process (same values: the arena changes no kernel)
+    options.enable_cpu_mem_arena = False
     session = runtime.InferenceSession(_feature_model(model, head.features).SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
     fixed = {i.name: i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
