@@ -208,7 +208,7 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
              "fine-tune s (uncached) | fine-tune s (cached, incl. fill) | selection / fine-tune | selection peak RSS MiB (rewrite) | "
              "fine-tune peak RSS MiB (uncached / cached) | epoch s uncached | epoch s cached (after fill) | cache fill s | "
              "median step ms uncached / cached | bit-identical | plan |", "|" + "---|" * 17]
-    ratios_time, ratios_mem = [], []
+    ratios_time, ratios_mem, ratios_rewrite = [], [], []
     for (domain, index), kinds in sorted(by.items()):
         s, st, c, u = (kinds.get(k) for k in ("select", "rewrite_static", "train_cached", "train_uncached"))
         if not (s and c and u):
@@ -217,6 +217,7 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
         ratios_time.append(selection / u["fit_seconds"])
         selection_peak = s["selection_memory"].get("peak_rss_bytes") or float("nan")
         ratios_mem.append(selection_peak / u["memory"]["peak_rss_bytes"])
+        ratios_rewrite.append(s["memory"]["peak_rss_bytes"] / u["memory"]["peak_rss_bytes"])
         fill = (c.get("prefix_cache") or {}).get("seconds")
         cached_epochs = c["epoch_seconds"]
         lines.append(
@@ -228,7 +229,7 @@ def report(meta: dict[str, Any], records: list[dict[str, Any]], args: argparse.N
             f"{u['median_step_seconds'] * 1000:.0f} / {c['median_step_seconds'] * 1000:.0f} | "
             f"{'yes' if c['weights_sha256'] == u['weights_sha256'] else 'NO'} | {s.get('plan_sha256', '-')[:12]} |")
     lines += ["", f"Median selection / uncached fine-tuning time: {_median(ratios_time):.3f}; median selection peak / fine-tuning peak RSS: "
-              f"{_median(ratios_mem):.2f}.", "",
+              f"{_median(ratios_mem):.2f}; median whole-rewrite peak / fine-tuning peak RSS: {_median(ratios_rewrite):.2f}.", "",
               "Selection = the sparse-update pass (report.json `seconds.selection_total`: feasibility, probe pass over the "
               "training shots, selection, split); its peak RSS is the process's high-water mark while the pass ran (reset when "
               "it started), in parentheses the whole `edgeplug.rewrite` (new-head, both passes, generate_artifacts, the "
