@@ -21,6 +21,7 @@ from edgeplug import __version__
 from edgeplug.commands import ArgumentParser, CommandRegistry, HelpFormatter, UsageError, add_global_options, walk
 from edgeplug.console import captured_for_json, cli_logging, output_mode, print_result
 from edgeplug.errors import DiskFullError, EdgeplugError, SetupError, disk_full_detail, is_disk_full
+from edgeplug.memory_settings import MEMORY_SETTINGS
 from edgeplug.terminal import EscapingWriter, escape
 
 INTERNAL_ERROR = 1
@@ -375,9 +376,10 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
                      help="write loss and accuracy curves (every step; per epoch, training and evaluation) as a PNG; "
                           "needs matplotlib: pip install 'edgeplug[plot]'")
     sub.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated training step needs more, e.g. 512M, 2G")
-    sub.add_argument("--memory", choices=("arena", "lean"),
-                     help="arena: onnxruntime's defaults (fastest); lean: no arena, no planned buffer reuse, freed tensors go back "
-                          "to the system (least memory, slower steps); default: the recipe's training.memory (arena)")
+    sub.add_argument("--memory", choices=MEMORY_SETTINGS,
+                     help="compact: onnxruntime's CPU arena without its planned buffer reuse (less memory than arena, as fast); "
+                          "arena: onnxruntime's defaults; lean: no arena, no planned buffer reuse, freed tensors go back to the "
+                          "system (least memory, slower steps); default: the recipe's training.memory (compact)")
     sub.add_argument("--runtime", choices=("python", "node"), default="python",
                      help="python: onnxruntime-training here; node: the JavaScript runtime (onnxruntime-web, WebAssembly) in runtimes/web")
     sub.add_argument("--threads", type=int, metavar="N", help="WebAssembly threads of --runtime node (default: 1)")

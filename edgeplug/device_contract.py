@@ -20,6 +20,7 @@ C, C++, Java/Kotlin, Swift) use the standard files.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from edgeplug.layout import (
     STATE_EVAL_MODEL,
     TRAINING_MODEL,
 )
+from edgeplug.memory_settings import recipe_memory, switches
 from edgeplug.modelio import save_model
 from edgeplug.passes import OTHER_BATCH_RULES, CarriedState, TrainingModels
 
@@ -226,8 +228,8 @@ def device_runtime(report: Mapping[str, Any], recipe: Mapping[str, Any], sets: S
 
 def _training_sessions(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe's training.memory and the onnxruntime session options it stands for."""
-    memory = str((recipe.get("training") or {}).get("memory", "arena"))
-    return {"memory": memory, "cpu_mem_arena": memory != "lean", "mem_reuse": memory != "lean"}
+    memory = recipe_memory(recipe)
+    return {"memory": memory, **dataclasses.asdict(switches(memory))}
 
 
 def _labels(training: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:

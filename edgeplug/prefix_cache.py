@@ -44,6 +44,7 @@ import numpy as np
 from edgeplug import _ort
 from edgeplug.data import Dataset
 from edgeplug.layout import EVAL_MODEL, FORWARD_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
+from edgeplug.memory_settings import DEFAULT_MEMORY, switches
 
 FLOAT_TYPES = frozenset({1, 10, 11, 16})  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
 BATCH_MIXING_OPS = frozenset({"BatchNormalization", "BatchNormInternal", "Dropout"})
@@ -443,13 +444,13 @@ class PrefixCache:
     """Computes the boundary tensors of datasets with the folder's training model and opens the cut model."""
 
     def __init__(self, cut: Cut, artifact_dir: Path, state: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 folder: Path | None = None, threads: int | None = None, memory: str = "arena") -> None:
+                 folder: Path | None = None, threads: int | None = None, memory: str = DEFAULT_MEMORY) -> None:
         self.cut = cut
         self.artifact_dir = Path(artifact_dir)
         self.memory_left = memory_bytes
         self._state = state
         self._threads = threads
-        self._memory = memory  # the trainer's memory setting: "lean" sessions have no arena and no planned reuse
+        self._memory = memory  # the trainer's memory setting (edgeplug.memory_settings)
         self._folder = Path(tempfile.mkdtemp(prefix="edgeplug-prefix-cache-", dir=folder))
         self._paths = cut.write(self.model_folder())
         self._augmented: Any = None
@@ -482,9 +483,9 @@ class PrefixCache:
         if self._threads is not None:
             options.intra_op_num_threads = self._threads
             options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = arena and self._memory != "lean"
-        if self._memory == "lean":
-            options.enable_mem_reuse = False
+        wanted = switches(self._memory)
+        options.enable_cpu_mem_arena = arena and wanted.cpu_mem_arena
+        options.enable_mem_reuse = wanted.mem_reuse
         return options
 
     def _module(self) -> Any:

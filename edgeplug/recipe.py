@@ -14,6 +14,7 @@ import yaml
 
 from edgeplug.errors import EdgeplugError, RecipeError
 from edgeplug.files import read_limited
+from edgeplug.memory_settings import DEFAULT_MEMORY
 from edgeplug.optimizers import DEFAULT_LR
 from edgeplug.passes import fill_defaults
 from edgeplug.plugins import PluginHost, default_host
@@ -40,7 +41,7 @@ class Recipe:
     schedule: Mapping[str, Any] | None = None
     data_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     labels_key: str | None = None
-    memory: str = "arena"  # training sessions: "arena" (onnxruntime's defaults) or "lean" (see the recipe schema)
+    memory: str = DEFAULT_MEMORY  # training sessions: "compact", "arena" or "lean" (edgeplug.memory_settings, the recipe schema)
     epochs: int | None = None
     """`training.epochs`: the run's default number of epochs (None: 1); `--epochs` overrides it."""
     batch_size: int | None = None
@@ -69,7 +70,7 @@ class Recipe:
             document["data"] = data
         training: dict[str, Any] = {key: value for key, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("seed", self.seed))
                     if value is not None}
-        if self.memory != "arena":
+        if self.memory != DEFAULT_MEMORY:
             training["memory"] = self.memory
         if training:
             document["training"] = training
@@ -177,7 +178,7 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
         schedule=optimizer.get("schedule"),
         data_inputs=data.get("inputs", {}),
         labels_key=data.get("labels"),
-        memory=training.get("memory", "arena"),
+        memory=training.get("memory", DEFAULT_MEMORY),
         epochs=training.get("epochs"),
         batch_size=training.get("batch_size"),
         seed=training.get("seed"),

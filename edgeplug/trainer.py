@@ -51,6 +51,7 @@ from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
 from edgeplug.layout import CHECKPOINT, RECIPE_FILE, TRAINING_MODEL
 from edgeplug.locking import output_lock, remove_stale_staging_in
+from edgeplug.memory_settings import DEFAULT_MEMORY, LEAN, MEMORY_SETTINGS, recipe_memory, switches
 from edgeplug.optimizers import DEFAULT_LR, check_learning_rate
 from edgeplug.passes import RuntimeContext, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
@@ -168,9 +169,10 @@ class Trainer:
         default) uses it when it applies, more than one epoch remains and trimming the padding would not cut the
         first epoch's batches to at most half their positions (`TRIM_OVER_CACHE_SHARE`), True insists (an error says why it
         cannot), False never. The cache keeps up to `cache_memory` in memory and the rest in a file under
-        `cache_dir` (default: the system's temporary folder). `memory`: "arena" (onnxruntime's defaults) or
-        "lean" (no arena, no planned buffer reuse: the process holds only live tensors; slower steps); None
-        takes the recipe's `training.memory`.
+        `cache_dir` (default: the system's temporary folder). `memory`: "compact" (the CPU arena without the
+        allocation planner's buffer reuse: less memory than onnxruntime's defaults at the same speed), "arena"
+        (onnxruntime's defaults) or "lean" (no arena, no planned reuse: the process holds only live tensors;
+        slower steps); None takes the recipe's `training.memory` (edgeplug.memory_settings).
 
         `trim_padding`: cut each batch to its longest attention mask (`edgeplug.sequences`: inputs that share the
         mask's dynamic sequence axis lose their trailing all-padding columns). None (the default) trims when the model
@@ -197,7 +199,7 @@ class Trainer:
         self._recipe_training: dict[str, Any] = recipe_training
         if seed is None:
             seed = recipe_training.get("seed", 0)
-        self.memory = memory if memory is not None else str((self.recipe.get("training") or {}).get("memory", "arena"))
+        self.memory = memory if memory is not None else recipe_memory(self.recipe)
         if self.memory not in MEMORY_SETTINGS:
             raise EdgeplugError(f"memory must be one of {', '.join(MEMORY_SETTINGS)}, not {self.memory!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -811,7 +813,6 @@ class Trainer:
         return registered
 
 
-MEMORY_SETTINGS = ("arena", "lean")
 TRIM_OVER_CACHE_SHARE = 0.5
 """Default mode: when trimming would keep at most this share of the padded positions, batches are trimmed and the
 frozen prefix is not cached (the cache holds padded-length tensors, so the cut model runs at the padded length). On
@@ -819,32 +820,35 @@ MiniLM-L6 with LoRA on the last 2 of 6 blocks and TREC-like questions padded to 
 took 275-290 ms against 371-422 ms cached; BBC articles fill all 128 tokens, and the cache made steps 1.3-1.9x faster."""
 
 
-def session_options(threads: int | None, memory: str = "arena") -> Any:
+def session_options(threads: int | None, memory: str = DEFAULT_MEMORY) -> Any:
     """Session options for a training module: pinned pools (threads None: onnxruntime's defaults) and the
-    memory setting. "lean" turns off the CPU arena and the allocation planner's buffer reuse and fixes glibc's
-    mmap threshold, so freed tensors go back to the system at once: the planner otherwise gives a buffer freed
-    in forward to a same-sized tensor created much later (a gradient in backward) and holds it in between,
-    which hid activation-shortcut's saving entirely. Returns None when nothing differs from the defaults."""
-    if threads is None and memory == "arena":
+    memory setting's switches (edgeplug.memory_settings). Without the allocation planner's buffer reuse
+    ("compact", "lean") a buffer freed in forward is not held for a same-sized tensor created much later (a
+    gradient in backward), which hid activation-shortcut's saving entirely; "lean" also turns the CPU arena off
+    and fixes glibc's mmap threshold, so freed tensors go back to the system at once. Returns None when nothing
+    differs from onnxruntime's defaults."""
+    wanted = switches(memory)
+    if threads is None and wanted.cpu_mem_arena and wanted.mem_reuse:
         return None
     options = _ort.inference_runtime().SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    if memory == "lean":
+    if not wanted.cpu_mem_arena:
         _return_freed_buffers()
         options.enable_cpu_mem_arena = False
-        options.enable_mem_reuse = False
+    options.enable_mem_reuse = wanted.mem_reuse
     return options
 
 
-def open_stage(folder: Path, state: Path | None = None, *, threads: int | None = None, memory: str = "arena") -> tuple[Any, Any, Any]:
+def open_stage(folder: Path, state: Path | None = None, *, threads: int | None = None, memory: str = DEFAULT_MEMORY) -> tuple[Any, Any, Any]:
     """Open one stage of a staged folder (checkpoint state, module, optimizer): no memory arena, no spinning.
 
     Each session's arena would keep its stage's peak for good, so N stages would hold
     about what backpropagation through the whole model needs; without arenas a
     stage's buffers are freed before the next stage runs. Spinning thread pools of
-    the idle stages made a sweep 5x slower on 2 cores.
+    the idle stages made a sweep 5x slower on 2 cores. The planner's buffer reuse stays
+    on except under "lean" (with the arena already off, "compact" changes nothing else here).
     """
     _return_freed_buffers()
     options = _ort.inference_runtime().SessionOptions()
@@ -854,7 +858,7 @@ def open_stage(folder: Path, state: Path | None = None, *, threads: int | None =
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    if memory == "lean":
+    if memory == LEAN:
         options.enable_mem_reuse = False
     return _ort.open_artifacts(folder, state, session_options=options)
 

@@ -5,27 +5,45 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from builders import classification_data, cnn
 
 import edgeplug
 from edgeplug.cli import main
 from edgeplug.errors import EdgeplugError, RecipeError
+from edgeplug.memory_settings import DEFAULT_MEMORY, MEMORY_SETTINGS, SessionSwitches, recipe_memory, switches
 from edgeplug.recipe import recipe_from_dict
+from edgeplug.trainer import session_options
 
 RECIPE = {"loss": "cross-entropy", "optimizer": {"name": "sgd", "lr": 0.05}, "passes": []}
 
 
-def test_lean_sessions_train_the_same_as_the_arena(tmp_path: Path) -> None:
+def test_every_memory_setting_trains_the_same(tmp_path: Path) -> None:
     """Only where tensors live changes: losses and weights are the same."""
     data = classification_data((1, 8, 8), 3, n=32, seed=4)
     edgeplug.rewrite(cnn((4, 8), 3, image=8), recipe_from_dict(RECIPE), tmp_path / "out")
-    losses = {}
-    for memory in ("arena", "lean"):
+    losses, weights = {}, {}
+    for memory in MEMORY_SETTINGS:
         trainer = edgeplug.Trainer(tmp_path / "out", progress=False, checkpoints=False, memory=memory)
         assert trainer.memory == memory
         losses[memory] = trainer.fit(data, epochs=2, batch_size=8).step_losses
-    assert losses["lean"] == losses["arena"]
+        weights[memory] = trainer.parameters()
+    for memory in MEMORY_SETTINGS:
+        assert losses[memory] == losses["arena"]
+        assert all(np.array_equal(weights[memory][name], value) for name, value in weights["arena"].items())
+
+
+def test_the_default_is_compact_and_each_setting_names_its_session_switches() -> None:
+    """compact = arena without planned reuse; a runtime reads the switches from the device contract."""
+    assert recipe_from_dict(RECIPE).memory == DEFAULT_MEMORY == "compact"
+    assert recipe_memory({}) == recipe_memory({"training": {}}) == "compact"
+    assert switches("compact") == SessionSwitches(cpu_mem_arena=True, mem_reuse=False)
+    assert switches("arena") == SessionSwitches(cpu_mem_arena=True, mem_reuse=True)
+    assert switches("lean") == SessionSwitches(cpu_mem_arena=False, mem_reuse=False)
+    assert session_options(None, "arena") is None  # onnxruntime's own defaults
+    compact = session_options(None, "compact")
+    assert compact.enable_cpu_mem_arena and not compact.enable_mem_reuse
 
 
 def test_the_recipe_sets_the_memory_and_the_device_contract_repeats_it(tmp_path: Path) -> None:
@@ -37,14 +55,17 @@ def test_the_recipe_sets_the_memory_and_the_device_contract_repeats_it(tmp_path:
     assert edgeplug.Trainer(tmp_path / "lean", progress=False).memory == "lean"
     assert edgeplug.Trainer(tmp_path / "lean", progress=False, memory="arena").memory == "arena"
     plain = edgeplug.rewrite(cnn((4,), 3, image=8), recipe_from_dict(RECIPE), tmp_path / "plain").report
-    assert plain["device_runtime"]["training"]["memory"] == "arena" and "training" not in recipe_from_dict(RECIPE).to_dict()
+    assert plain["device_runtime"]["training"] == {"memory": "compact", "cpu_mem_arena": True, "mem_reuse": False}
+    assert "training" not in recipe_from_dict(RECIPE).to_dict()
+    arena = recipe_from_dict({**RECIPE, "training": {"memory": "arena"}})
+    assert arena.to_dict()["training"] == {"memory": "arena"}
 
 
 def test_a_bad_memory_setting_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(RecipeError, match="memory"):
         recipe_from_dict({**RECIPE, "training": {"memory": "tiny"}})
     edgeplug.rewrite(cnn((4,), 3, image=8), recipe_from_dict(RECIPE), tmp_path / "out")
-    with pytest.raises(EdgeplugError, match="memory must be one of arena, lean"):
+    with pytest.raises(EdgeplugError, match="memory must be one of compact, arena, lean"):
         edgeplug.Trainer(tmp_path / "out", memory="tiny")
     status = main(["train", str(tmp_path / "out"), "--data", str(tmp_path / "none.npz"), "--memory", "tiny"])
     assert status == 2 and "invalid choice" in capsys.readouterr().err

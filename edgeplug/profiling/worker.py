@@ -22,6 +22,7 @@ import numpy as np
 from edgeplug import _ort
 from edgeplug.artifacts import read_report, stage_folders
 from edgeplug.layout import CHECKPOINT, FORWARD_MODEL, OPTIMIZER_MODEL, RECIPE_FILE, TRAINING_MODEL
+from edgeplug.memory_settings import DEFAULT_MEMORY, recipe_memory
 from edgeplug.trainer import open_stage, peak_rss_bytes, session_options
 
 
@@ -58,8 +59,8 @@ def _memory_setting(artifacts: Path) -> str:
     try:
         recipe = json.loads((artifacts / RECIPE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "arena"
-    return str((recipe.get("training") or {}).get("memory", "arena")) if isinstance(recipe, dict) else "arena"
+        return DEFAULT_MEMORY
+    return recipe_memory(recipe)
 
 
 def _train(artifacts: Path, batch: dict[str, np.ndarray], steps: int, warmup: int) -> list[float]:
