@@ -127,7 +127,8 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
          "Same sample order in every runtime. Each (row, episode) in a fresh process, rows interleaved in a per-episode seeded order.  "),
         (f"Threads: {settings['threads']} per runtime (onnxruntime intra-op {settings['threads']}, inter-op 1, no spinning; torch "
          f"set_num_threads({settings['threads']}), 1 inter-op; OMP/MKL/OpenBLAS env = {settings['threads']}); onnxruntime CPU arena on "
-         "(edgeplug's default; staged folders turn it off).  "),
+         "(edgeplug's default; staged folders turn it off); edgeplug rows under their recipe's `training.memory` (default "
+         "`compact`: the planner's buffer reuse off).  "),
         (f"Machine: {meta['machine']}, shared: load average {_load(meta.get('loadavg_start'))} at start, "
          f"{_load(meta.get('loadavg_now'))} at the end. Wall {meta.get('wall_seconds', 0):.0f} s; CPU seconds of the row and "
          f"prepare processes {meta.get('child_cpu_seconds', 0):.0f} s, i.e. about {meta.get('child_cpu_seconds', 0) / 120:.0f} min of "

@@ -6,7 +6,7 @@ optimizer state + retained activations: what a training step adds over running t
 measured training overhead (peak RSS of training steps minus peak RSS of inference, each in a fresh
 process on the same folder, batch and length; masks all ones), under each `--memory` setting (the recipe's
 `training.memory`: `arena`, onnxruntime's defaults, or `lean`, where the process holds only live tensors; the
-inference baseline runs under the same setting). Writes bench/results/text_profile.{json,md}.
+inference baseline runs under the same setting). Writes bench/results/NAME.{json,md} (--name, default text_profile).
 
     nice python bench/text/profile_check.py [--lengths 64,128] [--batch-size 16] [--only full,lora_last2_int8] [--memory arena,lean]
 """
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--memory", default="arena,lean", help="comma-separated training.memory settings to measure")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeplug-text-profile")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="text_profile", help="file name of the results (NAME.md, NAME.json)")
     args = parser.parse_args()
 
     import edgeplug
@@ -85,7 +86,7 @@ def main() -> None:
                   flush=True)
     document = {"command": "python " + " ".join(sys.argv), "load_average_start": load, "load_average_end": os.getloadavg(), "rows": rows}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "text_profile.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    (args.results / f"{args.name}.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     lines = [
         "# MiniLM-L6: counted vs measured training memory (`edgeplug profile`)", "",
         f"Command: `{document['command']}`; batch {args.batch_size}, {args.steps} timed steps after 1 warm-up, random token ids, "
@@ -105,8 +106,8 @@ def main() -> None:
                      f"{r['counted_retained_activation_bytes'] / MIB:.1f} | {r['counted_added_bytes'] / MIB:.1f} | "
                      f"{r['measured_added_bytes'] / MIB:.1f} | {r['ratio']:.2f} | {r['train_peak_rss_bytes'] / MIB:.0f} | "
                      f"{r['median_step_seconds'] * 1e3:.0f} |")
-    (args.results / "text_profile.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {args.results}/text_profile.{{md,json}}")
+    (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.results}/{args.name}.{{md,json}}")
 
 
 if __name__ == "__main__":
