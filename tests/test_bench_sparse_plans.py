@@ -69,3 +69,13 @@ def test_output_and_input_channels_of_one_conv_share_their_crossing() -> None:
     got = overlap(a, b, SHAPES)
     assert got["shared_values"] == 2 * 3 * 9
     assert got["layer_jaccard"] == 1.0 and got["share_a"] == 6 * 9 / (2 * 6 * 9)
+
+
+def test_channel_masks_round_trip_through_the_file_form() -> None:
+    from bench.sparse_plans import _packed
+
+    layers = [{"weight": "conv", "channels": [0, 3, 200, 1279]}, {"weight": "fc", "channels": None}]
+    result = {"episodes": [{"plans": {"tinytrain@1": {"layers": [dict(layer) for layer in layers]}}}]}
+    packed = _packed(result, pack=True)
+    assert isinstance(packed["episodes"][0]["plans"]["tinytrain@1"]["layers"][0]["channels"], str)
+    assert _packed(packed, pack=False)["episodes"][0]["plans"]["tinytrain@1"]["layers"] == layers
