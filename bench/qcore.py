@@ -45,7 +45,8 @@ HAPT_DRIFT_USERS = (26, 27, 28, 29, 30)  # training users whose windows only fee
 METHODS = ["none", "qcore", "qcore_all", "qcore_noflip", "qcore_heldout", "backprop", "replay"]
 # QCore variants: option overrides of the folder's options (qcore = the defaults: last-layer flips)
 VARIANTS: dict[str, dict[str, Any]] = {"qcore": {"flip_layers": "last"}, "qcore_all": {"flip_layers": "all"},
-                                       "qcore_noflip": {"flip_rounds": 0}, "qcore_heldout": {"guard_split": 0.3}}
+                                       "qcore_noflip": {"flip_rounds": 0}, "qcore_heldout": {"guard_split": 0.3},
+                                       "qcore_descent": {"flip_proposal": "descent", "flip_search": True}}
 BENCH = Path(__file__).resolve().parent
 THREADS = 1  # onnxruntime intra-op threads of every method (pinned: 2 shared cores)
 

@@ -215,13 +215,16 @@ def test_the_recalibrated_model_is_exported_by_a_public_command_and_export_says_
         export_quantized(tmp_path / "nowhere", tmp_path / "x.onnx")
 
 
-def test_guarded_flips_never_raise_the_coreset_or_the_chunk_loss(built: Path) -> None:
+@pytest.mark.parametrize(("search", "proposal"), [(False, "network"), (True, "network"), (True, "descent")])
+def test_guarded_flips_never_raise_the_coreset_or_the_chunk_loss(built: Path, search: bool, proposal: str) -> None:
     """flip_guard: whatever the flip networks propose, the codes left after the rounds give a coreset cross-entropy
-    no higher and a chunk cross-entropy no higher than before the flips (forward passes only)."""
+    no higher and a chunk cross-entropy no higher than before the flips (forward passes only); with flip_search and
+    descent proposals too. Descent proposals with the search always find flips that lower the chunk's loss."""
     from edgeplug_plugins.qcore.calibrate import split_losses
 
     for seed in (21, 22):
-        calibrator = Calibrator(built / "out" / "qcore", {**read_options(built / "out"), "flip_rounds": 5, "flip_layers": "all"})
+        calibrator = Calibrator(built / "out" / "qcore", {**read_options(built / "out"), "flip_rounds": 5, "flip_layers": "all",
+                                                          "flip_search": search, "flip_proposal": proposal})
         chunk = _digits(30, seed, shift=0.4)
         pool = calibrator.coreset.pooled(chunk["x"], chunk["y"], 1, stacked=True)
         rows = calibrator._rows(len(calibrator.coreset), len(chunk["y"]))
@@ -232,5 +235,28 @@ def test_guarded_flips_never_raise_the_coreset_or_the_chunk_loss(built: Path) ->
         np.testing.assert_allclose(after_acts.logits, calibrator.runner.logits(pool.x), rtol=1e-5, atol=1e-5)
         assert proposed > 0
         assert after[0] <= before[0] + 1e-9 and after[1] <= before[1] + 1e-9
-        if kept:
-            assert after[1] < before[1]
+        if kept or proposal == "descent":
+            assert kept > 0 and after[1] < before[1]
+
+
+def test_flip_search_tries_the_most_confident_flips_first() -> None:
+    from edgeplug_plugins.qcore.calibrate import _halvings
+
+    assert _halvings(11) == [11, 5, 2, 1] and _halvings(1) == [1]
+    previous = np.zeros((2, 3), np.int8)
+    proposal = np.array([[1, 0, -1], [1, 1, 0]], np.int8)
+    confidence = np.array([[0.5, 9.0, 2.0], [0.1, 3.0, 8.0]], np.float32)  # rows that do not move never count
+    codes = Calibrator._most_confident(previous, proposal, confidence, 2)
+    np.testing.assert_array_equal(codes, [[0, 0, -1], [0, 1, 0]])
+    np.testing.assert_array_equal(Calibrator._most_confident(previous, proposal, confidence, 4), proposal)
+    assert not previous.any()
+
+
+def test_flip_limit_caps_the_flips_of_a_layer_per_round(built: Path) -> None:
+    calibrator = Calibrator(built / "out" / "qcore", {**read_options(built / "out"), "flip_rounds": 1, "flip_guard": False,
+                                                      "flip_proposal": "descent", "flip_limit": 0.05})
+    before = calibrator.state.codes["fc"].copy()
+    chunk = _digits(30, 23, shift=0.4)
+    calibrator.step(chunk["x"], chunk["y"], 1)
+    moved = int(np.count_nonzero(calibrator.state.codes["fc"] != before))
+    assert 0 < moved <= int(np.ceil(0.05 * before.size))

@@ -23,6 +23,7 @@ from edgeplug.plugin_api import DataError
 
 from .coreset import Coreset, draw, recount
 from .flipnet import (
+    SIGNAL,
     FlipNet,
     apply_flips,
     error_correlation,
@@ -143,6 +144,22 @@ def refresh_norms(runner: QuantizedRunner, pool: Coreset, check: Coreset, chunk:
     return True
 
 
+def descent_steps(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`flip_proposal: descent`: every weight steps one code along its descent direction (the signal feature: the
+    exact negative cross-entropy gradient of a last Gemm/MatMul, in grid steps), its size ordering the flips for
+    `flip_search`. Weights without a signal (zero) do not move."""
+    signal = features[:, SIGNAL]
+    return np.sign(signal).astype(np.int8), np.abs(signal).astype(np.float32)
+
+
+def _halvings(count: int) -> list[int]:
+    """count, count/2, count/4, ..., 1: the flip counts `flip_search` tries."""
+    out = [count]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Rows:
     """Which rows of the pool (coreset first, then the chunk) feed the flip features and which judge them."""
@@ -255,6 +272,9 @@ class Calibrator:
         """
         start = {layer.node: self.state.codes[layer.node].copy() for layer in self.layers}
         guard = bool(self.options["flip_guard"])
+        search = bool(self.options.get("flip_search", False))
+        descent = str(self.options.get("flip_proposal", "network")) == "descent"
+        limit = float(self.options.get("flip_limit", 1.0))
         margin = float(self.options["guard_margin"])
         best = self._losses(acts, pool, rows)
         fit_y = pool.y if rows.fit is None else pool.y[rows.fit]
@@ -266,26 +286,48 @@ class Calibrator:
             del fit
             kept_this_round = 0
             for layer in reversed(self.layers):
-                flips = self.flipnets[layer.node].steps(features[layer.node]).reshape(self.state.codes[layer.node].shape)
+                steps, confidence = (descent_steps(features[layer.node]) if descent
+                                     else self.flipnets[layer.node].scored_steps(features[layer.node]))
                 previous = self.state.codes[layer.node]
-                self.state.codes[layer.node] = apply_flips(layer, self.state, flips)
-                moved = int(np.count_nonzero(self.state.codes[layer.node] != previous))
+                shape = previous.shape
+                proposal = apply_flips(layer, self.state, steps.reshape(shape))
+                moved = int(np.count_nonzero(proposal != previous))
                 proposed += moved
                 if moved == 0:
                     continue
-                trial = self.runner.rerun_from(layer, acts, pool.x)
-                if guard:
-                    judged = self._losses(trial, pool, rows)
-                    if judged[0] > best[0] or judged[1] >= best[1] * (1.0 - margin):
-                        self.state.codes[layer.node] = previous
-                        continue
-                    best = judged
-                acts = trial
-                kept_this_round += moved
+                # the proposal, then (flip_search) its most confident half, quarter, ... until the guard keeps one
+                cap = max(1, int(np.ceil(limit * previous.size)))
+                if moved > cap:  # flip_limit: at most that many of the most confident moves per layer and round
+                    proposal = self._most_confident(previous, proposal, confidence.reshape(shape), cap)
+                    moved = cap
+                candidates = [proposal] if not (guard and search) else [
+                    self._most_confident(previous, proposal, confidence.reshape(shape), count) for count in _halvings(moved)]
+                for codes in candidates:
+                    self.state.codes[layer.node] = codes
+                    trial = self.runner.rerun_from(layer, acts, pool.x)
+                    if guard:
+                        judged = self._losses(trial, pool, rows)
+                        if judged[0] > best[0] or judged[1] >= best[1] * (1.0 - margin):
+                            continue
+                        best = judged
+                    acts = trial
+                    kept_this_round += int(np.count_nonzero(codes != previous))
+                    break
+                else:
+                    self.state.codes[layer.node] = previous
             if kept_this_round == 0:
                 break
         kept = sum(int(np.count_nonzero(self.state.codes[k] != start[k])) for k in start)
         return proposed, kept, rounds, acts
+
+    @staticmethod
+    def _most_confident(previous: np.ndarray, proposal: np.ndarray, confidence: np.ndarray, count: int) -> np.ndarray:
+        """`previous` with only the `count` moves of `proposal` that the flip network is most confident of."""
+        moved = np.flatnonzero(proposal.ravel() != previous.ravel())
+        chosen = moved[np.argsort(-confidence.ravel()[moved], kind="stable")[:count]]
+        codes = previous.copy().ravel()
+        codes[chosen] = proposal.ravel()[chosen]
+        return codes.reshape(previous.shape)
 
     def save(self) -> None:
         """Write the updated coreset, then the state (each file whole or not at all)."""

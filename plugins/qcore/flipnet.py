@@ -38,6 +38,7 @@ from .qmodel import QuantState
 from .quantize import weight_limits
 
 FEATURES = 4
+SIGNAL = 3  # column of the descent-direction signal (divided by the channel scale) in a feature row
 EPS = 1e-6
 
 
@@ -147,9 +148,16 @@ class FlipNet:
 
     def steps(self, features: np.ndarray) -> np.ndarray:
         """Flips in {-1, 0, +1}: the best-scored of the three steps for every row."""
+        return self.scored_steps(features)[0]
+
+    def scored_steps(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flips in {-1, 0, +1} and, per row, how far the chosen step's score is above the score of not flipping
+        (0 where the row does not flip): the network's confidence, which orders flips for `flip_search`."""
         scaled = features if self.mean is None or self.std is None else (features - self.mean) / self.std
         (scores,) = self.session.run(["step"], {"features": scaled.astype(np.float32)})
-        return (scores.argmax(axis=1) - 1).astype(np.int8)
+        best = scores.argmax(axis=1)
+        margin = scores[np.arange(len(best)), best] - scores[:, 1]
+        return (best - 1).astype(np.int8), margin.astype(np.float32)
 
 
 def predict_steps(path: Path, features: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -> np.ndarray:
