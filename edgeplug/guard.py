@@ -79,12 +79,14 @@ def current_rss_bytes() -> int:
     return RUNTIME_FOOTPRINT
 
 
-def trim_heap() -> None:
-    """Collect garbage and hand the C heap's free memory back to the system (glibc's malloc_trim; a no-op
-    elsewhere). onnxruntime sessions and protobufs a pass freed leave their memory in the heap, where the
-    next allocations need not reuse it: without this, what a pass freed still counts in the process's RSS
-    while the next pass (or the training the rewrite prepares, in the same process) runs."""
-    gc.collect()
+def trim_heap(collect: bool = True) -> None:
+    """Collect garbage (unless `collect` is False: a loop that frees nothing cyclic skips its cost) and hand
+    the C heap's free memory back to the system (glibc's malloc_trim; a no-op elsewhere). onnxruntime
+    sessions and protobufs a pass freed leave their memory in the heap, where the next allocations need not
+    reuse it: without this, what a pass freed still counts in the process's RSS while the next pass (or the
+    training the rewrite prepares, in the same process) runs."""
+    if collect:
+        gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

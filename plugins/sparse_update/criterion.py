@@ -185,6 +185,7 @@ def fisher_potentials(facts: ModelFacts, candidates: list[Candidate], loss: str,
         real = min(batch, total - begin)
         module.lazy_reset_grad()
         module(*[feed[name] if name in feed else weights[name] if name in weights else feed["labels"] for name in names])
+        trim_heap(collect=False)  # likewise between probe steps
         for name in probes:
             grad = state.parameters[name].grad.reshape(batch, -1)[:real].astype(np.float64) * batch
             sums[name] += np.square(grad).sum(axis=0)
@@ -216,6 +217,9 @@ def _tail_feeds(cut: Cut, data: Dataset, batch: int) -> tuple[list[dict[str, np.
             # copies: onnxruntime's arrays can be views that keep the run's whole memory-pattern block alive
             feed.update((o.name, np.array(value, copy=True)) for o, value in zip(prefix.get_outputs(), computed, strict=True))
         feeds.append({name: feed[name] for name in reads})  # not the raw inputs the prefix already read
+        # each run's buffers go back before the next: freed blocks reused in pieces left the heap growing run by
+        # run (147-168 MiB for the same episode after 6 chunks; about 20 ms per chunk)
+        trim_heap(collect=False)
     return feeds, timer.seconds
 
 
