@@ -286,6 +286,10 @@ def summarise(result: dict[str, Any]) -> None:
                                            "original": differences(result, row, other, "original"),
                                            "per_domain": {d: differences(result, row, other, "new", d) for d in STREAM}}
                         for row in methods if row.startswith("qcore") for other in ("none", "backprop") if other in methods}
+    if "backprop" in methods and "none" in methods:  # does the baseline calibrate at all?
+        result["paired"]["backprop-none"] = {"new": differences(result, "backprop", "none", "new"),
+                                             "original": differences(result, "backprop", "none", "original"),
+                                             "per_domain": {d: differences(result, "backprop", "none", "new", d) for d in STREAM}}
 
 
 def fmt(d: dict[str, Any], scale: float = 100.0) -> str:
@@ -309,7 +313,8 @@ def markdown(result: dict[str, Any]) -> str:
              + ", ".join(f"{bits} bits {acc[-1]:.3f}" for bits, acc in zip(build_info['record_bits'], build_info['record_accuracy']))
              + f". Coreset {build_info['coreset_size']} texts ({build_info['ever_forgotten']} of {build_info['examples']} ever "
              "forgotten). Flip network (classifier only, `flip_layers: last`) trained on the classifier's integer changes in "
-             f"{a['drifts']} classifier-only backprop calibrations (lr {a['head_lr']:g}) of coreset + {a['chunk']} of the stream "
+             f"{a['drifts']} classifier-only backprop calibrations (lr {a['head_lr']:g}, {a['backprop_epochs']} epochs, "
+             + ("rounded" if a.get("plain_backprop", True) else "straight-through") + f") of coreset + {a['chunk']} of the stream "
              f"domains' {a['drift_examples']} drift texts each (never in a chunk or a test set): "
              + ", ".join(f"{v['nonzero_targets']} non-zero targets of {v['rows']} rows" for v in build_info['flipnets'].values())
              + ".", "",
@@ -317,8 +322,17 @@ def markdown(result: dict[str, Any]) -> str:
              f"each chunk, accuracy on {a['test']} held-out texts of its domain (new) and on {a['test']} held-out tweets "
              f"(original). Seeds {', '.join(result['seeds'])} redraw the chunks and test sets: {n} paired (seed, chunk) items. "
              f"backprop = bench/qcore.py's backprop calibration: every quantized weight fine-tuned on coreset + chunk, "
-             f"{a['backprop_epochs']} epochs of AdamW at lr {a['backprop_lr']}, requantized on the fixed grids; its training "
-             "artifacts are built offline (not counted). One onnxruntime thread for every method.", "",
+             f"{a['backprop_epochs']} epochs of AdamW at lr {a['backprop_lr']}, "
+             + ("requantized on the fixed grids after each chunk (rounded: updates under half a step vanish)"
+                if a.get("plain_backprop", True) else "straight-through: latent float weights (from the float model) kept "
+                "across the stream, every step's forward and backward on their quantized values, codes = the latent weights "
+                "quantized on the fixed grids")
+             + "; its training artifacts are built offline (not counted). "
+             + ("qcore_descent = qcore with `flip_proposal: descent` and `flip_search` (forward only; the flip network is not "
+                "used: each classifier weight proposes one code along its exact forward-only descent direction, the guard "
+                "keeps the largest most-confident share that lowers the chunk's cross-entropy without raising the "
+                "coreset's), its other options chosen on validation texts below. " if "qcore_descent" in result["methods"] else "")
+             + "One onnxruntime thread for every method.", "",
              "| method | new domain (mean over chunks) | movies | amazon | nyt | original (tweets) | median s / calibration | "
              "offline s | peak RSS added by 1 calibration, MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for name in result["methods"]:
@@ -437,6 +451,8 @@ def main() -> None:
     if args.report_only:  # the tables and figure again from the JSON of a finished run
         result: dict[str, Any] = json.loads((args.results / f"{args.name}.json").read_text())
         result["args"].setdefault("bits", 8)
+        summarise(result)  # the paired rows of the current code
+        (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         (args.results / f"{args.name}.md").write_text(markdown(result), encoding="utf-8")
         plot(result, args.results / f"{args.name}.png")
         print((args.results / f"{args.name}.md").read_text())
