@@ -77,9 +77,11 @@ def test_trimmed_training_matches_padded_training(tmp_path: Path) -> None:
     assert padded.trimming is None
     assert trimmed.trimming is not None and trimmed.trimming["mask"] == "attention_mask"
     assert trimmed.trimming["fed_share"] < 0.5  # masks of 2-9 tokens padded to 32
-    # the first steps agree to float rounding; AdamW then amplifies rounding differences in near-zero gradients
-    # (e.g. attention key biases, whose true gradient is 0), so later steps only agree statistically
-    np.testing.assert_allclose(trimmed.step_losses[:2], padded.step_losses[:2], rtol=1e-5)
+    # step 1 (same weights) agrees to float rounding; each AdamW step turns rounding noise in near-zero gradients
+    # (e.g. attention key biases, whose true gradient is 0) into moves of about lr, so step 2 agrees to ~1e-5
+    # (1.2e-5 under `compact` sessions, 2e-7 under `arena`) and later steps only statistically
+    np.testing.assert_allclose(trimmed.step_losses[:1], padded.step_losses[:1], rtol=1e-6)
+    np.testing.assert_allclose(trimmed.step_losses[1:2], padded.step_losses[1:2], rtol=1e-4)
     assert runs[None][1].loss == pytest.approx(runs[False][1].loss, rel=0.1)
 
 
