@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from edgeplug.memory_settings import MEMORY_SETTINGS
 
@@ -36,8 +37,14 @@ def child(folder: Path, memory: str, steps: int, batch_size: int, length: int) -
     from edgeplug.trainer import peak_rss_bytes, session_options
 
     _, module, optimizer = _ort.open_artifacts(folder, session_options=session_options(1, memory))
-    module.train()
     batch = random_batch(read_report(folder), batch_size, 6, [None, 6], {"sequence": length})
+    times = timed_steps(module, optimizer, batch, steps)
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "step_seconds": times}))
+
+
+def timed_steps(module: Any, optimizer: Any, batch: dict[str, Any], steps: int) -> list[float]:
+    """Seconds of each of `steps` training steps (forward, backward, optimizer) of an onnxruntime-training module."""
+    module.train()
     inputs, times = list(module.input_names()), []
     for _ in range(steps):
         started = time.perf_counter()
@@ -45,7 +52,7 @@ def child(folder: Path, memory: str, steps: int, batch_size: int, length: int) -
         optimizer.step()
         module.lazy_reset_grad()
         times.append(time.perf_counter() - started)
-    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "step_seconds": times}))
+    return times
 
 
 def measure(folder: Path, memory: str, args: argparse.Namespace) -> dict[str, object]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
-import time
 from pathlib import Path
 
 from edgeplug import _ort
@@ -28,6 +27,9 @@ from edgeplug.artifacts import read_report
 from edgeplug.layout import CHECKPOINT, OPTIMIZER_MODEL, TRAINING_MODEL
 from edgeplug.profiling.worker import random_batch
 from edgeplug.trainer import peak_rss_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.memory_settings import timed_steps  # noqa: E402
 
 
 def main(folder: Path, mode: str, length: int, batch_size: int = 16, steps: int = 3) -> None:
@@ -44,16 +46,9 @@ def main(folder: Path, mode: str, length: int, batch_size: int = 16, steps: int 
     state = api.CheckpointState.load_checkpoint(str(folder / CHECKPOINT))
     module = api.Module(str(folder / TRAINING_MODEL), state, None, session_options=options)
     optimizer = api.Optimizer(str(folder / OPTIMIZER_MODEL), module)
-    module.train()
     report = read_report(folder)
     batch = random_batch(report, batch_size, 6, [None, 6], {"sequence": length})
-    inputs, times = list(module.input_names()), []
-    for _ in range(steps):
-        started = time.perf_counter()
-        module(*[batch[name] for name in inputs])
-        optimizer.step()
-        module.lazy_reset_grad()
-        times.append(round(time.perf_counter() - started, 3))
+    times = [round(seconds, 3) for seconds in timed_steps(module, optimizer, batch, steps)]
     print(json.dumps({"folder": str(folder), "mode": mode, "length": length, "batch_size": batch_size,
                       "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1), "step_seconds": times,
                       "median_step_seconds_after_first": sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else None}))
