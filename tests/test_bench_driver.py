@@ -21,7 +21,7 @@ from bench.protocol.driver import Family, Settings, run_family  # noqa: E402
 from bench.protocol.episodes import Domain, Episode, EpisodeConfig, sample_episodes  # noqa: E402
 
 pytest.importorskip("scipy")
-SETTINGS = {"batch_size": 8, "budget": 2**20, "classes": 3}
+SETTINGS = {"batch_size": 8, "budget": 2**20, "classes": 3, "episode": 5}
 
 
 def test_every_recipe_row_is_a_valid_recipe() -> None:

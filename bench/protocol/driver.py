@@ -84,7 +84,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
         data = {k: str(v) for k, v in family.write_episode(episode, folder).items()}
         train_size = len(episode.train)
         batch = min(settings.batch_size, train_size)
-        values = {"batch_size": batch, "budget": settings.budget_bytes, "classes": episode.ways}
+        values = {"batch_size": batch, "budget": settings.budget_bytes, "classes": episode.ways, "episode": episode.index}
         prepare_job = {
             "model": str(family.model), "folder": str(folder), "data": data, "classes": episode.ways,
             "head_options": dict(settings.head_options), "batch_size": batch, "profile": episode.index == 0,

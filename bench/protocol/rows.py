@@ -16,7 +16,7 @@ A recipe file is an edgeplug recipe plus a `bench:` section (removed before vali
 
 Option values may name run settings, replaced per episode: "$batch_size" (the training
 batch), "$budget" (the family's backward-memory budget in bytes for this backbone and
-size), "$classes" (the episode's ways). Every recipe row gets `new-head` as its first pass
+size), "$classes" (the episode's ways), "$episode" (the episode's number, e.g. a per-episode seed). Every recipe row gets `new-head` as its first pass
 (the family's options, the episode's ways, the training shots as calibration data: the same
 head for every row, checked): recipes list only what the row itself does. The rewrite always
 receives the episode's training shots as calibration data.
