@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -510,13 +511,19 @@ def main() -> None:
         if args.timing:
             result["bits"][str(bits)]["timing"] = interleaved_timing(folder, data, args.seed, args.timing,
                                                                      [m for m in ("qcore", "qcore_all", "backprop") if m in args.methods])
-    args.results.mkdir(parents=True, exist_ok=True)
     result["load"] = os.getloadavg()[0]
-    stem = spec["results"]
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.results / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
-    plot(result, args.results / f"{stem}.png")
-    print((args.results / f"{stem}.md").read_text())
+    write_results(args.results, spec["results"], result, markdown, plot)
+
+
+def write_results(folder: Path, stem: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str],
+                  plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """STEM.json, STEM.md (`markdown(result)`) and STEM.png (`plot`) under `folder`; prints the Markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    text = markdown(result)
+    (folder / f"{stem}.md").write_text(text, encoding="utf-8")
+    plot(result, folder / f"{stem}.png")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 import edgeplug  # noqa: E402
 from bench.protocol.stats import paired_t  # noqa: E402
-from bench.qcore import THREADS, Method, _status_kib  # noqa: E402
+from bench.qcore import THREADS, Method, _status_kib, write_results  # noqa: E402
 from bench.text import data as text_data  # noqa: E402
 from bench.text import minilm  # noqa: E402
 from edgeplug_plugins.qcore.backprop import latent_weights  # noqa: E402
@@ -452,10 +452,7 @@ def main() -> None:
         result: dict[str, Any] = json.loads((args.results / f"{args.name}.json").read_text())
         result["args"].setdefault("bits", 8)
         summarise(result)  # the paired rows of the current code
-        (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (args.results / f"{args.name}.md").write_text(markdown(result), encoding="utf-8")
-        plot(result, args.results / f"{args.name}.png")
-        print((args.results / f"{args.name}.md").read_text())
+        write_results(args.results, args.name, result, markdown, plot)
         return
     started = time.perf_counter()
     data = make_data(args, args.seeds[0])
@@ -503,11 +500,7 @@ def main() -> None:
     summarise(result)
     result["load"] = os.getloadavg()[0]
     result["minutes"] = (time.perf_counter() - started) / 60
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.results / f"{args.name}.md").write_text(markdown(result), encoding="utf-8")
-    plot(result, args.results / f"{args.name}.png")
-    print((args.results / f"{args.name}.md").read_text())
+    write_results(args.results, args.name, result, markdown, plot)
 
 
 if __name__ == "__main__":
