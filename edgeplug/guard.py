@@ -80,13 +80,16 @@ def current_rss_bytes() -> int:
 
 
 def trim_heap(collect: bool = True) -> None:
-    """Collect garbage (unless `collect` is False: a loop that frees nothing cyclic skips its cost) and hand
-    the C heap's free memory back to the system (glibc's malloc_trim; a no-op elsewhere). onnxruntime
+    """Collect young garbage (unless `collect` is False: a loop that frees nothing cyclic skips its cost) and
+    hand the C heap's free memory back to the system (glibc's malloc_trim; a no-op elsewhere). onnxruntime
     sessions and protobufs a pass freed leave their memory in the heap, where the next allocations need not
     reuse it: without this, what a pass freed still counts in the process's RSS while the next pass (or the
-    training the rewrite prepares, in the same process) runs."""
+    training the rewrite prepares, in the same process) runs. Only generations 0 and 1 are collected: a full
+    collection walks every object the host process holds, which doubled rewrite time inside pytest (an
+    application embedding the SDK pays the same), while the sparse-update pass's peak was the same either
+    way (147-149 MiB full, 148 young; bench/sparse_update.py, Lite0 128 px)."""
     if collect:
-        gc.collect()
+        gc.collect(1)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
