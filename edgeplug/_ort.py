@@ -124,13 +124,17 @@ def ort_converter() -> Any:
         return importlib.import_module("onnxruntime.tools.convert_onnx_models_to_ort")
 
 
-def inference_session(model: Any, *, threads: int | None = None, options: Any = None) -> Any:
+def inference_session(model: Any, *, threads: int | None = None, options: Any = None, arena: bool = True) -> Any:
     """An onnxruntime InferenceSession on the CPU for a ModelProto, serialized bytes or a path,
-    opened without importing torch; onnxruntime's own warnings are kept quiet."""
+    opened without importing torch; onnxruntime's own warnings are kept quiet. `arena=False`: no CPU memory
+    arena, so what the session allocates goes back when it is gone instead of staying reserved for the passes
+    or the training that run next in the same process (the arena changes no kernel's values)."""
     runtime = inference_runtime()
     if options is None:
         options = runtime.SessionOptions()
         options.log_severity_level = 3
+    if not arena:
+        options.enable_cpu_mem_arena = False
     if threads is not None:
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model) if isinstance(model, Path) else model

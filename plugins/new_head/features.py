@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from edgeplug.plugin_api import Dataset, GraphIndex, ModelError, TensorSpec, inference_runtime, load_dataset
+from edgeplug.plugin_api import Dataset, GraphIndex, ModelError, TensorSpec, inference_session, load_dataset
 
 from .locate import Head
 
@@ -30,14 +30,8 @@ def penultimate_features(model: onnx.ModelProto, head: Head, data: Dataset, batc
     pooling of a 1x1 Conv head, a mean over tokens), and the head is linear, so the
     logits equal the head applied to these features.
     """
-    runtime = inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
-    options = runtime.SessionOptions()
-    options.log_severity_level = 3
-    # no memory arena: what the session allocates goes back when it is gone, not kept for the passes and the
-    # artifact generation that run next in the same process (same values: the arena changes no kernel)
-    options.enable_cpu_mem_arena = False
-    session = runtime.InferenceSession(_feature_model(model, head.features).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+    # no memory arena: what the session allocates goes back before the passes and the artifact generation
+    session = inference_session(_feature_model(model, head.features), arena=False)
     fixed = {i.name: i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
     size = min(fixed.values()) if fixed else batch
     total = len(data)

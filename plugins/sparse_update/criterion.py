@@ -43,6 +43,7 @@ from edgeplug.plugin_api import (
     captured_native_stderr,
     clamp_ir_version,
     inference_runtime,
+    inference_session,
     load_dataset,
     training_api,
     training_artifacts,
@@ -227,8 +228,7 @@ def _prefix_session(cut: Cut) -> Any:
     """An inference session over the frozen prefix (None when the tail reads graph inputs only)."""
     if cut.prefix is None:
         return None
-    onnxruntime = inference_runtime()  # never a bare `import onnxruntime`: its __init__ would import torch
-    return onnxruntime.InferenceSession(cut.prefix.SerializeToString(), _no_arena(), providers=["CPUExecutionProvider"])
+    return inference_session(cut.prefix, arena=False)
 
 
 def _no_arena() -> Any:
