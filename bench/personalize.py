@@ -84,12 +84,53 @@ def recipe(passes: list[dict[str, Any]], lr: float) -> Any:
     return recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": lr}, "passes": passes})
 
 
+def build_cnn(seed: int, channels: tuple[int, ...] = (16, 32, 32)) -> Any:
+    """Conv-BN-ReLU x3 (stride 1, 2, 2), global average pooling, linear head; He init from numpy seed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def param(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
+        return name
+
+    previous, width = "image", 1
+    for i, size in enumerate(channels):
+        stride = 2 if i > 0 else 1
+        weight = param(f"features.{i}.conv.weight", rng.standard_normal((size, width, 3, 3)) * np.sqrt(2.0 / (9 * width)))
+        bias = param(f"features.{i}.conv.bias", np.zeros(size))
+        nodes.append(helper.make_node("Conv", [previous, weight, bias], [f"conv{i}"], name=f"features.{i}.conv",
+                                      pads=[1, 1, 1, 1], strides=[stride, stride]))
+        bn = [param(f"features.{i}.bn.{p}", v) for p, v in
+              (("weight", np.ones(size)), ("bias", np.zeros(size)), ("running_mean", np.zeros(size)), ("running_var", np.ones(size)))]
+        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", *bn], [f"bn{i}"], name=f"features.{i}.bn",
+                                      epsilon=1e-5, momentum=0.9))
+        nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"], name=f"features.{i}.relu"))
+        previous, width = f"relu{i}", size
+    bound = 1.0 / np.sqrt(width)
+    nodes += [
+        helper.make_node("GlobalAveragePool", [previous], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", param("classifier.weight", rng.uniform(-bound, bound, (10, width))),
+                                  param("classifier.bias", rng.uniform(-bound, bound, 10))], ["logits"], name="classifier", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeplug-bench")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def base_model(work: Path, images: np.ndarray, labels: np.ndarray, epochs: int) -> Path:
     """Train on clean source images, then set BN running statistics to the source data's (precise BN)."""
     import onnx
-
-    sys.path.insert(0, str(BENCH))
-    from workloads import build_cnn
 
     import edgeplug
     from edgeplug.modelio import save_model
@@ -238,7 +279,6 @@ def run(args: argparse.Namespace) -> None:
         load_domains,
         train_generator,
     )
-    from edgeplug_plugins.personalize.slotfile import read_slots
 
     started = time.perf_counter()
     work = args.work
@@ -268,7 +308,6 @@ def run(args: argparse.Namespace) -> None:
                            echo=lambda text: print("  " + text, flush=True))
     generator_seconds = time.perf_counter() - cloud_started
 
-    from edgeplug_plugins.personalize.anchors import read_anchors
     from edgeplug_plugins.personalize.generator import Generator
 
     generator = Generator(work / "generator")
@@ -285,24 +324,8 @@ def run(args: argparse.Namespace) -> None:
         raw_bytes = int(x[device_idx].nbytes)
         line = []
         for method in METHODS:
-            entry: dict[str, Any] = {"domain": number}
-            slots: dict[str, np.ndarray] = {}
-            if method != "none":
-                job = {"method": method, "artifacts": str(art), "folder": str(folder), "generator": str(work / "generator"),
-                       "fta_epochs": args.fta_epochs, "fta_lr": args.fta_lr, "fta_batch": args.fta_batch}
-                measured = run_child(job, work)
-                entry.update(device_seconds=measured["seconds"], device_peak_rss=measured["peak_rss"])
-            if method in ("stats", "prototype", "fta", "fta_stats"):
-                slots = read_slots(folder / f"{method}.npz", device.manifest)[0]
-            if method == "generated":
-                packed, meta = read_anchors(folder / "anchors.npz", device.manifest.fingerprint)
-                cloud = time.perf_counter()
-                generated = generator.generate(packed, meta)
-                entry["cloud_seconds"] = time.perf_counter() - cloud
-                slots = {**read_slots(folder / "device-stats.npz", device.manifest)[0], **generated}
-                entry.update(upload_bytes=(folder / "anchors.npz").stat().st_size, raw_bytes=raw_bytes,
-                             download_bytes=sum(v.nbytes for v in generated.values()))
-            entry["accuracy"] = accuracy(device.logits(x_test, slots), y_test)
+            entry = {"domain": number, **personalise(method, device, art, folder, work, generator, args,
+                                                     x_test, y_test, raw_bytes)}
             rows[method].append(entry)
             line.append(f"{method} {entry['accuracy']:.3f}")
         print(f"target domain {number} (invert={domain['invert']}): " + ", ".join(line), flush=True)
