@@ -114,6 +114,8 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
     rows = rows_in_order(result)
     names = {r["name"] for r in rows}
     baseline = baseline if baseline in names else rows[0]["name"]
+    if reference not in names and "full_manual_ort" in names:  # a run without edgeplug's full fine-tune: the hand-built one
+        reference = "full_manual_ort"
     settings = meta["settings"]
     episodes = sorted({r["episode"] for r in result["records"]})
     lines = [f"# {meta['title']}", ""]
