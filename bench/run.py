@@ -12,6 +12,7 @@ Writes bench/results/<name>.{md,json,png}. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 import time
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bench.protocol import report  # noqa: E402
 from bench.protocol.driver import Settings, run_family, write_json  # noqa: E402
 from bench.protocol.episodes import EpisodeConfig  # noqa: E402
-from bench.protocol.rows import select_rows  # noqa: E402
+from bench.protocol.rows import Row, select_rows  # noqa: E402
 
 FAMILIES = {"images": "bench.images.family", "images-bn": "bench.images.family", "text": "bench.text.family"}
 """Family name -> module with add_arguments(parser) and build(args, work, settings, config, per_domain) -> Family."""
@@ -47,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help=f"default learning-rate grid (full mode {FULL['grid']}); a row's lr_grid wins")
     # 28 MiB: at 128 px and batch 16, the budget at which at least 15 layers of EfficientNet-Lite0 are feasible
     # candidates of sparse-update (each alone, at its smallest share, with the classifier; #17)
+    p.add_argument("--row-grid", action="append", default=[], metavar="ROW=LR,LR,...",
+                   help="a row's own learning-rate grid for this run (instead of its recipe's lr_grid or --grid); repeatable")
     p.add_argument("--budget-kib", type=int, default=28672, help="backward-memory budget of the sparse schemes ($budget)")
     p.add_argument("--threads", type=int, default=1, help="threads of every runtime in every row (pinned, recorded)")
     p.add_argument("--jobs", type=int, default=1, help="row processes at once (2 on an idle 2-core machine; 1 on a shared one)")
@@ -75,6 +78,22 @@ def _pair(text: str, flag: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def with_row_grids(rows: list[Row], items: list[str]) -> list[Row]:
+    """`ROW=LR,LR,...` items give those rows their own grid (each row's choice should not sit at a grid edge:
+    a full fine-tune of a pretrained encoder wants smaller rates than adapters or a head)."""
+    grids = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            grids[name.strip()] = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            raise SystemExit(f"--row-grid {item!r}: give ROW=LR,LR,... (numbers)") from None
+    unknown = sorted(set(grids) - {r.name for r in rows if r.trains})
+    if unknown:
+        raise SystemExit(f"--row-grid: no trained row {', '.join(unknown)} in this run (rows: {', '.join(r.name for r in rows if r.trains)})")
+    return [dataclasses.replace(r, lr_grid=grids[r.name]) if r.name in grids else r for r in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     name = args.name or (f"{args.family}-quick" if args.quick else args.family)
@@ -92,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                            query=value["query"], validation=args.validation)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     skip = [n.strip() for n in args.skip.split(",") if n.strip()]
-    rows = select_rows(args.family, only, skip, torch=not args.no_torch)
+    rows = with_row_grids(select_rows(args.family, only, skip, torch=not args.no_torch), args.row_grid)
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
     family = module.build(args, work, settings, config, value["episodes"])

@@ -124,7 +124,8 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
     lines += [text + "  " for text in meta.get("description", [])]
     lines += [
         (f"Training: every row, every episode: {settings['steps']}+ optimizer steps (whole epochs) of batch min({settings['batch_size']}, "
-         f"training shots), once per learning rate of its grid (default {', '.join(f'{v:g}' for v in settings['grid'])}); the "
+         f"training shots), once per learning rate of its grid (default {', '.join(f'{v:g}' for v in settings['grid'])}"
+         f"{_row_grids(meta)}); the "
          "validation shots choose the learning rate (accuracy, then loss); the query accuracy of that choice is the row's result. "
          "Same sample order in every runtime. Each (row, episode) in a fresh process, rows interleaved in a per-episode seeded order.  "),
         (f"Threads: {settings['threads']} per runtime (onnxruntime intra-op {settings['threads']}, inter-op 1, no spinning; torch "
@@ -176,6 +177,11 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
     lines += ["", "Per-episode numbers (every learning-rate candidate with its validation and query scores, memory, "
               "step times, thread settings, load): the `.json` next to this file."]
     return "\n".join(lines) + "\n"
+
+
+def _row_grids(meta: Mapping[str, Any]) -> str:
+    own = [f"`{r['name']}` {', '.join(f'{v:g}' for v in r['lr_grid'])}" for r in meta.get("rows", []) if r.get("lr_grid")]
+    return "; " + "; ".join(own) if own else ""
 
 
 def _load(value: Sequence[float] | None) -> str:
