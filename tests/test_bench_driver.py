@@ -166,3 +166,15 @@ def test_query_chunks_count_the_chosen_candidates_test_predictions(tmp_path: Pat
     assert same is not None and same["bootstrap"]["mean"] == 0.0 and same["within_margin_shown"]
     pair = compare(by, "last_layer", "full_manual_ort", 3, 0)
     assert pair is not None and math.isclose(pair["bootstrap"]["mean"], by["last_layer"]["accuracy"] - by["full_manual_ort"]["accuracy"], abs_tol=1e-9)
+
+
+def test_row_grids_replace_a_rows_grid_for_one_run_and_unknown_rows_are_refused() -> None:
+    from bench.run import with_row_grids
+
+    chosen = rows.select_rows("text", ["last_layer", "full_manual_ort"])
+    out = {r.name: r.lr_grid for r in with_row_grids(chosen, ["full_manual_ort=3e-5,1e-4"])}
+    assert out["full_manual_ort"] == (3e-5, 1e-4) and out["last_layer"] is None and out["head_only"] is None
+    with pytest.raises(SystemExit, match="no trained row head_only"):
+        with_row_grids(chosen, ["head_only=1e-3"])
+    with pytest.raises(SystemExit, match="give ROW=LR"):
+        with_row_grids(chosen, ["last_layer=fast"])
