@@ -6,6 +6,9 @@ loops add them:
 - `paper` (TinyTrain's Algorithm 1, the default of `tinytrain`): layers in
   descending score, each with its top `channel_ratio` channels, until the next
   one no longer fits the budgets.
+- `fill`: the paper's fixed share and order, but a layer that does not fit is
+  skipped and the walk goes on to the next by score, again over the skipped ones,
+  until a walk adds nothing: the budget the paper's stop leaves is spent.
 - `greedy` (the default of `random`): each layer at the largest channel share
   (`channel_ratio`, halved down to `min_channel_ratio`) that still fits; a layer
   that fits at no share is skipped and the walk goes on.
@@ -92,11 +95,25 @@ def criterion(options: Mapping[str, Any]) -> str:
 DEFAULT_CRITERION = "paper"  # the paper's; "budget" measured worse on the image benchmark (docs/passes/sparse-update.md)
 
 
-def paper_loop(options: Mapping[str, Any]) -> bool:
-    """Whether layers are added by TinyTrain's loop (fixed channel share, stop when the budget is spent)."""
-    if options["strategy"] in ("static", "last-k") or criterion(options) == "budget":
-        return False
-    return options["loop"] == "paper" or (options["loop"] == "auto" and options["strategy"] == "tinytrain")
+def layer_loop(options: Mapping[str, Any]) -> str:
+    """How layers are added: 'paper' (fixed share, stop at the first layer that does not fit), 'fill' (fixed
+    share, skip what does not fit, until nothing fits), 'greedy' (halving shares, skip), 'contiguous' (static's
+    tail), 'knapsack' (criterion budget) or 'whole' (last-k)."""
+    strategy = options["strategy"]
+    if strategy == "last-k":
+        return "whole"
+    if strategy == "static":
+        return "contiguous"
+    if criterion(options) == "budget":
+        return "knapsack"
+    if options["loop"] != "auto":
+        return str(options["loop"])
+    return "paper" if strategy == "tinytrain" else "greedy"
+
+
+def fixed_share(options: Mapping[str, Any]) -> bool:
+    """Whether every sliceable layer trains exactly `channel_ratio` of its channels (TinyTrain's loops)."""
+    return layer_loop(options) in ("paper", "fill")
 
 
 def needs_input_potentials(options: Mapping[str, Any], candidates: list[Candidate]) -> bool:
@@ -146,7 +163,7 @@ def feasible(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Can
         if c.sliceable and c.position not in base:
             axis = channel_axis(options, c)
             total = c.slice_channels if axis == "input" else c.channels
-            smallest = options["channel_ratio"] if paper_loop(options) else options["min_channel_ratio"]
+            smallest = options["channel_ratio"] if fixed_share(options) else options["min_channel_ratio"]
             update = Update(c, tuple(range(max(1, round(smallest * total)))), axis)
         plan = {**base, c.position: update}
         cost = plan_cost(facts, candidates, plan, trained_biases(facts, candidates, plan, options["bias"]), options["optimizer"], loss, options["lean_backward"])
@@ -204,15 +221,21 @@ def select(options: Mapping[str, Any], facts: ModelFacts, candidates: list[Candi
     else:
         pool = [pool[i] for i in rng.permutation(len(pool))]
     limit = options.get("layers")
-    paper = paper_loop(options)
-    for candidate in pool:
-        if limit is not None and len(updates) >= limit:
-            break
-        added = _fit_layer(options, facts, candidate, updates, potentials, rng, cost_of, fits, paper)
-        if added is None and (paper or strategy == "static"):
-            break  # the budget is spent (Algorithm 1); MCUNetV3 updates a contiguous tail of layers
-        if added is not None:
-            updates[candidate.position] = added
+    loop = layer_loop(options)
+    walking = True
+    while walking:
+        walking = False
+        for candidate in pool:
+            if limit is not None and len(updates) >= limit:
+                break
+            if candidate.position in updates:
+                continue
+            added = _fit_layer(options, facts, candidate, updates, potentials, rng, cost_of, fits, fixed_share(options))
+            if added is None and loop in ("paper", "contiguous"):
+                break  # the budget is spent (Algorithm 1); MCUNetV3 updates a contiguous tail of layers
+            if added is not None:
+                updates[candidate.position] = added
+                walking = loop == "fill"  # walk the skipped layers again until a walk adds nothing
     if not updates:
         raise RecipeError("sparse-update: no layer fits the budget; raise memory_budget_bytes / backward_macs_budget")
     cost, biases = cost_of(updates)
@@ -309,11 +332,11 @@ def _last_k(options: Mapping[str, Any], candidates: list[Candidate], cost_of: An
 
 
 def _fit_layer(options: Mapping[str, Any], facts: ModelFacts, candidate: Candidate, updates: dict[int, Update], potentials: Potentials | None,
-               rng: np.random.Generator, cost_of: Any, fits: Any, paper: bool) -> Update | None:
+               rng: np.random.Generator, cost_of: Any, fits: Any, fixed: bool) -> Update | None:
     ratios = [1.0]
     if candidate.sliceable:
         ratios, ratio = [], options["channel_ratio"]
-        while ratio >= options["min_channel_ratio"] - 1e-12 and not (paper and ratios):
+        while ratio >= options["min_channel_ratio"] - 1e-12 and not (fixed and ratios):
             ratios.append(ratio)
             ratio /= 2
     for ratio in ratios:

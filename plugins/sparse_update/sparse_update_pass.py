@@ -24,7 +24,7 @@ from .candidates import find_candidates, model_facts
 from .costs import Update, plan_cost, trained_biases
 from .criterion import Potentials, fisher_potentials
 from .lean import LeanResult, lean_frozen_path
-from .selection import criterion, feasible, needs_input_potentials, paper_loop, select
+from .selection import criterion, feasible, layer_loop, needs_input_potentials, select
 
 
 class SparseUpdatePass(Pass):
@@ -90,8 +90,7 @@ class SparseUpdatePass(Pass):
         self._details = {
             "strategy": options["strategy"],
             "criterion": criterion(options),
-            "loop": "paper" if paper_loop(options) else ("contiguous" if options["strategy"] == "static" else
-                                                         "knapsack" if criterion(options) == "budget" else "greedy"),
+            "loop": layer_loop(options),
             "budgets": budgets,
             "candidates": len(candidates),
             "feasible": len(pool),
