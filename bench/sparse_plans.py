@@ -16,6 +16,8 @@ earliest weight-trained candidate, numbered in graph order out of all candidates
 
     python bench/sparse_plans.py --episodes 30 --limit 39 --budgets-kib 28672,57344,114688 --name sparse-plans
     python bench/sparse_plans.py --report-only bench/results/sparse-plans.json
+    python bench/sparse_plans.py --limit 39 --strategies tinytrain,tinytrain_fill,random,random_drawn,static \
+        --reuse bench/results/sparse-plans.json --name sparse-plans-fill   # the earlier plans taken, the rest computed
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STRATEGIES = ("tinytrain", "random", "static")
-PAIRS = (("tinytrain", "random"), ("tinytrain", "static"), ("random", "static"))
+VARIANTS: dict[str, dict[str, Any]] = {  # plan name -> sparse-update options besides the budget and batch (bench/recipes rows)
+    "tinytrain": {"strategy": "tinytrain"},
+    "tinytrain_fill": {"strategy": "tinytrain", "loop": "fill"},
+    "random": {"strategy": "random"},
+    "random_drawn": {"strategy": "random", "seed": "$episode"},
+    "static": {"strategy": "static"},
+}
 GROUPS = (("16", 16, 16), ("6-15", 6, 15), ("2-5", 1, 5))  # training batch min(16, training shots)
 
 
@@ -106,8 +114,12 @@ def summarize_plan(details: Mapping[str, Any], positions: Mapping[str, int], cla
 
 
 def select_plans(model_path: Path, train: Path, classes: int, batch: int, budgets: Iterable[int],
-                 strategies: Iterable[str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """Every (strategy, budget) plan of one episode, from the forward rewrites alone; and the weights' shapes."""
+                 strategies: Iterable[str], episode: int = 0,
+                 reuse: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """Every (strategy, budget) plan of one episode, from the forward rewrites alone; and the weights' shapes.
+
+    `strategies` are names of VARIANTS; a plan found in `reuse` (the same episode's plans of an earlier result) is
+    taken from it instead of recomputed."""
     import onnx
 
     from edgeplug.graph import GraphIndex
@@ -136,8 +148,12 @@ def select_plans(model_path: Path, train: Path, classes: int, batch: int, budget
     classifier = candidates[-1].weight
     plans: dict[str, Any] = {}
     for budget, strategy in itertools.product(budgets, strategies):
+        if reuse is not None and f"{strategy}@{budget}" in reuse:
+            plans[f"{strategy}@{budget}"] = {**reuse[f"{strategy}@{budget}"], "reused": True}
+            continue
         started = time.perf_counter()
-        sparse = instance("sparse-update", {"strategy": strategy, "memory_budget_bytes": budget, "batch_size": batch})
+        options = {key: episode if value == "$episode" else value for key, value in VARIANTS[strategy].items()}
+        sparse = instance("sparse-update", {**options, "memory_budget_bytes": budget, "batch_size": batch})
         sparse.rewrite_forward(ForwardState(onnx.ModelProto.FromString(state.model.SerializeToString()), state.trainable), context)
         plans[f"{strategy}@{budget}"] = {**summarize_plan(sparse.report().details, positions, classifier),
                                          "seconds": time.perf_counter() - started}
@@ -159,8 +175,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     family = images.build(run_args, work, settings, config, args.episodes)
     budgets = [int(v) * 1024 for v in args.budgets_kib.split(",")]
+    strategies = args.strategies.split(",")
+    unknown = sorted(set(strategies) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; known: {sorted(VARIANTS)}")
+    earlier = {} if args.reuse is None else {e["episode"]: e for e in _packed(json.loads(args.reuse.read_text()), pack=False)["episodes"]}
     result: dict[str, Any] = {"meta": {"command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-                                       "budgets_bytes": budgets, "strategies": list(STRATEGIES), "domains": args.domains,
+                                       "budgets_bytes": budgets, "strategies": strategies, "domains": args.domains,
                                        "seed": args.seed, "loadavg_start": os.getloadavg(),
                                        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
                               "episodes": []}
@@ -170,7 +191,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         paths = family.write_episode(episode, folder)
         batch = min(args.batch_size, len(episode.train))
-        plans, shapes = select_plans(family.model, paths["train"], episode.ways, batch, budgets, STRATEGIES)
+        before = earlier.get(episode.index)
+        if before is not None and (before["domain"], before["ways"], before["shots"], before["batch_size"]) != (
+                episode.domain, episode.ways, episode.shots, batch):
+            raise SystemExit(f"--reuse {args.reuse}: episode {episode.index} is another episode there")
+        plans, shapes = select_plans(family.model, paths["train"], episode.ways, batch, budgets, strategies, episode.index,
+                                     None if before is None else before["plans"])
         result["episodes"].append({"episode": episode.index, "domain": episode.domain, "ways": episode.ways, "shots": episode.shots,
                                    "train_size": len(episode.train), "batch_size": batch, "plans": plans})
         result.setdefault("shapes", {k: list(v) for k, v in shapes.items() if any(
@@ -200,7 +226,8 @@ def report(result: Mapping[str, Any]) -> str:
              f"Load {meta['loadavg_start'][0]:.1f} at start; wall {meta.get('wall_seconds', 0):.0f} s.", "",
              "## Per strategy (means over episodes; median trained values)", "",
              "| budget | strategy | feasible layers | weight-trained layers (backbone) | earliest trained (of 50) | bias-only | "
-             "trained values (median) | retained activations MiB | same plan as episode 0 |", "|---|---|---|---|---|---|---|---|---|"]
+             "trained values (median) | retained activations MiB | budget spent (predicted backward memory / budget) | "
+             "same plan as episode 0 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for budget in meta["budgets_bytes"]:
         for strategy in meta["strategies"]:
             plans = [e["plans"][f"{strategy}@{budget}"] for e in episodes]
@@ -211,13 +238,14 @@ def report(result: Mapping[str, Any]) -> str:
                 f"{_mean([len(p['layers']) for p in plans]):.1f} ({_mean([p['backbone_layers'] for p in plans]):.1f}) | "
                 f"{_mean([p['earliest'] for p in plans if p['earliest'] is not None]):.1f} | "
                 f"{_mean([len(p['bias_only']) for p in plans]):.1f} | {statistics.median(p['trainable_values'] for p in plans):,.0f} | "
-                f"{_mean([p['retained_activation_bytes'] / 2**20 for p in plans]):.1f} | {same} of {len(plans)} |")
+                f"{_mean([p['retained_activation_bytes'] / 2**20 for p in plans]):.1f} | "
+                f"{_mean([p['predicted_backward_bytes'] / budget for p in plans]):.3f} | {same} of {len(plans)} |")
     lines += ["", "## Overlap between strategies, same episode (means over episodes)", "",
               "| budget | pair A − B | layer Jaccard | backbone layer Jaccard | value Jaccard | backbone value Jaccard | "
               "share of A's values B trains | share of B's values A trains | touched layers Jaccard (weights or biases) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for budget in meta["budgets_bytes"]:
-        for a, b in PAIRS:
+        for a, b in itertools.combinations(meta["strategies"], 2):
             stats = [overlap(e["plans"][f"{a}@{budget}"], e["plans"][f"{b}@{budget}"], shapes) for e in episodes]
             lines.append(f"| {budget / 2**20:.0f} MiB | {a} − {b} | " + " | ".join(
                 f"{_mean([s[k] for s in stats]):.2f}" for k in ("layer_jaccard", "backbone_layer_jaccard", "value_jaccard",
@@ -226,7 +254,7 @@ def report(result: Mapping[str, Any]) -> str:
               "| budget | batch | episodes | earliest trained: tinytrain / random / static | backbone value Jaccard tinytrain − random | "
               "tinytrain − static | touched Jaccard tinytrain − random | identical plans tinytrain = random |",
               "|---|---|---|---|---|---|---|---|"]
-    for budget in meta["budgets_bytes"]:
+    for budget in meta["budgets_bytes"] if set(STRATEGIES) <= set(meta["strategies"]) else []:
         for label, low, high in GROUPS:
             group = [e for e in episodes if low <= e["batch_size"] <= high]
             if not group:
@@ -235,10 +263,22 @@ def report(result: Mapping[str, Any]) -> str:
             tr = [overlap(a, b, shapes) for a, b in zip(plans["tinytrain"], plans["random"])]
             ts = [overlap(a, b, shapes) for a, b in zip(plans["tinytrain"], plans["static"])]
             same = sum(_signature(a) == _signature(b) for a, b in zip(plans["tinytrain"], plans["random"]))
-            earliest = " / ".join(f"{_mean([p['earliest'] for p in plans[s] if p['earliest'] is not None]):.1f}" for s in meta["strategies"])
+            earliest = " / ".join(f"{_mean([p['earliest'] for p in plans[s] if p['earliest'] is not None]):.1f}" for s in STRATEGIES)
             lines.append(f"| {budget / 2**20:.0f} MiB | {label} | {len(group)} | {earliest} | "
                          f"{_mean([s['backbone_value_jaccard'] for s in tr]):.2f} | {_mean([s['backbone_value_jaccard'] for s in ts]):.2f} | "
                          f"{_mean([s['touched_jaccard'] for s in tr]):.2f} | {same} |")
+    if {"tinytrain", "tinytrain_fill"} <= set(meta["strategies"]):
+        lines += ["", "## The fill loop keeps the paper's plan and adds to it", "",
+                  "| budget | episodes whose tinytrain_fill plan holds tinytrain's layers and channels | layers added (mean) | "
+                  "trained values added (median) | budget spent: tinytrain / tinytrain_fill (mean) |", "|---|---|---|---|---|"]
+        for budget in meta["budgets_bytes"]:
+            pairs = [(e["plans"][f"tinytrain@{budget}"], e["plans"][f"tinytrain_fill@{budget}"]) for e in episodes]
+            kept = sum(_contains(fill, paper) for paper, fill in pairs)
+            lines.append(f"| {budget / 2**20:.0f} MiB | {kept} of {len(pairs)} | "
+                         f"{_mean([len(fill['layers']) - len(paper['layers']) for paper, fill in pairs]):.1f} | "
+                         f"{statistics.median(fill['trainable_values'] - paper['trainable_values'] for paper, fill in pairs):,.0f} | "
+                         f"{_mean([paper['predicted_backward_bytes'] / budget for paper, _ in pairs]):.3f} / "
+                         f"{_mean([fill['predicted_backward_bytes'] / budget for _, fill in pairs]):.3f} |")
     lines += ["", "## Task adaptivity: the same strategy across episodes (mean over pairs of episodes)", "",
               "| budget | strategy | layer Jaccard | backbone value Jaccard |", "|---|---|---|---|"]
     for budget in meta["budgets_bytes"]:
@@ -280,6 +320,12 @@ def _packed(result: dict[str, Any], pack: bool) -> dict[str, Any]:
     return result
 
 
+def _contains(plan: Mapping[str, Any], part: Mapping[str, Any]) -> bool:
+    """Whether `plan` trains every layer of `part` with the same channels."""
+    layers = {layer["weight"]: layer["channels"] for layer in plan["layers"]}
+    return all(layers.get(layer["weight"], "absent") == layer["channels"] for layer in part["layers"])
+
+
 def _signature(plan: Mapping[str, Any]) -> str:
     return json.dumps([(layer["weight"], layer["channels"]) for layer in plan["layers"]])
 
@@ -295,6 +341,8 @@ def main() -> None:
     p.add_argument("--name", default="sparse-plans")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench/sparse-plans"))
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"plans to compare, of {', '.join(VARIANTS)}")
+    p.add_argument("--reuse", type=Path, help="an earlier result of the same episodes: its plans are taken, not recomputed")
     p.add_argument("--report-only", type=Path)
     args = p.parse_args()
     if args.report_only:

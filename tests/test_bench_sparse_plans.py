@@ -79,3 +79,13 @@ def test_channel_masks_round_trip_through_the_file_form() -> None:
     packed = _packed(result, pack=True)
     assert isinstance(packed["episodes"][0]["plans"]["tinytrain@1"]["layers"][0]["channels"], str)
     assert _packed(packed, pack=False)["episodes"][0]["plans"]["tinytrain@1"]["layers"] == layers
+
+
+def test_contains_needs_every_layer_with_the_same_channels() -> None:
+    from bench.sparse_plans import _contains
+
+    paper = {"layers": [{"weight": "fc", "channels": None}, {"weight": "dw", "channels": [1, 2]}]}
+    fill = {"layers": [*paper["layers"], {"weight": "conv", "channels": [0]}]}
+    assert _contains(fill, paper) and not _contains(paper, fill)
+    other = {"layers": [{"weight": "fc", "channels": None}, {"weight": "dw", "channels": [1, 3]}, {"weight": "conv", "channels": [0]}]}
+    assert not _contains(other, paper)
