@@ -36,7 +36,7 @@ import edgeplug
 from edgeplug_plugins.qcore.backprop import backprop_artifacts, backprop_train
 from edgeplug_plugins.qcore.build import DriftData, build, read_options, rebuild
 from edgeplug_plugins.qcore.calibrate import Calibrator, refresh_norms
-from edgeplug_plugins.qcore.coreset import Coreset, draw, recount
+from edgeplug_plugins.qcore.coreset import Coreset, draw_reserved, recount
 from edgeplug_plugins.qcore.qmodel import QuantizedRunner, QuantState
 
 SUBJECTS = 10
@@ -262,7 +262,8 @@ class Method:
         self.state.codes.update(tuned.codes)
         if self.name == "backprop":  # the coreset is kept by forgetting, as QCore keeps it
             pool = recount(pool, self.runner.correct(pool.x, pool.y), pool.origin == chunk, self.never)
-            self.coreset = pool.subset(draw(pool.counts, self.size, self.rng))
+            reserve = float(self.options.get("coreset_reserve", 0.0))  # the qcore row's coreset policy, when given
+            self.coreset = pool.subset(draw_reserved(pool.counts, pool.origin, self.size, reserve, self.rng))
         else:  # reservoir sampling: every example seen so far equally likely to be in the buffer
             keep = self.coreset
             for i in range(len(y)):

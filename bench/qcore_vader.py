@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 import edgeplug  # noqa: E402
 from bench.protocol.stats import paired_t  # noqa: E402
-from bench.qcore import THREADS, Method, _status_kib, write_results  # noqa: E402
+from bench.qcore import THREADS, VARIANTS, Method, _status_kib, write_results  # noqa: E402
 from bench.text import data as text_data  # noqa: E402
 from bench.text import minilm  # noqa: E402
 from edgeplug_plugins.qcore.backprop import latent_weights  # noqa: E402
@@ -51,7 +51,10 @@ from edgeplug_plugins.qcore.examples import Examples  # noqa: E402
 
 SOURCE = "tweets"
 STREAM = ("movies", "amazon", "nyt")
-METHODS = ["none", "qcore", "qcore_descent", "backprop"]
+METHODS = ["none", "qcore_descent", "backprop"]
+# what a checkpoint must share with the run that resumes it
+CHECKPOINT_ARGS = ("train", "test", "chunk", "chunks_per_domain", "drift_examples", "coreset", "length", "bits",
+                   "backprop_lr_grid", "head_lr", "backprop_epochs", "plain_backprop", "methods", "descent_grid", "val_check")
 INPUTS = ("input_ids", "attention_mask")
 
 
@@ -73,21 +76,31 @@ def split_domain(domain: str, seed: int, sizes: list[int]) -> list[np.ndarray]:
 def make_data(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Training and held-out tweets (fixed: the model is built once), then per seed the stream's chunks and test sets.
 
-    The flip networks' drift examples come from each stream domain's first `drift_examples` texts of a fixed
-    permutation (seed 0), the stream draws from the rest: no text is both."""
+    Each domain is cut once by a fixed permutation (seed 0): the flip networks' drift examples (stream domains),
+    the validation texts (every domain: a validation stream of `chunks_per_domain` chunks per stream domain and
+    `val_check` texts to score it, and `val_check` validation tweets), and the rest, from which every seed draws
+    its test sets and chunks: no text is in two of these."""
     tweets = text_data.vader(SOURCE)
-    train, held = split_domain(SOURCE, 0, [args.train, len(tweets) - args.train])
+    checks = args.val_check
+    train, val0, held = split_domain(SOURCE, 0, [args.train, checks, len(tweets) - args.train - checks])
     out: dict[str, Any] = {"train": (tokens([tweets.texts[i] for i in train], args.length), tweets.labels[train])}
+    out["val0"] = (tokens([tweets.texts[i] for i in val0], args.length), tweets.labels[val0])
     rng = np.random.default_rng(seed)
     test0 = rng.choice(held, args.test, replace=False)
     out["test0"] = (tokens([tweets.texts[i] for i in test0], args.length), tweets.labels[test0])
     drift_x, drift_y, drift_domain, chunks, tests, labels = [], [], [], [], [], []
+    val_chunks, val_tests = [], []
+    fits = args.chunks_per_domain * args.chunk
     for number, domain in enumerate(STREAM):
         corpus = text_data.vader(domain)
-        drift, rest = split_domain(domain, 0, [args.drift_examples, len(corpus) - args.drift_examples])
+        drift, val, rest = split_domain(domain, 0, [args.drift_examples, fits + checks, len(corpus) - args.drift_examples - fits - checks])
         drift_x.append([corpus.texts[i] for i in drift])
         drift_y.append(corpus.labels[drift])
         drift_domain.append(np.full(len(drift), number))
+        for c in range(args.chunks_per_domain):  # the validation stream: the same shape as the test stream
+            rows = val[c * args.chunk:(c + 1) * args.chunk]
+            val_chunks.append((tokens([corpus.texts[i] for i in rows], args.length), corpus.labels[rows], number))
+        val_tests.append((tokens([corpus.texts[i] for i in val[fits:]], args.length), corpus.labels[val[fits:]]))
         picked = rng.permutation(rest)
         test = picked[: args.test]
         tests.append((tokens([corpus.texts[i] for i in test], args.length), corpus.labels[test]))
@@ -98,6 +111,7 @@ def make_data(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     texts = [t for part in drift_x for t in part]
     out["drift"] = DriftData(tokens(texts, args.length), np.concatenate(drift_y), np.concatenate(drift_domain))
     out["chunks"], out["tests"], out["chunk_domains"] = chunks, tests, labels
+    out["val_chunks"], out["val_tests"] = val_chunks, val_tests
     return out
 
 
@@ -152,72 +166,98 @@ def make_method(name: str, folder: Path, train: Any, seed: int, lrs: dict[str, A
         method.latent = latent_weights(method.model, method.train_layers)
     if name.startswith("qcore") and lrs.get(name):  # qcore options chosen on validation texts
         method.calibrator.options.update(lrs[name])
+    if name.startswith("backprop") and "coreset_reserve" in lrs:  # the coreset kept as the qcore row keeps it
+        method.options["coreset_reserve"] = lrs["coreset_reserve"]
     return method
 
 
-def validate(folder: Path, data: dict[str, Any], name: str, seed: int, settings: dict[str, Any]) -> list[float]:
-    """Per stream domain: `name` calibrated from the quantized model on coreset + `chunk` of that domain's drift
-    texts, accuracy on the domain's other drift texts (never in the stream or its test sets)."""
-    drift: DriftData = data["drift"]
-    chunk = int(settings.get("chunk", 40))
-    out = []
-    for domain in np.unique(drift.domain):
-        rows = np.flatnonzero(drift.domain == domain)
-        fit, check = rows[:chunk], rows[chunk:]
-        method = make_method(name, folder, data["train"], seed, settings)
-        method.step(drift.x[fit], drift.y[fit], 1)
-        out.append(method.accuracy(drift.x[check], drift.y[check]))
-    return out
+class Scorer:
+    """Accuracy on fixed text sets. The encoder's forward pass over a set is shared where a method cannot change it:
+    `none` never changes (scored once per set); a qcore row that flips only the classifier of a model without batch
+    norm keeps every encoder code, so its classifier input on a set is computed once and each score re-runs only the
+    classifier from it (QuantizedRunner.rerun_from, the guard's own path; equal to a whole forward pass, tested in
+    tests/test_qcore_encoder.py). Backprop moves every layer: a whole forward pass each time."""
+
+    def __init__(self) -> None:
+        self.none: dict[str, float] = {}
+        self.inputs: dict[str, Any] = {}
+        self.labels: dict[str, np.ndarray] = {}
+
+    def accuracy(self, method: Method, key: str, x: Examples, y: np.ndarray) -> float:
+        if not np.array_equal(self.labels.setdefault(key, y), y):
+            raise ValueError(f"scorer key {key!r} names two text sets")
+        if method.name == "none":
+            if key not in self.none:
+                self.none[key] = method.accuracy(x, y)
+            return self.none[key]
+        layers = method.calibrator.layers if method.name in VARIANTS else []
+        if len(layers) == 1 and layers[0].last and not method.runner.norms:
+            if key not in self.inputs:
+                self.inputs[key] = method.runner.activations(x, [layers[0].input])
+            logits = method.runner.rerun_from(layers[0], self.inputs[key], x).logits
+            return float((logits.argmax(axis=-1) == y).mean())
+        return method.accuracy(x, y)
 
 
-def tune_qcore(folder: Path, data: dict[str, Any], row: str, grid: list[dict[str, Any]], chunk: int, seed: int) -> dict[str, Any]:
-    """The qcore row's options, chosen like the backprop rows' lr: mean validation accuracy over the domains."""
-    scores = {}
-    for options in grid:
-        scores[json.dumps(options, sort_keys=True)] = float(np.mean(validate(folder, data, row, seed, {row: options, "chunk": chunk})))
-        print(f"  [options {row}] {options}: validation {scores[json.dumps(options, sort_keys=True)]:.3f}", flush=True)
-    best = max(grid, key=lambda o: scores[json.dumps(o, sort_keys=True)])
+def four_domain(new: float, original: float, domains: int = len(STREAM)) -> float:
+    """The issue's figure across the four domains, each weighing the same: the chunk's domain stands for the three
+    stream domains (each is the new domain of a third of the chunks), tweets for the fourth."""
+    return (domains * new + original) / (domains + 1)
+
+
+def validate(folder: Path, data: dict[str, Any], name: str, seed: int, settings: dict[str, Any],
+             scorer: Scorer | None = None) -> dict[str, float]:
+    """`name` run over the validation stream (its chunks in the test stream's order, from the quantized model);
+    after each chunk, accuracy on the validation texts of the chunk's domain (new) and on the validation tweets
+    (original). No text of it is in any seed's stream or test sets. Returns the means and the four-domain figure."""
+    scorer = scorer or Scorer()
+    method = make_method(name, folder, data["train"], seed, settings)
+    new, original = [], []
+    for k, (x, y, domain) in enumerate(data["val_chunks"], start=1):
+        method.step(x, y, k)
+        new.append(scorer.accuracy(method, f"val-{STREAM[domain]}", *data["val_tests"][domain]))
+        original.append(scorer.accuracy(method, "val-tweets", *data["val0"]))
+    out = {"new": float(np.mean(new)), "original": float(np.mean(original))}
+    return {**out, "four": four_domain(out["new"], out["original"])}
+
+
+def tune(folder: Path, data: dict[str, Any], row: str, grid: list[Any], seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The row's setting (a qcore row's options, a backprop row's lr) with the best four-domain accuracy on the
+    validation stream (ties: the first in the grid); `none` beside them."""
+    scorer = Scorer()
+    scores = {"none": validate(folder, data, "none", seed, settings, scorer)}
+    for value in grid:
+        key = json.dumps(value, sort_keys=True)
+        scores[key] = validate(folder, data, row, seed, {**settings, row: value}, scorer)
+        print(f"  [tune {row}] {key}: validation new {scores[key]['new']:.3f} tweets {scores[key]['original']:.3f} "
+              f"four-domain {scores[key]['four']:.3f} (none {scores['none']['four']:.3f})", flush=True)
+    best = max(grid, key=lambda v: scores[json.dumps(v, sort_keys=True)]["four"])
     return {"grid": grid, "validation": scores, "chosen": best}
 
 
-def tune_backprop_lr(folder: Path, data: dict[str, Any], grid: list[float], chunk: int, seed: int,
-                     row: str = "backprop", args_plain: bool = False) -> dict[str, Any]:
-    """The backprop row's learning rate, chosen on validation texts: for each stream domain, backprop calibration from
-    the quantized model on coreset + `chunk` of that domain's drift texts, accuracy on the domain's other drift texts
-    (never in the stream or its test sets). The mean over the domains picks the lr."""
-    drift: DriftData = data["drift"]
-    scores: dict[str, list[float]] = {"none": []}
-    for lr in grid:
-        scores[str(lr)] = []
-    for domain in np.unique(drift.domain):
-        rows = np.flatnonzero(drift.domain == domain)
-        fit, check = rows[:chunk], rows[chunk:]
-        none = Method("none", folder, data["train"], seed)
-        scores["none"].append(none.accuracy(drift.x[check], drift.y[check]))
-        for lr in grid:
-            method = make_method(row, folder, data["train"], seed, {row: lr, "plain": args_plain})
-            method.step(drift.x[fit], drift.y[fit], 1)
-            scores[str(lr)].append(method.accuracy(drift.x[check], drift.y[check]))
-            print(f"  [lr {row}] {STREAM[int(domain)]} lr {lr:g}: validation {scores[str(lr)][-1]:.3f} (none {scores['none'][-1]:.3f})", flush=True)
-    means = {k: float(np.mean(v)) for k, v in scores.items()}
-    best = max(grid, key=lambda lr: means[str(lr)])
-    return {"grid": grid, "validation": means, "chosen": best}
-
-
-def run_stream(folder: Path, data: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, float]) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+def run_stream(folder: Path, data: dict[str, Any], seed: int, methods: list[str], lrs: dict[str, Any],
+               done: dict[str, Any] | None = None, save: Any = None) -> dict[str, Any]:
+    """Every method over one seed's stream; `done` holds methods finished by an earlier, interrupted run (kept),
+    `save(results)` is called after each method (the checkpoint)."""
+    results: dict[str, Any] = dict(done or {})
+    scorer = Scorer()
     for name in methods:
+        if name in results:
+            print(f"  [seed {seed}] {name}: reused from the checkpoint", flush=True)
+            continue
         method = make_method(name, folder, data["train"], seed, lrs)
         rows = []
         for k, (x, y, domain) in enumerate(data["chunks"], start=1):
             tick = time.perf_counter()
             offline = method.step(x, y, k)
             seconds = time.perf_counter() - tick - offline
-            rows.append({"chunk": k, "domain": STREAM[domain], "new": method.accuracy(*data["tests"][domain]),
-                         "original": method.accuracy(*data["test0"]), "seconds": seconds, "offline_seconds": offline})
-            print(f"  [seed {seed}] {name:<9} chunk {k} ({STREAM[domain]}): new {rows[-1]['new']:.3f} original "
+            rows.append({"chunk": k, "domain": STREAM[domain], "new": scorer.accuracy(method, f"test-{STREAM[domain]}", *data["tests"][domain]),
+                         "original": scorer.accuracy(method, "test-tweets", *data["test0"]), "seconds": seconds, "offline_seconds": offline})
+            print(f"  [seed {seed}] {name:<13} chunk {k} ({STREAM[domain]}): new {rows[-1]['new']:.3f} original "
                   f"{rows[-1]['original']:.3f} {seconds:.2f} s (+{offline:.1f} s offline)", flush=True)
         results[name] = {"chunks": rows}
+        if save is not None:
+            save(results)
     return results
 
 
@@ -262,13 +302,18 @@ def measure_memory(folder: Path, data: dict[str, Any], work: Path, methods: list
     return out
 
 
+def value(row: dict[str, Any], key: str) -> float:
+    """A chunk row's accuracy: `new`, `original` or `four` (the four-domain figure)."""
+    return four_domain(row["new"], row["original"]) if key == "four" else float(row[key])
+
+
 def differences(result: dict[str, Any], a: str, b: str, key: str, domain: str | None = None) -> dict[str, Any]:
     xs, ys = [], []
     for run in result["seeds"].values():
         for ra, rb in zip(run[a]["chunks"], run[b]["chunks"]):
             if domain is None or ra["domain"] == domain:
-                xs.append(ra[key])
-                ys.append(rb[key])
+                xs.append(value(ra, key))
+                ys.append(value(rb, key))
     return paired_t(xs, ys, names=(a, b)).to_dict()
 
 
@@ -278,18 +323,19 @@ def summarise(result: dict[str, Any]) -> None:
     for name in methods:
         rows = [r for run in result["seeds"].values() for r in run[name]["chunks"]]
         table[name] = {"new": float(np.mean([r["new"] for r in rows])), "original": float(np.mean([r["original"] for r in rows])),
+                       "four": float(np.mean([value(r, "four") for r in rows])),
                        "median_seconds": float(statistics.median(r["seconds"] for r in rows)),
                        "median_offline_seconds": float(statistics.median(r["offline_seconds"] for r in rows)),
                        "per_domain": {d: float(np.mean([r["new"] for r in rows if r["domain"] == d])) for d in STREAM}}
     result["summary"] = table
-    result["paired"] = {f"{row}-{other}": {"new": differences(result, row, other, "new"),
-                                           "original": differences(result, row, other, "original"),
-                                           "per_domain": {d: differences(result, row, other, "new", d) for d in STREAM}}
+    def pair(row: str, other: str) -> dict[str, Any]:
+        return {key: differences(result, row, other, key) for key in ("new", "original", "four")} | {
+            "per_domain": {d: differences(result, row, other, "new", d) for d in STREAM}}
+
+    result["paired"] = {f"{row}-{other}": pair(row, other)
                         for row in methods if row.startswith("qcore") for other in ("none", "backprop") if other in methods}
     if "backprop" in methods and "none" in methods:  # does the baseline calibrate at all?
-        result["paired"]["backprop-none"] = {"new": differences(result, "backprop", "none", "new"),
-                                             "original": differences(result, "backprop", "none", "original"),
-                                             "per_domain": {d: differences(result, "backprop", "none", "new", d) for d in STREAM}}
+        result["paired"]["backprop-none"] = pair("backprop", "none")
 
 
 def fmt(d: dict[str, Any], scale: float = 100.0) -> str:
@@ -321,54 +367,56 @@ def markdown(result: dict[str, Any]) -> str:
              f"Stream: {a['chunks_per_domain']} chunks of {a['chunk']} labelled texts per domain, movies → amazon → nyt; after "
              f"each chunk, accuracy on {a['test']} held-out texts of its domain (new) and on {a['test']} held-out tweets "
              f"(original). Seeds {', '.join(result['seeds'])} redraw the chunks and test sets: {n} paired (seed, chunk) items. "
+             "**Four domains** = (3 × new + tweets) / 4 per item: each of VADER's four domains weighs a quarter (the new "
+             "domain is each stream domain for a third of the items). "
              f"backprop = bench/qcore.py's backprop calibration: every quantized weight fine-tuned on coreset + chunk, "
-             f"{a['backprop_epochs']} epochs of AdamW at lr {a['backprop_lr']}, "
+             f"{a['backprop_epochs']} epochs of AdamW at lr {result['lrs']['backprop']:g}, "
              + ("requantized on the fixed grids after each chunk (rounded: updates under half a step vanish)"
                 if a.get("plain_backprop", True) else "straight-through: latent float weights (from the float model) kept "
                 "across the stream, every step's forward and backward on their quantized values, codes = the latent weights "
                 "quantized on the fixed grids")
-             + "; its training artifacts are built offline (not counted). "
+             + "; its training artifacts are built offline (not counted)"
+             + (f"; its coreset kept like qcore_descent's (`coreset_reserve: {result['lrs']['coreset_reserve']:g}`). "
+                if "coreset_reserve" in result["lrs"] else ". ")
              + ("qcore_descent = qcore with `flip_proposal: descent` and `flip_search` (forward only; the flip network is not "
                 "used: each classifier weight proposes one code along its exact forward-only descent direction, the guard "
                 "keeps the largest most-confident share that lowers the chunk's cross-entropy without raising the "
-                "coreset's), its other options chosen on validation texts below. " if "qcore_descent" in result["methods"] else "")
+                "coreset's), its other options chosen on the validation stream below: "
+                f"`{json.dumps(result['lrs'].get('qcore_descent', {}), sort_keys=True)}`. " if "qcore_descent" in result["methods"] else "")
              + "One onnxruntime thread for every method.", "",
-             "| method | new domain (mean over chunks) | movies | amazon | nyt | original (tweets) | median s / calibration | "
-             "offline s | peak RSS added by 1 calibration, MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | four domains | new domain (mean over chunks) | movies | amazon | nyt | original (tweets) | median s / calibration | "
+             "offline s | peak RSS added by 1 calibration, MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in result["methods"]:
         s = result["summary"][name]
         mem = result.get("memory", {}).get(name)
-        lines.append(f"| {name} | {s['new']:.3f} | " + " | ".join(f"{s['per_domain'][d]:.3f}" for d in STREAM)
+        lines.append(f"| {name} | {s.get('four', float('nan')):.3f} | {s['new']:.3f} | " + " | ".join(f"{s['per_domain'][d]:.3f}" for d in STREAM)
                      + f" | {s['original']:.3f} | {s['median_seconds']:.2f} | {s['median_offline_seconds']:.1f} | "
                      + (f"{mem['added'] / 2**20:.0f}" if mem else "-") + " |")
+    checks = a.get("val_check", 0)
+    lines += ["", f"Settings chosen on the validation stream (seed {result['args']['seeds'][0]}'s drawing is not involved: "
+              f"validation texts are cut from every domain once and never enter a stream or test set): "
+              f"{a['chunks_per_domain']} chunks of {a['chunk']} validation texts per stream domain in the stream's order, "
+              f"from the quantized model; after each, accuracy on {checks} other validation texts of its domain and on "
+              f"{checks} validation tweets; the best four-domain mean wins (ties: the first). new / tweets / four domains:", ""]
     for row, t in (result.get("lr_tuning") or {}).items():
-        if row.startswith("qcore"):
-            none = (result.get("lr_tuning") or {}).get("backprop", {}).get("validation", {}).get("none")
-            lines += ["", f"{row} options, validation accuracy (the same validation texts: calibration from the quantized model "
-                      f"on coreset + {a['chunk']} drift texts per domain, accuracy on the other {a['drift_examples'] - a['chunk']}"
-                      + (f"; no recalibration {none:.3f}" if none is not None else "") + "): "
-                      + ", ".join(f"`{k}` → {v:.3f}" for k, v in t["validation"].items())
-                      + f"; chosen `{json.dumps(t['chosen'], sort_keys=True)}`."]
-            continue
-        lines += ["", f"{row} lr chosen on validation texts (per domain: backprop calibration on coreset + {a['chunk']} drift texts, "
-                  f"accuracy on its other {a['drift_examples'] - a['chunk']}; mean over the 3 domains; no recalibration "
-                  f"{t['validation']['none']:.3f}): " + ", ".join(f"{lr:g} → {t['validation'][str(lr)]:.3f}" for lr in t["grid"])
-                  + f"; chosen **{t['chosen']:g}** (ties: the smallest)."
-                  + ("" if row in result["methods"] else f" {row} (the classifier alone trains; what the flip network imitates, at "
-                     f"the chosen lr: {sum(v['nonzero_targets'] for v in build_info['flipnets'].values())} non-zero targets) "
-                     "is not a row of the stream" + (": at no lr of its grid did it beat no recalibration on validation."
-                     if max(t["validation"][str(lr)] for lr in t["grid"]) <= t["validation"]["none"] else "."))]
+        scores = t["validation"]
+        none = scores.get("none")
+        cells = [f"`{k}` → {v['new']:.3f} / {v['original']:.3f} / **{v['four']:.3f}**" for k, v in scores.items() if k != "none"]
+        lines.append(f"- {row}: " + ", ".join(cells) + (f" (none {none['new']:.3f} / {none['original']:.3f} / {none['four']:.3f})"
+                                                        if isinstance(none, dict) else "")
+                     + f"; chosen `{json.dumps(t['chosen'], sort_keys=True)}`.")
     lines += ["", "Paired differences, points (×100), mean [95% t interval] over the (seed, chunk) items (the chunks of one "
               "domain and seed share its test set, so the items are not independent: read the intervals as optimistic):", "",
-              "| difference | new domain | movies | amazon | nyt | original (tweets) |", "|---|---|---|---|---|---|"]
+              "| difference | four domains | new domain | movies | amazon | nyt | original (tweets) |", "|---|---|---|---|---|---|---|"]
     for key, p in result["paired"].items():
-        lines.append(f"| {key.replace('-', ' − ')} | {fmt(p['new'])} | " + " | ".join(fmt(p['per_domain'][d]) for d in STREAM)
-                     + f" | {fmt(p['original'])} |")
-    for key, d in ((k, p["new"]) for k, p in result["paired"].items() if k.endswith("-backprop")):
-        met = d["mean"] >= -0.02
-        lines += ["", f"**Target ({key.split('-')[0]} within 2 points of backprop calibration): {'met' if met else 'not met'}** on "
-                  f"the mean ({d['mean'] * 100:+.1f} points); the interval's lower end is {d['low'] * 100:+.1f} points "
-                  f"({'inside' if d['low'] >= -0.02 else 'outside'} the 2-point band)."]
+        lines.append(f"| {key.replace('-', ' − ')} | {fmt(p['four']) if 'four' in p else '-'} | {fmt(p['new'])} | "
+                     + " | ".join(fmt(p['per_domain'][d]) for d in STREAM) + f" | {fmt(p['original'])} |")
+    for key, p in ((k, p) for k, p in result["paired"].items() if k.endswith("-backprop")):
+        for part, label in (("four", "four domains"), ("new", "new domains"), ("original", "tweets")):
+            d = p[part]
+            lines += ["", f"**{key.split('-')[0]} within 2 points of backprop calibration, {label}:** mean {d['mean'] * 100:+.1f} "
+                      f"points ({'met' if d['mean'] >= -0.02 else 'not met'} on the mean); interval lower end {d['low'] * 100:+.1f} "
+                      f"({'inside: met by the interval' if d['low'] >= -0.02 else 'outside the 2-point band: not shown'})."]
     lines += ["", "Per chunk, accuracy on the chunk's domain (seed, chunk: " + ", ".join(result["methods"]) + "):", ""]
     lines += ["| seed | chunk | domain | " + " | ".join(result["methods"]) + " |", "|---" * (3 + len(result["methods"])) + "|"]
     for seed, run in result["seeds"].items():
@@ -434,6 +482,11 @@ def main() -> None:
     parser.add_argument("--descent-grid", default="", help="JSON list of qcore option sets for the qcore_descent row "
                         "(flip_proposal descent + flip_search), the best on validation texts is used")
     parser.add_argument("--reuse", action="store_true", help="reuse the quantized folder in --work")
+    parser.add_argument("--resume", action="store_true", help="take the tuning and the finished (seed, method) runs from "
+                        "--work/NAME.partial.json, written after each of them (same configuration only)")
+    parser.add_argument("--tune-only", action="store_true", help="stop after choosing the settings on the validation stream")
+    parser.add_argument("--val-check", type=int, default=200, help="validation texts per domain that score the validation "
+                        "stream (tweets too); the stream domains also give --chunks-per-domain x --chunk validation chunks")
     parser.add_argument("--reflip", action="store_true", help="keep the float model and records, redo quantization, coreset "
                         "and flip networks (e.g. with another --backprop-lr)")
     parser.add_argument("--no-memory", action="store_true")
@@ -461,16 +514,21 @@ def main() -> None:
     if built_bits != args.bits:  # a reused folder at another bit-width: requantize before tuning on it
         args.reflip = True
         folder = prepare(args, data)
+    checkpoint = args.work / f"{args.name}.partial.json"
+    signature = {k: v for k, v in vars(args).items() if k in CHECKPOINT_ARGS}
+    partial: dict[str, Any] = json.loads(checkpoint.read_text()) if args.resume and checkpoint.is_file() else {}
+    if partial and partial["signature"] != signature:
+        raise SystemExit(f"{checkpoint} is from another configuration: {partial['signature']}")
     tuning: dict[str, Any] = json.loads(args.lr_tuning.read_text()) if args.lr_tuning else {}
-    if args.backprop_lr_grid and "backprop" in args.methods:
-        tuning["backprop"] = tune_backprop_lr(folder, data, [float(v) for v in args.backprop_lr_grid.split(",")], args.chunk,
-                                              args.seeds[0], "backprop", args.plain_backprop)
-        args.backprop_lr = tuning["backprop"]["chosen"]
-    if args.head_lr_grid:
-        tuning["backprop_head"] = tune_backprop_lr(folder, data, [float(v) for v in args.head_lr_grid.split(",")], args.chunk,
-                                                   args.seeds[0], "backprop_head", args.plain_backprop)
-        args.head_lr = tuning["backprop_head"]["chosen"]
-    lrs = {"backprop": args.backprop_lr, "backprop_head": args.head_lr, "plain": args.plain_backprop}
+    if partial:
+        tuning, lrs = partial["tuning"], partial["lrs"]
+        print(f"  tuning and {sum(len(r) for r in partial['seeds'].values())} seed-method runs from {checkpoint}", flush=True)
+    else:
+        lrs = {"backprop": args.backprop_lr, "backprop_head": args.head_lr, "plain": args.plain_backprop}
+        if args.head_lr_grid:
+            tuning["backprop_head"] = tune(folder, data, "backprop_head", [float(v) for v in args.head_lr_grid.split(",")],
+                                           args.seeds[0], lrs)
+            args.head_lr = lrs["backprop_head"] = tuning["backprop_head"]["chosen"]
     options = json.loads((folder / "passes" / "qcore" / "config.json").read_text())["options"]
     # the flip networks imitate the classifier's backprop at its lr; --bits on a reused folder requantizes it
     if (float(options["backprop_lr"]) != args.head_lr or int(options["bits"]) != args.bits
@@ -478,23 +536,39 @@ def main() -> None:
             or int(options["backprop_epochs"]) != args.backprop_epochs):
         args.reflip = True
         folder = prepare(args, data)
-    if args.descent_grid and "qcore_descent" in args.methods:  # on the folder whose flip networks the stream uses
-        tuning["qcore_descent"] = tune_qcore(folder, data, "qcore_descent", json.loads(args.descent_grid), args.chunk, args.seeds[0])
-        lrs["qcore_descent"] = tuning["qcore_descent"]["chosen"]
-    if "qcore" in args.methods:  # the default qcore row's validation accuracy, beside the others
-        tuning["qcore"] = {"grid": [{}], "validation": {"{}": float(np.mean(validate(folder, data, "qcore", args.seeds[0],
-                                                                                              {"chunk": args.chunk})))},
-                           "chosen": {}}
-    print(f"  tuning: {tuning}", flush=True)
+    if not partial:
+        if args.descent_grid and "qcore_descent" in args.methods:  # on the folder whose flip networks the stream uses
+            tuning["qcore_descent"] = tune(folder, data, "qcore_descent", json.loads(args.descent_grid), args.seeds[0], lrs)
+            lrs["qcore_descent"] = tuning["qcore_descent"]["chosen"]
+            if "coreset_reserve" in lrs["qcore_descent"]:  # backprop keeps its coreset the same way
+                lrs["coreset_reserve"] = lrs["qcore_descent"]["coreset_reserve"]
+        if args.backprop_lr_grid and "backprop" in args.methods:
+            tuning["backprop"] = tune(folder, data, "backprop", [float(v) for v in args.backprop_lr_grid.split(",")], args.seeds[0], lrs)
+            args.backprop_lr = lrs["backprop"] = tuning["backprop"]["chosen"]
+        if "qcore" in args.methods:  # the default qcore row's validation accuracy, beside the others
+            tuning["qcore"] = tune(folder, data, "qcore", [{}], args.seeds[0], lrs)
+        print(f"  tuning: {json.dumps(tuning)}", flush=True)
+        partial = {"signature": signature, "tuning": tuning, "lrs": lrs, "seeds": {}}
+        checkpoint.write_text(json.dumps(partial))
+    if args.tune_only:
+        return
     result = {"command": "python bench/qcore_vader.py " + " ".join(sys.argv[1:]), "methods": args.methods,
-                              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
-                              "build": json.loads((args.work / "build.json").read_text()), "threads": THREADS, "seeds": {},
-                              "lr_tuning": tuning, "lrs": lrs}
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
+              "build": json.loads((args.work / "build.json").read_text()), "threads": THREADS, "seeds": {},
+              "lr_tuning": tuning, "lrs": lrs, "sizes": {"test": args.test, "val_check": args.val_check}}
     report = json.loads((folder / "report.json").read_text())
     result["quantized_layers"] = next(p for p in report["passes"] if p["name"] == "qcore")["details"]["layers"]
+
+    def save(seed: int, results: dict[str, Any]) -> None:
+        partial["seeds"][str(seed)] = results
+        staged = checkpoint.with_suffix(".tmp")
+        staged.write_text(json.dumps(partial))
+        staged.replace(checkpoint)
+
     for seed in args.seeds:
         seed_data = data if seed == args.seeds[0] else make_data(args, seed)
-        result["seeds"][str(seed)] = run_stream(folder, seed_data, seed, args.methods, lrs)
+        result["seeds"][str(seed)] = run_stream(folder, seed_data, seed, args.methods, lrs, partial["seeds"].get(str(seed)),
+                                                lambda results, seed=seed: save(seed, results))
     if not args.no_memory:
         result["memory"] = measure_memory(folder, data, args.work, args.methods, lrs)
     summarise(result)

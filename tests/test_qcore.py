@@ -20,6 +20,7 @@ from edgeplug_plugins.qcore.coreset import (
     Coreset,
     coreset_size,
     draw,
+    draw_reserved,
     forgetting_counts,
     recount,
     sampling_weights,
@@ -131,6 +132,30 @@ def test_a_draw_has_the_fixed_size_and_prefers_forgotten_examples(counts: list[i
     assert len(chosen) == min(size, len(array)) == len(set(chosen.tolist()))
     forgotten = int((array > 0).sum())
     assert int((array[chosen] > 0).sum()) == min(forgotten, len(chosen))
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=2, max_size=40), data=st.data(), reserve=st.floats(0, 1), seed=st.integers(0, 99))
+def test_a_reserved_draw_keeps_its_share_of_training_examples(counts: list[int], data: st.DataObject, reserve: float,
+                                                              seed: int) -> None:
+    array = np.array(counts)
+    origin = np.array(data.draw(st.lists(st.integers(0, 3), min_size=len(counts), max_size=len(counts))))
+    size = data.draw(st.integers(1, len(counts)))
+    chosen = draw_reserved(array, origin, size, reserve, np.random.default_rng(seed))
+    assert len(chosen) == size == len(set(chosen.tolist()))
+    assert int((origin[chosen] == 0).sum()) >= min(int(round(reserve * size)), int((origin == 0).sum()))
+    if reserve == 0:
+        np.testing.assert_array_equal(chosen, draw(array, size, np.random.default_rng(seed)))
+
+
+def test_a_reserve_keeps_training_examples_that_a_plain_draw_loses() -> None:
+    """A stream of misclassified examples (never-learned counts, the largest) pushes the training examples out
+    of a plain draw; the reserve keeps its places for them."""
+    counts = np.array([1] * 10 + [7] * 30)
+    origin = np.array([0] * 10 + [1] * 30)
+    plain = [int((origin[draw(counts, 10, np.random.default_rng(s))] == 0).sum()) for s in range(20)]
+    kept = [int((origin[draw_reserved(counts, origin, 10, 0.5, np.random.default_rng(s))] == 0).sum()) for s in range(20)]
+    assert max(plain) < 5 and min(kept) >= 5
 
 
 def test_recount_adds_events_for_old_examples_and_starts_new_ones() -> None:

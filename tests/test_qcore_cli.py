@@ -260,3 +260,27 @@ def test_flip_limit_caps_the_flips_of_a_layer_per_round(built: Path) -> None:
     calibrator.step(chunk["x"], chunk["y"], 1)
     moved = int(np.count_nonzero(calibrator.state.codes["fc"] != before))
     assert 0 < moved <= int(np.ceil(0.05 * before.size))
+
+
+@pytest.mark.parametrize("reserve", [0.0, 0.5])
+def test_coreset_reserve_keeps_training_examples_through_a_stream(built: Path, reserve: float) -> None:
+    """After chunks of shifted digits the coreset keeps at least `coreset_reserve` of its places for training data
+    (origin 0), and stays its fixed size; without a reserve, misclassified stream examples take places."""
+    import dataclasses
+
+    from edgeplug_plugins.qcore.coreset import Coreset
+
+    saved = Coreset.load(built / "out" / "qcore" / "coreset.npz")  # other tests calibrate this folder: start it afresh
+    fresh = dataclasses.replace(saved, origin=np.zeros(len(saved), np.int64))
+    calibrator = Calibrator(built / "out" / "qcore", {**read_options(built / "out"), "flip_rounds": 1, "coreset_reserve": reserve},
+                            coreset=fresh)
+    size = len(calibrator.coreset)
+    for k in (1, 2, 3):
+        chunk = _digits(40, 30 + k, shift=0.6)
+        calibrator.step(chunk["x"], chunk["y"], k)
+    training = int((calibrator.coreset.origin == 0).sum())
+    assert len(calibrator.coreset) == size
+    if reserve:
+        assert training >= round(reserve * size)
+    else:
+        assert training < size

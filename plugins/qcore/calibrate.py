@@ -21,7 +21,7 @@ import onnx
 
 from edgeplug.plugin_api import DataError
 
-from .coreset import Coreset, draw, recount
+from .coreset import Coreset, draw_reserved, recount
 from .flipnet import (
     SIGNAL,
     FlipNet,
@@ -223,7 +223,8 @@ class Calibrator:
         correct = np.asarray(acts.logits.argmax(axis=1) == pool.y)
         after = float(correct[new].mean())
         pool = recount(pool, correct, new, self.never_learned)
-        self.coreset = pool.subset(draw(pool.counts, self.size, self.rng))
+        reserve = float(self.options.get("coreset_reserve", 0.0))
+        self.coreset = pool.subset(draw_reserved(pool.counts, pool.origin, self.size, reserve, self.rng))
         return ChunkResult(chunk, source, len(y), before, after, proposed, kept,
                            int(np.count_nonzero(self.coreset.origin > 0)), time.perf_counter() - started, rounds, norms_kept)
 

@@ -48,6 +48,24 @@ def draw(counts: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate([forgotten, rest]))
 
 
+def draw_reserved(counts: np.ndarray, origin: np.ndarray, size: int, reserve: float, rng: np.random.Generator) -> np.ndarray:
+    """`draw`, with `round(reserve * size)` places kept for training-data examples (origin 0) while the pool holds them.
+
+    Misclassified stream examples enter with the never-learned count, the largest there is, so a plain draw
+    soon fills the coreset with the stream: then nothing protects the training domain any more (on the VADER
+    stream the training tweets were all gone after seven chunks). The reserved places are drawn by forgetting
+    counts among the training examples, the rest by forgetting counts among every other example."""
+    counts, origin = np.asarray(counts), np.asarray(origin)
+    size = min(size, len(counts))
+    training = np.flatnonzero(origin == 0)
+    reserved = min(int(round(reserve * size)), len(training))
+    if reserved == 0:
+        return draw(counts, size, rng)
+    kept = training[draw(counts[training], reserved, rng)]
+    others = np.setdiff1d(np.arange(len(counts)), kept)
+    return np.sort(np.concatenate([kept, others[draw(counts[others], size - reserved, rng)]]))
+
+
 def coreset_size(option: float | int, total: int) -> int:
     """A count (integer >= 1) or a fraction of the training data (0 < f < 1)."""
     if isinstance(option, float) and option < 1:
