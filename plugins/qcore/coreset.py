@@ -62,6 +62,8 @@ def draw_reserved(counts: np.ndarray, origin: np.ndarray, size: int, reserve: fl
     if reserved == 0:
         return draw(counts, size, rng)
     kept = training[draw(counts[training], reserved, rng)]
+    if reserved == size:
+        return np.sort(kept)
     others = np.setdiff1d(np.arange(len(counts)), kept)
     return np.sort(np.concatenate([kept, others[draw(counts[others], size - reserved, rng)]]))
 
