@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.protocol import stats  # noqa: E402
 from bench.protocol.driver import Family, Settings, run_family, write_json  # noqa: E402
 from bench.protocol.episodes import Episode  # noqa: E402
-from bench.protocol.rows import select_rows  # noqa: E402
+from bench.protocol.rows import Row, select_rows  # noqa: E402
 from bench.text import data, minilm  # noqa: E402
 from bench.text.family import LENGTHS  # noqa: E402
 
@@ -50,6 +50,15 @@ def split(corpus: data.Corpus, train: int, validation: int, test: int | None, se
     labels = corpus.labels
     return Episode(0, corpus.name, 0, (seed,), tuple(range(len(corpus.class_names))), train // len(corpus.class_names),
                    tr, labels[tr], va, labels[va], te, labels[te], tuple(corpus.class_names))
+
+
+def with_schedule(row: Row, schedule: dict[str, Any] | None) -> Row:
+    """The row with `schedule` as its recipe's optimizer.schedule (recipe rows; built-in rows read Settings.schedule)."""
+    if schedule is None or row.recipe is None:
+        return row
+    recipe = dict(row.recipe)
+    recipe["optimizer"] = {**dict(recipe.get("optimizer") or {}), "schedule": dict(schedule)}
+    return dataclasses.replace(row, recipe=recipe)
 
 
 def compare(records: dict[str, dict[str, Any]], a: str, b: str, chunk: int, seed: int) -> dict[str, Any] | None:
@@ -80,6 +89,12 @@ def main() -> None:
     p.add_argument("--grid", action="append", default=[], metavar="ROW=LR,LR", help="a row's learning-rate grid instead of GRIDS")
     p.add_argument("--against", type=Path, help=f"an earlier run's JSON (same split and seed) whose `{REFERENCE}` record the rows "
                    "are compared with when this run does not train it")
+    p.add_argument("--also", default="", metavar="ROW,ROW", help="rows of the --against run compared with every row of this run "
+                   f"too (besides `{REFERENCE}`), e.g. the recipe a one-variable row changes")
+    p.add_argument("--schedule", type=json.loads, metavar="JSON",
+                   help='learning-rate schedule for every row (edgeplug recipe optimizer.schedule, e.g. \'{"name": "linear", '
+                   '"warmup_steps": 8}\'): recipe rows get it in their recipe, the hand-built row applies the same per-step lr; '
+                   "default: constant (a recipe's own schedule stays)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny-encoder", action="store_true", help="toy encoder (pipeline check, not a benchmark)")
     p.add_argument("--work", type=Path, default=Path("/tmp/text-full"))
@@ -99,7 +114,8 @@ def main() -> None:
     for item in args.grid:
         row, _, values = item.partition("=")
         grids[row] = tuple(float(v) for v in values.split(","))
-    rows = [dataclasses.replace(r, lr_grid=grids.get(r.name, r.lr_grid)) for r in select_rows("text", names, torch=False)]
+    rows = [with_schedule(dataclasses.replace(r, lr_grid=grids.get(r.name, r.lr_grid)), args.schedule)
+            for r in select_rows("text", names, torch=False)]
 
     def write_episode(ep: Episode, folder: Path) -> dict[str, Path]:
         paths = {}
@@ -112,18 +128,24 @@ def main() -> None:
         return paths
 
     per_epoch = -(-args.train // args.batch_size)
-    settings = Settings(steps=args.epochs * per_epoch, batch_size=args.batch_size, grid=(1e-4, 1e-3), seed=args.seed)
+    settings = Settings(steps=args.epochs * per_epoch, batch_size=args.batch_size, grid=(1e-4, 1e-3), seed=args.seed,
+                        schedule=args.schedule)
     family = Family(
         name="text", title=f"Full-data text: MiniLM-L6 on {args.corpus}" + (" (TOY ENCODER)" if args.tiny_encoder else ""),
         model=minilm.exported(args.work / "models", tiny=args.tiny_encoder), episodes=[episode], write_episode=write_episode,
         settings=settings, meta={"corpora": [args.corpus], "lengths": {args.corpus: length}, "dims": {"sequence": length}})
-    reference = None
+    reference, also = None, {}
+    if args.also and args.against is None:
+        raise SystemExit("--also takes rows from the --against run: give --against")
     if args.against is not None:  # checked before training: the same split and epochs, else the comparison means nothing
         earlier = json.loads(args.against.read_text(encoding="utf-8"))
         if earlier["meta"]["split"] != {**earlier["meta"]["split"], "seed": args.seed, "train": args.train, "validation": args.validation,
                                          "epochs": args.epochs}:
             raise SystemExit(f"{args.against}: another split or epoch count")
+        if earlier["meta"]["split"].get("schedule") != args.schedule:
+            raise SystemExit(f"{args.against}: another learning-rate schedule ({earlier['meta']['split'].get('schedule')})")
         reference = next(r for r in earlier["records"] if r["row"] == REFERENCE)
+        also = {n: next(r for r in earlier["records"] if r["row"] == n) for n in args.also.split(",") if n}
     out = args.results / f"{args.name}.json"
     result = run_family(family, rows, args.work, out=out, query_chunk=args.chunk)
     records = {r["row"]: r for r in result["records"]}
@@ -131,11 +153,17 @@ def main() -> None:
         records[REFERENCE] = reference
         result["records"].append({**reference, "from": str(args.against)})
         names.append(REFERENCE)
+    for name, record in also.items():
+        if name not in records:
+            records[name] = record
+            result["records"].append({**record, "from": str(args.against)})
     result["meta"].update(split={"train": len(episode.train), "validation": len(episode.validation), "test": len(episode.query),
-                                 "seed": args.seed, "epochs": args.epochs, "chunk": args.chunk, "all_rest": args.test is None},
+                                 "seed": args.seed, "epochs": args.epochs, "chunk": args.chunk, "all_rest": args.test is None,
+                                 "schedule": args.schedule},
                           grids={r.name: list(r.lr_grid or settings.grid) for r in rows if r.trains}, loadavg_end=os.getloadavg(),
                           ended=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    result["comparisons"] = [c for c in (compare(records, n, REFERENCE, args.chunk, args.seed) for n in names if n != REFERENCE) if c]
+    pairs = [(n, REFERENCE) for n in names if n != REFERENCE] + [(n, a) for a in also for n in names if n not in (REFERENCE, a)]
+    result["comparisons"] = [c for c in (compare(records, n, b, args.chunk, args.seed) for n, b in pairs) if c]
     write_json(result, out)
     (args.results / f"{args.name}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
@@ -150,6 +178,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"Command: `{meta.get('command')}`  ",
              f"Split (seed {s['seed']}): train {s['train']}, validation {s['validation']} (learning-rate choice), test {s['test']} "
              f"({'every other text' if s.get('all_rest') else 'held out'}); {meta['lengths']} tokens; {s['epochs']} epoch(s), batch {meta['settings']['batch_size']}; "
+             f"learning-rate schedule {json.dumps(s.get('schedule') or {'name': 'constant'})} (every row); "
              "every row starts from the same `new-head` prototypes head fitted on the training subset.  ",
              f"Learning-rate grids: {', '.join(f'`{k}` {v}' for k, v in meta['grids'].items())}.  ",
              f"Machine: {meta['machine']}, shared; 1 thread per process, one row process at a time; load average "

@@ -178,3 +178,18 @@ def test_row_grids_replace_a_rows_grid_for_one_run_and_unknown_rows_are_refused(
         with_row_grids(chosen, ["head_only=1e-3"])
     with pytest.raises(SystemExit, match="give ROW=LR"):
         with_row_grids(chosen, ["last_layer=fast"])
+
+
+def test_text_full_schedule_reaches_recipe_rows_and_keeps_their_optimizer() -> None:
+    """bench/text_full.py --schedule: recipe rows get it as optimizer.schedule (a valid recipe), built-in rows are untouched."""
+    from bench.text_full import with_schedule
+    from edgeplug.recipe import recipe_from_dict
+
+    spec = {"name": "linear", "warmup_steps": 8}
+    chosen = {r.name: r for r in rows.select_rows("text", ["full_manual_ort", "lora_all_int8_compact"], torch=False)}
+    lora = with_schedule(chosen["lora_all_int8_compact"], spec)
+    assert lora.recipe is not None and lora.recipe["optimizer"] == {"name": "adamw", "schedule": spec}
+    assert recipe_from_dict(dict(lora.recipe), source="test").schedule == spec
+    assert chosen["lora_all_int8_compact"].recipe["optimizer"] == {"name": "adamw"}  # the shipped row is not modified
+    assert with_schedule(chosen["full_manual_ort"], spec) is chosen["full_manual_ort"]
+    assert with_schedule(chosen["lora_all_int8_compact"], None) is chosen["lora_all_int8_compact"]
