@@ -393,8 +393,8 @@ def markdown(result: dict[str, Any]) -> str:
                      + f" | {s['original']:.3f} | {s['median_seconds']:.2f} | {s['median_offline_seconds']:.1f} | "
                      + (f"{mem['added'] / 2**20:.0f}" if mem else "-") + " |")
     checks = a.get("val_check", 0)
-    lines += ["", f"Settings chosen on the validation stream (seed {result['args']['seeds'][0]}'s drawing is not involved: "
-              f"validation texts are cut from every domain once and never enter a stream or test set): "
+    lines += ["", "Settings chosen on the validation stream (validation texts are cut from every domain once, before any "
+              f"seed draws its stream and test sets, and enter neither; the methods run with seed {result['args']['seeds'][0]}): "
               f"{a['chunks_per_domain']} chunks of {a['chunk']} validation texts per stream domain in the stream's order, "
               f"from the quantized model; after each, accuracy on {checks} other validation texts of its domain and on "
               f"{checks} validation tweets; the best four-domain mean wins (ties: the first). new / tweets / four domains:", ""]

@@ -53,7 +53,7 @@ def draw_reserved(counts: np.ndarray, origin: np.ndarray, size: int, reserve: fl
 
     Misclassified stream examples enter with the never-learned count, the largest there is, so a plain draw
     soon fills the coreset with the stream: then nothing protects the training domain any more (on the VADER
-    stream the training tweets were all gone after seven chunks). The reserved places are drawn by forgetting
+    stream one training tweet was left after seven chunks, none after nine). The reserved places are drawn by forgetting
     counts among the training examples, the rest by forgetting counts among every other example."""
     counts, origin = np.asarray(counts), np.asarray(origin)
     size = min(size, len(counts))
