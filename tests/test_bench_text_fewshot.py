@@ -48,6 +48,9 @@ def test_differences_and_cost_ratios_per_corpus_and_pooled() -> None:
     assert trec["t"][0] < trec["mean"] < trec["t"][1] and pooled["bootstrap"][0] < 0 < pooled["bootstrap"][1]
     # |mean| = the margin: no episode count shows "within 1 point" on trec alone; pooled at mean 0 it is a finite count
     assert trec["needed_at_measured_mean"] is None and pooled["needed_at_measured_mean"] == pooled["needed_at_mean_0"] > 12
+    # 1 point below: no count shows the low end above -1 point; 1 point above: the low end needs fewer than mean 0 does
+    assert trec["needed_low_end_at_measured_mean"] is None and bbc["needed_low_end_at_measured_mean"] < bbc["needed_at_mean_0"]
+    assert bbc["low_end_within_margin"] == (bbc["t"][0] >= -0.01)
     cost = scopes["pooled"]["costs"]
     assert cost["peak RSS (MiB)"]["ratio_median"] == pytest.approx(3.0) and cost["peak RSS (MiB)"]["at_least_3x"] == 12
     assert cost["median step (ms)"]["ratio_median"] == pytest.approx(4.0)
@@ -63,6 +66,7 @@ def test_episodes_needed_matches_the_t_interval() -> None:
     half = lambda k: stats.t.ppf(0.975, k - 1) * 0.1 / math.sqrt(k)  # noqa: E731
     assert half(n) <= 0.01 < half(n - 1) * 1.06  # the search steps by up to 5%
     assert episodes_needed(0.1, 0.01, mean=0.005) > n and episodes_needed(0.1, 0.01, mean=0.02) is None
+    assert episodes_needed(0.1, 0.01, mean=0.02, low_end_only=True) < n and episodes_needed(0.1, 0.01, mean=-0.01, low_end_only=True) is None
 
 
 def test_the_report_falls_back_to_the_hand_built_fine_tune_as_reference() -> None:
