@@ -49,3 +49,19 @@ def test_a_docs_link_to_a_missing_results_file_is_reported(tmp_path: Path) -> No
                                           "plot bench/results/gone.png.\n")
     found = docs_tables.dangling_result_links(docs, results)
     assert found == ["docs/passes/p.md: bench/results/gone.json", "docs/passes/p.md: bench/results/gone.png"]
+
+
+def test_lora_block_quotes_whichever_lora_rows_a_text_run_has_per_corpus() -> None:
+    names = ("last_layer", "full_manual_ort", "lora_all_int8")
+    records = []
+    for e in range(6):
+        for i, n in enumerate(names):
+            records.append({"row": n, "episode": e, "domain": "trec" if e % 2 else "bbc", "ways": 5,
+                            "accuracy": 0.7 + 0.01 * i + 0.002 * (e % 3), "median_step_seconds": (0.1, 1.0, 0.25)[i],
+                            "memory": {"peak_rss_bytes": (250, 900, 300)[i] * 2**20}})
+    result = {"meta": {"rows": [{"name": n, "order": i} for i, n in enumerate(names)], "title": "t", "domains": ["bbc", "trec"]},
+              "records": records}
+    text = "\n".join(docs_tables.lora(docs_tables.Numbers(result, "s4")))
+    assert "LoRA all layers + int8 − hand-built full fine-tune: +0.010" in text and "per corpus: bbc +0.010" in text
+    assert "LoRA last 2" not in text and "PyTorch" not in text
+    assert "bbc 3.0x median" in text and "trec 4.0x median" in text and "LoRA all layers + int8 − last layer: +0.020" in text
