@@ -71,10 +71,15 @@ def _count(block: tuple[set[int], set[int], int]) -> int:
     return len(block[0]) * len(block[1]) * block[2]
 
 
+def _shared(va: Mapping[str, Any], vb: Mapping[str, Any]) -> int:
+    """Weight values trained in both plans (`plan_values` of each)."""
+    return sum(len(va[w][0] & vb[w][0]) * len(va[w][1] & vb[w][1]) * va[w][2] for w in va.keys() & vb.keys())
+
+
 def overlap(a: Mapping[str, Any], b: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
     """Overlap of two plans in trained layers and trained weight values (see the module docstring)."""
     va, vb = plan_values(a, shapes), plan_values(b, shapes)
-    shared = sum(len(va[w][0] & vb[w][0]) * len(va[w][1] & vb[w][1]) * va[w][2] for w in va.keys() & vb.keys())
+    shared = _shared(va, vb)
     total_a, total_b = sum(map(_count, va.values())), sum(map(_count, vb.values()))
     union = total_a + total_b - shared
     layers_a, layers_b = set(va), set(vb)
@@ -96,7 +101,7 @@ def _backbone_jaccard(va: Mapping[str, Any], vb: Mapping[str, Any], classifier: 
     """Value Jaccard without the classifier (which every plan trains whole)."""
     va = {k: v for k, v in va.items() if k != classifier}
     vb = {k: v for k, v in vb.items() if k != classifier}
-    shared = sum(len(va[w][0] & vb[w][0]) * len(va[w][1] & vb[w][1]) * va[w][2] for w in va.keys() & vb.keys())
+    shared = _shared(va, vb)
     union = sum(map(_count, va.values())) + sum(map(_count, vb.values())) - shared
     return shared / union if union else 1.0
 
@@ -200,11 +205,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      None if before is None else before["plans"])
         result["episodes"].append({"episode": episode.index, "domain": episode.domain, "ways": episode.ways, "shots": episode.shots,
                                    "train_size": len(episode.train), "batch_size": batch, "plans": plans})
-        result.setdefault("shapes", {k: list(v) for k, v in shapes.items() if any(
-            layer["weight"] == k for plan in plans.values() for layer in plan["layers"])})
+        trained_shapes = result.setdefault("shapes", {})
         for plan in plans.values():  # every weight any plan trains, for the overlap counts
             for layer in plan["layers"]:
-                result["shapes"].setdefault(layer["weight"], list(shapes[layer["weight"]]))
+                trained_shapes.setdefault(layer["weight"], list(shapes[layer["weight"]]))
         print(f"episode {episode.index} {episode.domain} batch {batch}: "
               + "; ".join(f"{k} {len(p['layers'])} layers from #{p['earliest']}" for k, p in plans.items()), flush=True)
         result["meta"].update(wall_seconds=round(time.perf_counter() - started, 1), loadavg_now=os.getloadavg())
