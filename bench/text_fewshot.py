@@ -72,15 +72,7 @@ def costs(result: Mapping[str, Any], a: str, b: str, domain: str | None) -> dict
     """Medians of each row and the per-episode ratio b ÷ a (how many times leaner/faster a is than b)."""
     out = {}
     for label, getter in COSTS.items():
-        per: dict[str, dict[int, float]] = {}
-        for row in (a, b):
-            per[row] = {}
-            for r in result["records"]:
-                if r["row"] == row and "error" not in r and (domain is None or r["domain"] == domain):
-                    try:
-                        per[row][r["episode"]] = float(getter(r))
-                    except (KeyError, TypeError):
-                        pass
+        per = {row: report.values(result, row, key=getter, domain=domain) for row in (a, b)}
         common = sorted(set(per[a]) & set(per[b]))
         ratios = [per[b][e] / per[a][e] for e in common if per[a][e] > 0]
         out[label] = {"n": len(common), a: statistics.median(per[a].values()) if per[a] else None,

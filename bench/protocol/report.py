@@ -12,7 +12,7 @@ import json
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,21 @@ def rows_in_order(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [row for row in sorted(result["meta"]["rows"], key=lambda r: (r["order"], r["name"])) if row["name"] in present]
 
 
-def values(result: Mapping[str, Any], row: str, key: str = "accuracy", domain: str | None = None) -> dict[int, float]:
-    """episode -> value for one row (failed or skipped episodes left out)."""
-    return {r["episode"]: float(r[key]) for r in result["records"]
-            if r["row"] == row and "error" not in r and r.get(key) is not None and (domain is None or r["domain"] == domain)}
+def values(result: Mapping[str, Any], row: str, key: str | Callable[[Mapping[str, Any]], Any] = "accuracy",
+           domain: str | None = None) -> dict[int, float]:
+    """episode -> value for one row (failed or skipped episodes, and records without the value, left out). `key`: a
+    record field, or a function of the record for a nested one (e.g. its peak RSS)."""
+    out = {}
+    for r in result["records"]:
+        if r["row"] != row or "error" in r or (domain is not None and r["domain"] != domain):
+            continue
+        try:
+            value = key(r) if callable(key) else r.get(key)
+        except (KeyError, TypeError):
+            value = None
+        if value is not None:
+            out[r["episode"]] = float(value)
+    return out
 
 
 def domains_of(result: Mapping[str, Any]) -> dict[int, str]:
