@@ -193,3 +193,105 @@ def test_text_full_schedule_reaches_recipe_rows_and_keeps_their_optimizer() -> N
     assert chosen["lora_all_int8_compact"].recipe["optimizer"] == {"name": "adamw"}  # the shipped row is not modified
     assert with_schedule(chosen["full_manual_ort"], spec) is chosen["full_manual_ort"]
     assert with_schedule(chosen["lora_all_int8_compact"], None) is chosen["lora_all_int8_compact"]
+
+
+def _mlp_family(tmp_path: Path) -> Family:
+    """One episode of 3 blob classes on a 2-hidden-layer MLP (Gemm layers LoRA can adapt)."""
+    from builders import mlp
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(features=6, hidden=(12, 10), classes=5, seed=2), str(path))
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 20)
+    x = (rng.normal(0, 1, (3, 6))[labels] + 0.9 * rng.normal(0, 1, (len(labels), 6))).astype(np.float32)
+    episode = sample_episodes([Domain("blobs", labels)], 1, EpisodeConfig(ways=(3, 3), shots=(8, 8), query=6), seed=0)[0]
+
+    def write(episode: Episode, folder: Path) -> dict[str, Path]:
+        out = {}
+        for split, idx, lab in (("train", episode.train, episode.train_labels), ("validation", episode.validation, episode.validation_labels),
+                                ("query", episode.query, episode.query_labels)):
+            out[split] = folder / f"{split}.npz"
+            np.savez(out[split], x=x[idx], y=lab)
+        return out
+
+    return Family("mlp", "mlp", path, [episode], write, Settings(steps=6, batch_size=4, grid=(1e-2, 3e-2), threads=1))
+
+
+def test_training_seeds_change_every_rows_run_and_the_same_seed_repeats_it(tmp_path: Path) -> None:
+    """bench/text_full.py --train-seeds: the training seed reaches the hand-built loop (sample order) and edgeplug recipe
+    rows (Trainer's sample order and the seed option of the row's passes: LoRA's adapter init); seed 0 is the old run."""
+    import dataclasses
+
+    from bench.text_full import with_train_seed
+
+    family = _mlp_family(tmp_path)
+    lora = rows.Row("lora", "lora", "recipe", recipe={"loss": "cross-entropy", "optimizer": {"name": "adamw"},
+                                                        "passes": [{"name": "lora", "options": {"rank": 2}}]})
+    chosen = [r for r in rows.select_rows("images", ["full_manual_ort"], torch=False) if r.trains] + [lora]
+
+    def losses(train_seed: int | None, work: str) -> dict[str, list[float]]:
+        seeded = dataclasses.replace(family, settings=dataclasses.replace(family.settings, train_seed=train_seed))
+        result = run_family(seeded, [with_train_seed(r, train_seed or 0) for r in chosen], tmp_path / work, echo=lambda text: None)
+        by = {r["row"]: r for r in result["records"] if r["row"] != "head_only"}
+        assert not [r for r in by.values() if "error" in r], [r.get("error") for r in by.values()]
+        return {name: [c["extra"]["train_loss"] for c in r["lr_choice"]["candidates"]] for name, r in by.items()}
+
+    zero, one, again, default = losses(0, "a"), losses(1, "b"), losses(1, "c"), losses(None, "d")
+    for name in ("full_manual_ort", "lora"):
+        assert not np.allclose(zero[name], one[name]), f"{name}: training seeds 0 and 1 trained alike: the seed is ignored"
+        assert np.allclose(one[name], again[name], rtol=1e-6, atol=1e-7), f"{name}: the same training seed must repeat the run"
+        assert np.allclose(zero[name], default[name], rtol=1e-6, atol=1e-7), f"{name}: seed 0 must be the run without --train-seeds"
+    seeded = with_train_seed(lora, 3)
+    assert seeded.recipe["passes"][0]["options"] == {"rank": 2, "seed": 3} and lora.recipe["passes"][0]["options"] == {"rank": 2}
+    full = next(r for r in chosen if r.name == "full_manual_ort")
+    assert with_train_seed(full, 3) is full
+
+
+def _seed_record(seed: int, validation: dict[float, float], test: dict[float, float], chunks: dict[float, list[int]]) -> dict:
+    own = max(validation, key=lambda lr: (validation[lr], -lr))
+    candidates = [{"lr": lr, "validation_accuracy": v, "validation_loss": 1.0, "query_accuracy": test[lr], "query_loss": 1.0, "extra": {}}
+                  for lr, v in validation.items()]
+    return {"row": "r", "episode": 0, "query_size": 6, "accuracy": test[own], "lr": own, "lr_choice": {"chosen_lr": own, "candidates": candidates},
+            "query_chunk_correct": chunks[own], "query_chunk_correct_by_lr": {repr(lr): c for lr, c in chunks.items()},
+            "memory": {"peak_rss_bytes": 100 + seed, "rss_added_bytes": 10 + seed}, "median_step_seconds": 0.1 * (seed + 1), "fit_seconds": 5.0}
+
+
+def test_seed_averaged_rows_choose_the_lr_on_the_mean_validation_accuracy() -> None:
+    """Two of three seeds prefer 1e-3 by a hair, the third prefers 1e-2 by far: the mean picks 1e-2 (a per-seed vote
+    would pick 1e-3); test accuracy and per-chunk correctness are the seeds' means at 1e-2."""
+    from bench.text_full import combine_seeds, compare
+
+    runs = {0: _seed_record(0, {1e-3: 0.60, 1e-2: 0.59}, {1e-3: 0.5, 1e-2: 4 / 6}, {1e-3: [2, 1], 1e-2: [3, 1]}),
+            1: _seed_record(1, {1e-3: 0.60, 1e-2: 0.59}, {1e-3: 0.5, 1e-2: 3 / 6}, {1e-3: [1, 2], 1e-2: [2, 1]}),
+            2: _seed_record(2, {1e-3: 0.50, 1e-2: 0.70}, {1e-3: 2 / 6, 1e-2: 5 / 6}, {1e-3: [1, 1], 1e-2: [3, 2]})}
+    assert [r["lr"] for r in runs.values()] == [1e-3, 1e-3, 1e-2]
+    row = combine_seeds(runs)
+    assert row["lr"] == 1e-2 and row["lr_choice"]["chosen_lr"] == 1e-2
+    assert math.isclose(row["accuracy"], 2 / 3) and row["query_chunk_correct"] == [8 / 3, 4 / 3]
+    assert [c["validation_accuracy"] for c in row["lr_choice"]["candidates"]] == pytest.approx([np.mean([0.6, 0.6, 0.5]), np.mean([0.59, 0.59, 0.7])])
+    assert [p["own_choice_lr"] for p in row["per_seed"]] == [1e-3, 1e-3, 1e-2] and row["train_seeds"] == [0, 1, 2]
+    assert row["memory"]["peak_rss_bytes"] == 101 and math.isclose(row["median_step_seconds"], 0.2)
+    other = {**row, "row": "o", "query_chunk_correct": [2.0, 1.0]}
+    pair = compare({"r": row, "o": other}, "r", "o", 3, 0)
+    assert pair is not None and math.isclose(pair["bootstrap"]["mean"], (8 / 3 + 4 / 3 - 3) / 6)
+    with pytest.raises(ValueError, match="not tried with every seed"):
+        combine_seeds({**runs, 3: _seed_record(3, {1e-3: 0.6}, {1e-3: 0.5}, {1e-3: [1, 2]})})
+
+
+def test_extending_a_seeded_run_adds_lrs_per_seed_and_chooses_again_on_the_mean() -> None:
+    """bench/text_full.py --extend: a grid widened at its edge joins the earlier lrs seed by seed; the choice is made
+    again on the mean over all lrs, and the earlier memory/step figures stay."""
+    from bench.text_full import combine_seeds, extend
+
+    earlier_row = combine_seeds({0: _seed_record(0, {1e-3: 0.5, 1e-2: 0.6}, {1e-3: 0.5, 1e-2: 0.5}, {1e-3: [1, 2], 1e-2: [2, 1]}),
+                                 1: _seed_record(1, {1e-3: 0.5, 1e-2: 0.6}, {1e-3: 0.5, 1e-2: 0.5}, {1e-3: [1, 2], 1e-2: [2, 1]})})
+    assert earlier_row["lr"] == 1e-2
+    new_row = combine_seeds({0: _seed_record(5, {2e-2: 0.7}, {2e-2: 1.0}, {2e-2: [3, 3]}),
+                             1: _seed_record(6, {2e-2: 0.6}, {2e-2: 0.5}, {2e-2: [1, 2]})})
+    meta = {"grids": {"r": [1e-3, 1e-2]}, "rows": [{"name": "r"}], "train_seeds_done": [0, 1]}
+    merged = extend({"meta": meta, "records": [earlier_row], "prepare": []},
+                    {"meta": {**meta, "command": "x"}, "records": [new_row], "prepare": []}, "earlier.json")["records"][0]
+    assert [c["lr"] for c in merged["lr_choice"]["candidates"]] == [1e-3, 1e-2, 2e-2]
+    assert merged["lr"] == 2e-2 and math.isclose(merged["accuracy"], 0.75) and merged["query_chunk_correct"] == [2.0, 2.5]
+    assert merged["memory"]["peak_rss_bytes"] == earlier_row["memory"]["peak_rss_bytes"]
+    assert [p["own_choice_lr"] for p in merged["per_seed"]] == [2e-2, 1e-2]

@@ -40,7 +40,8 @@ class Settings:
     threads: int = 1
     head_options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"init": "prototypes"})
     schedule: Mapping[str, Any] | None = None  # lr schedule of the built-in manual/torch rows (recipes say their own)
-    seed: int = 0
+    seed: int = 0  # episode sampling and row interleaving
+    train_seed: int | None = None  # every row's training seed (sample order; Trainer seed); None: the episode's number
 
     def epochs(self, train_size: int) -> int:
         per_epoch = -(-train_size // min(self.batch_size, train_size))
@@ -114,7 +115,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
                 continue
             if row.kind == "torch" and not family.torch_builder:
                 continue
-            job = {"seed": episode.index, "train": data["train"], "validation": data["validation"], "query": data["query"],
+            job = {"seed": episode.index if settings.train_seed is None else settings.train_seed, "train": data["train"], "validation": data["validation"], "query": data["query"],
                    "grid": list(row.lr_grid or settings.grid), "epochs": settings.epochs(train_size), "batch_size": batch,
                    "schedule": dict(settings.schedule) if settings.schedule else None, "query_all": query_all,
                    "query_chunk": query_chunk}

@@ -70,6 +70,20 @@ def _chunk_correct(correct: np.ndarray, chunk: int) -> list[int]:
     return [int(correct[i:i + chunk].sum()) for i in range(0, len(correct), chunk)]
 
 
+def _record_chunks(details: dict[str, Any], lr: float, counts: list[int]) -> None:
+    """Keeps every scored candidate's per-chunk counts by lr (with `query_all` every candidate is scored on the query set)."""
+    details.setdefault("query_chunk_correct_by_lr", {})[repr(float(lr))] = counts
+
+
+def _with_chunks(result: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    """The row's record with the CHOSEN candidate's per-chunk counts as `query_chunk_correct` (not the last scored one's)."""
+    by_lr = details.get("query_chunk_correct_by_lr")
+    if not by_lr:
+        return result
+    chosen = by_lr.get(repr(float(result["lr"]))) if result.get("lr") is not None else None
+    return {**result, **({"query_chunk_correct": chosen} if chosen is not None else {}), "query_chunk_correct_by_lr": by_lr}
+
+
 # -- per episode ------------------------------------------------------------------------------
 
 def prepare_episode(job: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -330,7 +344,7 @@ def train_recipe(job: dict[str, Any], context: Any) -> dict[str, Any]:
                     metrics = trainer.evaluate(part, batch_size=chunk)
                     counts.append(round(float(metrics.accuracy or 0.0) * len(part)))
                     loss += float(metrics.loss) * len(part)
-                details["query_chunk_correct"] = counts
+                _record_chunks(details, lr, counts)
                 return sum(counts) / len(data), loss / len(data)
             metrics = trainer.evaluate(data)
             return float(metrics.accuracy or 0.0), float(metrics.loss)
@@ -338,7 +352,7 @@ def train_recipe(job: dict[str, Any], context: Any) -> dict[str, Any]:
         return extra, evaluate
 
     details: dict[str, Any] = {}
-    return {**_grid(job, train_one, context.probe.result), **details}
+    return _with_chunks(_grid(job, train_one, context.probe.result), details)
 
 
 def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -383,13 +397,13 @@ def train_manual(job: dict[str, Any], context: Any) -> dict[str, Any]:
             module.eval()
             logits = np.concatenate([module(*_take(ex, slice(i, i + 64)), ey[i:i + 64])[1] for i in range(0, len(ey), 64)])
             if split == "query" and job.get("query_chunk"):
-                details["query_chunk_correct"] = _chunk_correct(logits.argmax(1) == ey, int(job["query_chunk"]))
+                _record_chunks(details, lr, _chunk_correct(logits.argmax(1) == ey, int(job["query_chunk"])))
             return float((logits.argmax(1) == ey).mean()), _cross_entropy(logits, ey)
 
         return extra, evaluate
 
     details: dict[str, Any] = {}
-    return {**_grid(job, train_one, context.probe.result), **details}
+    return _with_chunks(_grid(job, train_one, context.probe.result), details)
 
 
 def train_torch(job: dict[str, Any], context: Any) -> dict[str, Any]:
