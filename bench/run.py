@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.protocol import report  # noqa: E402
-from bench.protocol.driver import Settings, run_family, write_json  # noqa: E402
-from bench.protocol.episodes import EpisodeConfig  # noqa: E402
+from bench.protocol.driver import Family, Settings, run_family, write_json  # noqa: E402
+from bench.protocol.episodes import EpisodeConfig, continue_episodes  # noqa: E402
 from bench.protocol.rows import Row, select_rows  # noqa: E402
 
 FAMILIES = {"images": "bench.images.family", "images-bn": "bench.images.family", "text": "bench.text.family"}
@@ -63,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=Path("/tmp/edgeplug-bench"))
     p.add_argument("--keep", action="store_true", help="keep each episode's data and artifacts under --work")
+    p.add_argument("--from-episode", type=int, default=0, metavar="K",
+                   help="leave out episodes 0..K-1 of every domain: the others keep their ids and draws, so the run continues "
+                        "an earlier run of the same draw (--episodes stays the end; append with bench/merge_runs.py --append)")
+    p.add_argument("--only-domains", help="comma-separated domains whose episodes run (ids and draws as in the draw over all of them)")
     p.add_argument("--report-only", type=Path, help="rewrite the .md/.png of an existing results .json and stop")
     for module in sorted(set(FAMILIES.values())):
         importlib.import_module(module).add_arguments(p)
@@ -94,6 +98,25 @@ def with_row_grids(rows: list[Row], items: list[str]) -> list[Row]:
     return [dataclasses.replace(r, lr_grid=grids[r.name]) if r.name in grids else r for r in rows]
 
 
+def continued(family: Family, start: int, only: str | None) -> Family:
+    """The family's draw from episode `start` of each domain on, of `only` domains, with a description line saying so."""
+    domains = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    drawn = list(dict.fromkeys(e.domain for e in family.episodes))
+    try:
+        episodes = continue_episodes(family.episodes, start=start, domains=domains)
+    except ValueError as error:
+        raise SystemExit(f"--only-domains: {error}") from None
+    if not episodes:
+        raise SystemExit(f"--from-episode {start}: no episode left (--episodes is the end of the draw per domain)")
+    ran = sorted({e.domain for e in episodes})
+    line = (f"This run: episodes {start}..{max(e.domain_episode for e in episodes)} of {', '.join(ran)} "
+            f"(ids {episodes[0].index}..{episodes[-1].index} of the seed-{family.settings.seed} draw over {', '.join(drawn)}"
+            + (f"; episodes 0..{start - 1} left out" if start else "") + f"): {len(episodes)} episodes, each drawn as in the whole draw.")
+    meta = {**family.meta, "continued": {"from_episode": start, "domains": ran, "drawn_domains": drawn,
+                                        "ids": [e.index for e in episodes]}}
+    return dataclasses.replace(family, episodes=episodes, description=[*family.description, line], meta=meta)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     name = args.name or (f"{args.family}-quick" if args.quick else args.family)
@@ -115,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
     family = module.build(args, work, settings, config, value["episodes"])
+    if args.from_episode or args.only_domains:
+        family = continued(family, args.from_episode, args.only_domains)
     print(f"== {family.title}: {len(rows)} rows x {len(family.episodes)} episodes ({', '.join(r.name for r in rows)})", flush=True)
     started = time.perf_counter()
     out = args.results / f"{name}.json"

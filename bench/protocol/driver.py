@@ -78,7 +78,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
     by_episode: dict[int, list[Row]] = {}
     for episode, row in schedule:
         by_episode.setdefault(episode.index, []).append(row)
-    for episode in family.episodes:
+    for position, episode in enumerate(family.episodes):
         folder = work / f"episode-{episode.index:03d}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -88,7 +88,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
         values = {"batch_size": batch, "budget": settings.budget_bytes, "classes": episode.ways, "episode": episode.index}
         prepare_job = {
             "model": str(family.model), "folder": str(folder), "data": data, "classes": episode.ways,
-            "head_options": dict(settings.head_options), "batch_size": batch, "profile": episode.index == 0,
+            "head_options": dict(settings.head_options), "batch_size": batch, "profile": episode is family.episodes[0],
             "rows": [{"name": r.name, "kind": r.kind, "recipe": resolve(dict(r.recipe), values) if r.recipe else None,
                       "calibration": r.calibration, "biases": r.biases} for r in trained if r.kind in ("recipe", "manual")],
         }
@@ -101,7 +101,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
         head = prepared.result["head"]
         result["records"].append({**base, "row": "head_only", "accuracy": head["query_accuracy"], "loss": head["query_loss"],
                                   "validation_accuracy": head["validation_accuracy"], "lr": None})
-        if episode.index == 0 and family.torch_builder and any(r.kind == "torch" for r in trained):
+        if episode is family.episodes[0] and family.torch_builder and any(r.kind == "torch" for r in trained):
             check = run_fresh("bench.protocol.runners:verify_torch", {"builder": family.torch_builder, "builder_args": dict(family.torch_builder_args),
                                                                      "headed": str(folder / HEADED), "query": data["query"]},
                               work=folder, tag="verify-torch", threads=settings.threads)
@@ -135,7 +135,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
                 cpu += done.cpu_seconds
                 result["records"].append({**record, **done.result, **{k: v for k, v in prep.items() if k != "passes"},
                                           "cpu_seconds": done.cpu_seconds, "wall_seconds": done.wall_seconds})
-                if prep.get("passes") and episode.index == 0:
+                if prep.get("passes") and episode is family.episodes[0]:
                     result["meta"].setdefault("pass_summaries", {})[row.name] = prep["passes"]
                 r = result["records"][-1]
                 memory = r.get("memory") or {}
@@ -145,7 +145,7 @@ def run_family(family: Family, rows: list[Row], work: Path, *, out: Path | None 
                      f"+{(memory.get('rss_added_bytes') or 0) / 2**20:4.0f} MiB  cpu {done.cpu_seconds:5.1f} s")
         echo(f"{episode.describe()}: head {head['query_accuracy']:.3f}; {time.perf_counter() - started:.0f} s so far, cpu {cpu:.0f} s")
         result["meta"].update(wall_seconds=round(time.perf_counter() - started, 1), child_cpu_seconds=round(cpu, 1),
-                              episodes_done=episode.index + 1, loadavg_now=os.getloadavg())
+                              episodes_done=position + 1, loadavg_now=os.getloadavg())
         if out is not None:
             write_json(result, out)
         if not keep:

@@ -190,3 +190,19 @@ def sample_episodes(domains: Sequence[Domain], per_domain: int, config: EpisodeC
         for domain in domains:
             episodes.append(sample_episode(domain, config, seed=seed, index=len(episodes), domain_episode=k))
     return episodes
+
+
+def continue_episodes(episodes: Sequence[Episode], *, start: int = 0, domains: Sequence[str] | None = None) -> list[Episode]:
+    """The episodes of a draw from episode `start` of each domain on, of `domains` only (default: every domain).
+
+    Every kept episode keeps its id (`index`, also the seed of its rows' sample order) and its draw (episode k of
+    a domain depends only on (seed, domain name, k)): a run of these continues an earlier run of the same draw
+    with no episode repeated, and its results can be appended to that run's (`bench/merge_runs.py --append`).
+    """
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    present = {e.domain for e in episodes}
+    unknown = sorted(set(domains or ()) - present)
+    if unknown:
+        raise ValueError(f"no episodes of {unknown} in this draw (domains: {sorted(present)})")
+    return [e for e in episodes if e.domain_episode >= start and (domains is None or e.domain in domains)]

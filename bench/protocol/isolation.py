@@ -88,10 +88,14 @@ def _wait(process: subprocess.Popen[bytes], timeout: float | None) -> tuple[int,
 
 def interleaved(episodes: Sequence[T], rows: Sequence[R], *, seed: int = 0, shuffle: bool = True) -> list[tuple[T, R]]:
     """Every row on episode 0, then every row on episode 1, ...; within an episode the rows
-    run in a seeded order that changes from episode to episode (unless `shuffle` is False)."""
+    run in a seeded order that changes from episode to episode (unless `shuffle` is False). The order is
+    keyed by the episode's id (`.index`) where it has one, else by its position: a run that continues a
+    draw from a later episode runs each episode's rows in the order the whole draw would."""
     schedule = []
     for k, episode in enumerate(episodes):
-        order = np.random.default_rng([seed, k]).permutation(len(rows)) if shuffle else np.arange(len(rows))
+        key = getattr(episode, "index", None)
+        key = key if isinstance(key, int) else k
+        order = np.random.default_rng([seed, key]).permutation(len(rows)) if shuffle else np.arange(len(rows))
         schedule += [(episode, rows[int(i)]) for i in order]
     return schedule
 

@@ -180,7 +180,8 @@ def markdown(result: Mapping[str, Any], *, baseline: str = "last_layer", referen
         if len(errors) > 20:
             lines.append(f"- … {len(errors) - 20} more in the .json")
     if meta.get("pass_summaries"):
-        lines += ["", "## What the passes chose (episode 0, from report.json)", ""]
+        first = min((r["episode"] for r in result["records"]), default=0)
+        lines += ["", f"## What the passes chose (episode {first}, from report.json)", ""]
         for row, passes in meta["pass_summaries"].items():
             text = "; ".join(f"{p['name']}: {p['summary']}" for p in passes if p.get("summary") and p["name"] not in ("normalize", "new-head"))
             if text:
@@ -256,7 +257,8 @@ def _cost_table(result: Mapping[str, Any], rows: list[dict[str, Any]], reference
             f"| {_mib(_median(result, name, lambda r: r['memory']['rss_ready_bytes']))} "
             f"| {'–' if step is None else f'{1000 * step:.1f}'} | {'–' if fit is None else f'{fit:.1f}'} "
             f"| {'–' if rewrite is None else f'{rewrite:.1f}'} | {'–' if cpu is None else f'{cpu:.1f}'} |")
-    lines += ["", "Static bytes come from `edgeplug.profiling.static_profile` at the training batch of episode 0 (parameters + gradients + "
+    profiled = min((r["episode"] for r in result["records"] if r.get("static")), default=0)  # the run's first episode
+    lines += ["", f"Static bytes come from `edgeplug.profiling.static_profile` at the training batch of episode {profiled} (parameters + gradients + "
               "optimizer state + retained activations); RSS from /proc/self/status (peak = VmHWM over the process; added by training = peak "
               "after the ready point − RSS at it; added with loading = peak after the row starts loading its model − RSS then; the peak "
               "counter is reset at both points). edgeplug's Trainer caches a frozen prefix (everything before the first trainable layer) "
