@@ -228,11 +228,12 @@ def freeze_bn(n: Numbers) -> list[str]:
     return table(("claim", "source", "our measurement"), lines)
 
 
-def _episode_ratios(n: Numbers, a: str, b: str, getter: Callable[[dict[str, Any]], Any], domain: str) -> list[float]:
-    """Per episode of `domain`: getter(row a) / getter(row b), both measured in that episode."""
+def _episode_ratios(n: Numbers, a: str, b: str, getter: Callable[[dict[str, Any]], Any], domain: str,
+                    episodes: set[int] | None = None) -> list[float]:
+    """Per episode of `domain` (of `episodes` only, if given): getter(row a) / getter(row b), both measured in that episode."""
     by_row: dict[str, dict[int, float]] = {a: {}, b: {}}
     for record in n.result["records"]:
-        if record["row"] in by_row and record.get("domain") == domain:
+        if record["row"] in by_row and record.get("domain") == domain and (episodes is None or record["episode"] in episodes):
             try:
                 value = getter(record)
             except (KeyError, TypeError):
@@ -249,7 +250,12 @@ def _ratio_text(n: Numbers, a: str, b: str, getter: Callable[[dict[str, Any]], A
         if ratios:
             median = statistics.median(ratios)
             met = sum(r >= target for r in ratios)
-            parts.append(f"{domain} {median:.1f}x median, {min(ratios):.1f}-{max(ratios):.1f}x ({met} of {len(ratios)} episodes at {target:g}x or more)")
+            text = f"{domain} {median:.1f}x median, {min(ratios):.1f}-{max(ratios):.1f}x ({met} of {len(ratios)} episodes at {target:g}x or more"
+            same = _episode_ratios(n, a, b, getter, domain, report.measured_together(n.result, a, b))
+            if len(same) < len(ratios):  # some episodes measured the two rows in different runs
+                text += (f"; in the {len(same)} measured in one run: {statistics.median(same):.1f}x median, {sum(r >= target for r in same)} "
+                         f"at {target:g}x or more" if same else "; none measured in one run")
+            parts.append(text + ")")
     return "; ".join(parts) or "n/a"
 
 

@@ -76,11 +76,17 @@ def costs(result: Mapping[str, Any], a: str, b: str, domain: str | None) -> dict
         common = sorted(set(per[a]) & set(per[b]))
         ratios = [per[b][e] / per[a][e] for e in common if per[a][e] > 0]
         out[label] = {"n": len(common), a: statistics.median(per[a].values()) if per[a] else None,
-                      b: statistics.median(per[b].values()) if per[b] else None,
-                      "ratio_median": statistics.median(ratios) if ratios else None,
-                      "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
-                      "at_least_3x": sum(r >= 3 for r in ratios)}
+                      b: statistics.median(per[b].values()) if per[b] else None, **_ratios(ratios)}
+        together = report.measured_together(result, a, b)
+        if set(common) - together:  # some ratios compare two runs: also those measured side by side
+            same = [per[b][e] / per[a][e] for e in common if e in together and per[a][e] > 0]
+            out[label]["same_run"] = {"n": len(same), **_ratios(same)}
     return out
+
+
+def _ratios(ratios: list[float]) -> dict[str, Any]:
+    return {"ratio_median": statistics.median(ratios) if ratios else None, "ratio_min": min(ratios) if ratios else None,
+            "ratio_max": max(ratios) if ratios else None, "at_least_3x": sum(r >= 3 for r in ratios)}
 
 
 def summarise(result: Mapping[str, Any], row: str, reference: str, baseline: str, margin: float) -> dict[str, Any]:
@@ -144,6 +150,11 @@ def markdown(summary: Mapping[str, Any], results: Path) -> str:
                 continue
             lines.append(f"| {scope} | {label} | {c['n']} | {c[ref]:,.0f} | {c[row]:,.0f} | {c['ratio_median']:.2f}x "
                          f"({c['ratio_min']:.2f}–{c['ratio_max']:.2f}x) | {c['at_least_3x']} of {c['n']} |")
+            if "same_run" in c:
+                same = c["same_run"]
+                lines.append(f"| {scope} | {label}: only the episodes where both ran in one run | {same['n']} | | | "
+                             + (f"{same['ratio_median']:.2f}x ({same['ratio_min']:.2f}–{same['ratio_max']:.2f}x) | {same['at_least_3x']} of {same['n']} |"
+                                if same["n"] else "– | – |"))
     meta = summary["meta"]
     load = lambda v: "/".join(f"{x:.1f}" for x in v) if v else "?"  # noqa: E731
     lines += ["", f"Run started {meta.get('started')}; load average {load(meta.get('loadavg_start'))} at its start, "

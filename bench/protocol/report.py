@@ -55,6 +55,20 @@ def domains_of(result: Mapping[str, Any]) -> dict[int, str]:
     return {r["episode"]: r["domain"] for r in result["records"]}
 
 
+def measured_together(result: Mapping[str, Any], a: str, b: str) -> set[int]:
+    """Episodes in which rows a and b were measured in one run: `bench/merge_runs.py` pairs rows of a second run
+    (`second_run_rows`) and appends runs of other episodes (`parts`, each with its own second-run rows). Time ratios
+    mean most there: a shared machine's load changes between runs."""
+    meta = result["meta"]
+    parts = meta.get("parts") or [{"episodes": sorted(domains_of(result)), "second_run_rows": meta.get("second_run_rows", [])}]
+    together: set[int] = set()
+    for part in parts:
+        second = set(part.get("second_run_rows", []))
+        if (a in second) == (b in second):
+            together |= set(part["episodes"])
+    return together
+
+
 def compare(result: Mapping[str, Any], a: str, b: str, domain: str | None = None) -> tuple[stats.PairedDifference, stats.PairedDifference] | None:
     """Paired t and domain-stratified bootstrap of accuracy(a) - accuracy(b) over their common episodes."""
     va, vb = values(result, a, domain=domain), values(result, b, domain=domain)
