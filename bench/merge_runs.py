@@ -100,7 +100,7 @@ def append(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     --from-episode/--only-domains`). Refused when an episode id is in both, when the protocol differs, or when a
     row both runs have used a different learning-rate grid. A row only one run has keeps its own episodes."""
     a, b = base["meta"], new["meta"]
-    differs = [k for k in PROTOCOL if a.get(k) != b.get(k)]
+    differs = [k for k in PROTOCOL if _fields(a.get(k), b.get(k)) != _fields(b.get(k), a.get(k))]
     if differs:
         raise SystemExit(f"the runs differ in {', '.join(differs)}: " + "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in differs))
     ids_a, ids_b = {r["episode"] for r in base["records"]}, {r["episode"] for r in new["records"]}
@@ -138,6 +138,11 @@ def append(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         "its episodes is in the first part (checked by id), the protocol and each shared row's lr grid are the same (checked). "
         "A row's time and memory medians pool both runs' episodes; ratios between rows are measured side by side only within a run.")]
     return merged
+
+
+def _fields(value: Any, other: Any) -> Any:
+    """A settings dict compared on the keys both runs record (a key added to the code later is absent from older runs)."""
+    return {k: v for k, v in value.items() if k in other} if isinstance(value, dict) and isinstance(other, dict) else value
 
 
 def _parts(run: dict[str, Any]) -> list[dict[str, Any]]:
