@@ -21,7 +21,7 @@ from edgeplug import __version__
 from edgeplug.commands import ArgumentParser, CommandRegistry, HelpFormatter, UsageError, add_global_options, walk
 from edgeplug.console import captured_for_json, cli_logging, output_mode, print_result
 from edgeplug.errors import DiskFullError, EdgeplugError, SetupError, disk_full_detail, is_disk_full
-from edgeplug.memory_settings import MEMORY_SETTINGS
+from edgeplug.memory_settings import MEMORY_SETTINGS, PREFIX_CACHE_DTYPES
 from edgeplug.terminal import EscapingWriter, escape
 
 INTERNAL_ERROR = 1
@@ -157,7 +157,8 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(
         args.artifacts, seed=args.seed, lr=args.lr, checkpoint_every=args.checkpoint_every,
         checkpoints=not args.no_checkpoints, max_memory=args.max_memory,
-        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory, memory=args.memory, trim_padding=args.trim_padding,
+        cache_prefix=args.cache_prefix, cache_memory=args.cache_memory, cache_dtype=args.cache_dtype, memory=args.memory,
+        trim_padding=args.trim_padding,
         warn=lambda text: log.warning("%s", text),
     )
     result = trainer.fit(args.data, args.eval, epochs=args.epochs, batch_size=args.batch_size, resume=not args.restart)
@@ -368,6 +369,10 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
                           "(bit-identical weights); default: when it applies and two or more epochs are left")
     sub.add_argument("--cache-memory", metavar="SIZE", default="256M",
                      help="memory for the frozen-prefix cache; examples beyond it go to a temporary file")
+    sub.add_argument("--cache-dtype", choices=PREFIX_CACHE_DTYPES,
+                     help="how the frozen-prefix cache stores float32 tensors: float32 (exact, bit-identical weights) or float16 "
+                          "(half the bytes, cast back before each step; close to float32, not bit-identical); default: the "
+                          "recipe's training.prefix_cache_dtype (float32); Python runtime only")
     sub.add_argument("--trim-padding", action=argparse.BooleanOptionalAction, default=None,
                      help="cut each batch to its longest attention mask (models with an integer '*mask*' input whose sequence "
                           "axis is dynamic); default: when one padded batch gives the same outputs trimmed (checked first)")

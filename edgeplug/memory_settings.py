@@ -44,3 +44,17 @@ def recipe_memory(recipe: Any) -> str:
 def switches(memory: str) -> SessionSwitches:
     """The session switches of `memory` (one of MEMORY_SETTINGS)."""
     return SWITCHES[memory]
+
+
+PREFIX_CACHE_DTYPES = ("float32", "float16")
+DEFAULT_PREFIX_CACHE_DTYPE = "float32"
+"""How the frozen-prefix cache (edgeplug.prefix_cache, Python trainer only) stores float32 boundary tensors (recipe
+`training.prefix_cache_dtype`): float32 keeps them exactly (bit-identical training); float16 halves their bytes and
+casts them back to float32 before each step, so the trained part and the artifacts are unchanged but its inputs are
+rounded (about 3 significant digits)."""
+
+
+def recipe_prefix_cache_dtype(recipe: Any) -> str:
+    """The frozen-prefix cache's storage type of a recipe document (a recipe.json's dict), the default when it names none."""
+    training = recipe.get("training") if isinstance(recipe, Mapping) else None
+    return str(training.get("prefix_cache_dtype", DEFAULT_PREFIX_CACHE_DTYPE)) if isinstance(training, Mapping) else DEFAULT_PREFIX_CACHE_DTYPE

@@ -24,6 +24,15 @@ cut is refused with that reason.
 
 The cache holds up to `memory_bytes` in memory; the examples beyond it go to a
 file on disk (numpy memmap) that is removed with the cache.
+
+Reduced precision (`dtype="float16"`, recipe `training.prefix_cache_dtype`). The
+cache then stores its float32 tensors as float16 (half the bytes) and casts each
+batch back to float32 before the cut model reads it: the models, checkpoints and
+artifacts stay as they are, but the trained part sees its inputs rounded, so
+training is close to the uncached run, not bit-identical. The first-step check
+still compares the cut and the whole model bit for bit, on the exact (float32)
+values of its examples, so it keeps proving the cut; a boundary value beyond
+float16's range is refused (NotCacheable) rather than stored as infinity.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import numpy as np
 from edgeplug import _ort
 from edgeplug.data import Dataset
 from edgeplug.layout import EVAL_MODEL, FORWARD_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
-from edgeplug.memory_settings import DEFAULT_MEMORY, switches
+from edgeplug.memory_settings import DEFAULT_MEMORY, DEFAULT_PREFIX_CACHE_DTYPE, PREFIX_CACHE_DTYPES, switches
 
 FLOAT_TYPES = frozenset({1, 10, 11, 16})  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
 BATCH_MIXING_OPS = frozenset({"BatchNormalization", "BatchNormInternal", "Dropout"})
@@ -386,15 +395,20 @@ def _constant_values(model: Any) -> dict[str, np.ndarray]:
 # -- the cache ----------------------------------------------------------------------------------------
 
 class _Spilled:
-    """One boundary tensor for every example: the first rows in memory, the rest in a file on disk."""
+    """One boundary tensor for every example: the first rows in memory, the rest in a file on disk.
 
-    def __init__(self, rows: int, row_shape: tuple[int, ...], dtype: np.dtype, in_memory: int, folder: Path, name: str) -> None:
+    Stored as `stored` (float16 for a float32 tensor in a reduced-precision cache), read back as `dtype`."""
+
+    def __init__(self, rows: int, row_shape: tuple[int, ...], dtype: np.dtype, in_memory: int, folder: Path, name: str,
+                 stored: np.dtype | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        stored = self.dtype if stored is None else np.dtype(stored)
         self.in_memory = min(rows, in_memory)
-        self.memory = np.empty((self.in_memory, *row_shape), dtype)
+        self.memory = np.empty((self.in_memory, *row_shape), stored)
         self.disk: np.memmap | None = None
         if rows > self.in_memory:
             path = folder / f"{len(list(folder.iterdir()))}.bin"
-            self.disk = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows - self.in_memory, *row_shape))
+            self.disk = np.lib.format.open_memmap(path, mode="w+", dtype=stored, shape=(rows - self.in_memory, *row_shape))
         self.shape = (rows, *row_shape)
         self.name = name
 
@@ -410,8 +424,8 @@ class _Spilled:
     def __getitem__(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices)
         if self.disk is None:
-            return self.memory[indices]
-        result = np.empty((len(indices), *self.shape[1:]), self.memory.dtype)
+            return self.memory[indices].astype(self.dtype, copy=False)
+        result = np.empty((len(indices), *self.shape[1:]), self.dtype)
         low = indices < self.in_memory
         result[low] = self.memory[indices[low]]
         result[~low] = self.disk[indices[~low] - self.in_memory]
@@ -435,6 +449,8 @@ class CacheStats:
     seconds: float
     boundary: tuple[str, ...]
     prefix_nodes: int
+    dtype: str = DEFAULT_PREFIX_CACHE_DTYPE
+    """How float32 boundary tensors are stored: "float32" (exact) or "float16" (rounded, cast back before each step)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -444,7 +460,11 @@ class PrefixCache:
     """Computes the boundary tensors of datasets with the folder's training model and opens the cut model."""
 
     def __init__(self, cut: Cut, artifact_dir: Path, state: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 folder: Path | None = None, threads: int | None = None, memory: str = DEFAULT_MEMORY) -> None:
+                 folder: Path | None = None, threads: int | None = None, memory: str = DEFAULT_MEMORY,
+                 dtype: str = DEFAULT_PREFIX_CACHE_DTYPE) -> None:
+        if dtype not in PREFIX_CACHE_DTYPES:
+            raise ValueError(f"the prefix cache's dtype must be one of {', '.join(PREFIX_CACHE_DTYPES)}, not {dtype!r}")
+        self.dtype = dtype
         self.cut = cut
         self.artifact_dir = Path(artifact_dir)
         self.memory_left = memory_bytes
@@ -528,38 +548,61 @@ class PrefixCache:
             if not np.array_equal(value, np.concatenate([s[name] for s in singles])):
                 raise NotCacheable(f"the frozen prefix's output '{name}' for one example depends on the others in its batch")
 
+    def _stored(self, dtype: np.dtype) -> np.dtype:
+        """The storage type of a boundary tensor of `dtype`: float16 for float32 in a reduced-precision cache."""
+        return np.dtype(np.float16) if self.dtype == "float16" and dtype == np.float32 else np.dtype(dtype)
+
+    def _checked_for_storage(self, values: Mapping[str, np.ndarray]) -> None:
+        """Refuse values that the storage type cannot hold (float16 overflows beyond 65504)."""
+        for name, value in values.items():
+            stored = self._stored(value.dtype)
+            if stored == value.dtype:
+                continue
+            finite = np.isfinite(value)
+            largest = float(np.abs(value[finite]).max()) if finite.any() else 0.0
+            if largest > float(np.finfo(stored).max):
+                raise NotCacheable(f"the frozen prefix's output '{name}' reaches {largest:.4g}, beyond {stored.name}'s range "
+                                   f"({float(np.finfo(stored).max):.6g}): use prefix_cache_dtype float32")
+
     def dataset(self, data: Dataset) -> Dataset:
         """`data` with its inputs replaced by the cached boundary tensors (labels unchanged).
 
         One example per run of the uncut model (the fill then needs the activations of one
         example, not of a batch: boundary values do not depend on the batch, checked first);
         then one step of the cut model on the first examples is checked against the uncut
-        model's, bit for bit, and the uncut session is released.
+        model's, bit for bit (on their exact values when the cache stores float16), and the
+        uncut session is released.
         """
         started = time.perf_counter()
         self._check_per_example(data)
         check_rows = np.arange(min(2, len(data)))
         reference = self._reference_step(data.batch(check_rows))
+        exact = self.run(data.batch(check_rows)) if self.dtype != DEFAULT_PREFIX_CACHE_DTYPE else None
         total = len(data)
         arrays: dict[str, _Spilled] = {}
         spill = self._folder / f"data{len(self.stats)}"
         spill.mkdir()
         for begin in range(total):
             values = self.run(data.batch(np.array([begin])))
+            self._checked_for_storage(values)
             if not arrays:
-                per_example = sum(int(v[0].nbytes) for v in values.values())
+                per_example = sum(int(v[0].size) * self._stored(v.dtype).itemsize for v in values.values())
                 fits = max(self.memory_left // max(per_example, 1), 0)
-                arrays = {name: _Spilled(total, tuple(v.shape[1:]), v.dtype, int(fits), spill, name) for name, v in values.items()}
+                arrays = {name: _Spilled(total, tuple(v.shape[1:]), v.dtype, int(fits), spill, name, self._stored(v.dtype))
+                          for name, v in values.items()}
             for name, value in values.items():
                 arrays[name].put(begin, value)
         self.release()
         cached = Dataset(arrays, data.labels, data.source)  # type: ignore[arg-type]  # _Spilled indexes like an array
-        self._verify(cached, check_rows, *reference)
+        if exact is None:
+            self._verify(cached, check_rows, *reference)
+        else:  # the cut itself is checked on exact values; the rounding is what the option asks for
+            self._verify(Dataset(exact, data.labels[check_rows], data.source), np.arange(len(check_rows)), *reference)
         memory = sum(a.memory_bytes for a in arrays.values())
         self.memory_left -= memory
         self.stats.append(CacheStats(total, sum(math.prod(a.shape[1:]) * a.memory.dtype.itemsize for a in arrays.values()),
                                      memory, sum(a.disk_bytes for a in arrays.values()), time.perf_counter() - started,
-                                     self.cut.boundary, self.cut.prefix_nodes))
+                                     self.cut.boundary, self.cut.prefix_nodes, self.dtype))
         return cached
 
     def _verify(self, cached: Dataset, rows: np.ndarray, loss: np.ndarray, grads: Mapping[str, np.ndarray]) -> None:

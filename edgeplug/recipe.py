@@ -14,7 +14,7 @@ import yaml
 
 from edgeplug.errors import EdgeplugError, RecipeError
 from edgeplug.files import read_limited
-from edgeplug.memory_settings import DEFAULT_MEMORY
+from edgeplug.memory_settings import DEFAULT_MEMORY, DEFAULT_PREFIX_CACHE_DTYPE
 from edgeplug.optimizers import DEFAULT_LR
 from edgeplug.passes import fill_defaults
 from edgeplug.plugins import PluginHost, default_host
@@ -42,6 +42,8 @@ class Recipe:
     data_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     labels_key: str | None = None
     memory: str = DEFAULT_MEMORY  # training sessions: "compact", "arena" or "lean" (edgeplug.memory_settings, the recipe schema)
+    prefix_cache_dtype: str = DEFAULT_PREFIX_CACHE_DTYPE
+    """`training.prefix_cache_dtype`: how the Python trainer's frozen-prefix cache stores float32 tensors ("float32" or "float16")."""
     epochs: int | None = None
     """`training.epochs`: the run's default number of epochs (None: 1); `--epochs` overrides it."""
     batch_size: int | None = None
@@ -72,6 +74,8 @@ class Recipe:
                     if value is not None}
         if self.memory != DEFAULT_MEMORY:
             training["memory"] = self.memory
+        if self.prefix_cache_dtype != DEFAULT_PREFIX_CACHE_DTYPE:
+            training["prefix_cache_dtype"] = self.prefix_cache_dtype
         if training:
             document["training"] = training
         return document
@@ -179,6 +183,7 @@ def recipe_from_dict(document: Any, host: PluginHost | None = None, source: str 
         data_inputs=data.get("inputs", {}),
         labels_key=data.get("labels"),
         memory=training.get("memory", DEFAULT_MEMORY),
+        prefix_cache_dtype=training.get("prefix_cache_dtype", DEFAULT_PREFIX_CACHE_DTYPE),
         epochs=training.get("epochs"),
         batch_size=training.get("batch_size"),
         seed=training.get("seed"),

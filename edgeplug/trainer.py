@@ -51,7 +51,15 @@ from edgeplug.errors import DataError, EdgeplugError, ModelError
 from edgeplug.guard import check_artifacts_budget, current_rss_bytes, parse_size
 from edgeplug.layout import CHECKPOINT, RECIPE_FILE, TRAINING_MODEL
 from edgeplug.locking import output_lock, remove_stale_staging_in
-from edgeplug.memory_settings import DEFAULT_MEMORY, LEAN, MEMORY_SETTINGS, recipe_memory, switches
+from edgeplug.memory_settings import (
+    DEFAULT_MEMORY,
+    LEAN,
+    MEMORY_SETTINGS,
+    PREFIX_CACHE_DTYPES,
+    recipe_memory,
+    recipe_prefix_cache_dtype,
+    switches,
+)
 from edgeplug.optimizers import DEFAULT_LR, check_learning_rate
 from edgeplug.passes import RuntimeContext, fill_defaults
 from edgeplug.plugins import PluginHost, default_host
@@ -163,13 +171,17 @@ class Trainer:
         warn: Callable[[str], None] | None = None,
         memory: str | None = None,
         trim_padding: bool | None = None,
+        cache_dtype: str | None = None,
     ) -> None:
         """`cache_prefix`: compute the frozen prefix (everything before the first trainable layer) once per
         training example and train only the rest (`edgeplug.prefix_cache`; bit-identical weights). None (the
         default) uses it when it applies, more than one epoch remains and trimming the padding would not cut the
         first epoch's batches to at most half their positions (`TRIM_OVER_CACHE_SHARE`), True insists (an error says why it
         cannot), False never. The cache keeps up to `cache_memory` in memory and the rest in a file under
-        `cache_dir` (default: the system's temporary folder). `memory`: "compact" (the CPU arena without the
+        `cache_dir` (default: the system's temporary folder). `cache_dtype`: how the cache stores float32 tensors,
+        "float32" (exact: bit-identical weights) or "float16" (half the bytes, cast back to float32 before each step:
+        close to, not bit-identical with, float32); None takes the recipe's `training.prefix_cache_dtype` (float32).
+        `memory`: "compact" (the CPU arena without the
         allocation planner's buffer reuse: less memory than onnxruntime's defaults at the same speed), "arena"
         (onnxruntime's defaults) or "lean" (no arena, no planned reuse: the process holds only live tensors;
         slower steps); None takes the recipe's `training.memory` (edgeplug.memory_settings).
@@ -202,6 +214,10 @@ class Trainer:
         self.memory = memory if memory is not None else recipe_memory(self.recipe)
         if self.memory not in MEMORY_SETTINGS:
             raise EdgeplugError(f"memory must be one of {', '.join(MEMORY_SETTINGS)}, not {self.memory!r}")
+        self.cache_dtype = cache_dtype if cache_dtype is not None else recipe_prefix_cache_dtype(self.recipe)
+        if self.cache_dtype not in PREFIX_CACHE_DTYPES:
+            where = "cache_dtype (--cache-dtype)" if cache_dtype is not None else f"{self.artifact_dir}/{RECIPE_FILE}: training.prefix_cache_dtype"
+            raise EdgeplugError(f"{where} must be one of {', '.join(PREFIX_CACHE_DTYPES)}, not {self.cache_dtype!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise EdgeplugError(f"the seed (--seed) must be a whole number, 0 or more, not {seed!r}")
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
@@ -645,7 +661,7 @@ class Trainer:
             # the cut and the whole model at the same weights
             _return_freed_buffers()  # the uncut session's buffers go back to the system before the cut one opens
             cache = prefix_cache.PrefixCache(cut, self.artifact_dir, self.artifact_dir / CHECKPOINT, self.cache_memory, self.cache_dir,
-                                             threads=self.threads, memory=self.memory)
+                                             threads=self.threads, memory=self.memory, dtype=self.cache_dtype)
             try:
                 cached = cache.dataset(train_set)
             except BaseException:
@@ -659,7 +675,7 @@ class Trainer:
         self._module = None
         _return_freed_buffers()  # the fill's sessions are gone: their buffers go back before the cut model's session opens
         self._prefix_finalizer = weakref.finalize(self, cache.close)
-        self.echo(f"frozen prefix cached: {len(cut.boundary)} tensor(s), {cache.stats[-1].bytes_per_example / 1024:.1f} KiB per example, "
+        self.echo(f"frozen prefix cached ({cache.dtype}): {len(cut.boundary)} tensor(s), {cache.stats[-1].bytes_per_example / 1024:.1f} KiB per example, "
                   f"{cache.stats[-1].seconds:.2f} s")
         return cached, cache.stats[-1].to_dict()
 

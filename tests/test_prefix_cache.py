@@ -262,3 +262,103 @@ def test_a_folder_with_carried_state_caches_its_prefix(tmp_path: Path) -> None:
     for name, value in results[False][1].items():
         assert np.array_equal(value, results[True][1][name]), name
     assert [e.eval for e in results[False][0].epochs] == [e.eval for e in results[True][0].epochs]
+
+
+def _encoder_losses(folder: Path, tmp: Path, data: dict, tag: str, **options: object):
+    copy = tmp / tag
+    shutil.copytree(folder, copy)
+    # a random-weight encoder on 22 texts learns little in 3 epochs: its collapse warning is beside the point here
+    trainer = Trainer(copy, progress=False, trim_padding=False, warn=lambda _: None, **options)  # type: ignore[arg-type]
+    return trainer.fit(data, data, epochs=3, batch_size=5), _weights(copy)
+
+
+def test_a_float16_cache_halves_its_bytes_and_trains_close_to_float32(tmp_path: Path) -> None:
+    """float16 storage: half the bytes per example, step losses within 1e-3 (relative) of the uncached run on the
+    MiniLM-architecture test encoder (LoRA on the last block + int8 frozen weights; measured ~7e-6), weights close;
+    the default (float32) stays bit-identical."""
+    from test_encoder_passes import rewrite, text_data
+
+    data = text_data(n=22, length=16, seed=3)
+    data["attention_mask"][:] = 1
+    rewrite([{"name": "lora", "options": {"rank": 4, "alpha": 8, "last": 6}}, {"name": "quantize-frozen"}], tmp_path / "folder")
+    plain, plain_weights = _encoder_losses(tmp_path / "folder", tmp_path, data, "plain", cache_prefix=False)
+    exact, exact_weights = _encoder_losses(tmp_path / "folder", tmp_path, data, "float32", cache_prefix=True)
+    half, half_weights = _encoder_losses(tmp_path / "folder", tmp_path, data, "float16", cache_prefix=True, cache_dtype="float16")
+    assert exact.prefix_cache["dtype"] == "float32" and half.prefix_cache["dtype"] == "float16"
+    assert half.prefix_cache["bytes_per_example"] * 2 == exact.prefix_cache["bytes_per_example"]
+    assert half.prefix_cache["memory_bytes"] * 2 == exact.prefix_cache["memory_bytes"] > 0
+    assert exact.step_losses == plain.step_losses
+    for name, value in plain_weights.items():
+        assert np.array_equal(value, exact_weights[name]), name
+    losses, rounded = np.array(plain.step_losses), np.array(half.step_losses)
+    assert not np.array_equal(losses, rounded)  # the option takes effect: the trained part reads rounded inputs
+    np.testing.assert_allclose(rounded, losses, rtol=1e-3)
+    for name, value in plain_weights.items():
+        assert np.abs(half_weights[name] - value).max() <= 1e-3 * max(float(np.abs(value).max()), 1.0), name
+    np.testing.assert_allclose(half.epochs[-1].eval.loss, plain.epochs[-1].eval.loss, rtol=1e-3)
+
+
+def test_a_float16_cache_from_the_recipe_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """recipe training.prefix_cache_dtype reaches the trainer; the refilled cache rounds the same way, so a resumed
+    run (examples split between memory and disk) ends with the uninterrupted run's weights, bit for bit."""
+    model = mbconv(blocks=2, width=4, seed=5)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=16, seed=5)
+    recipe = recipe_from_dict({"loss": "cross-entropy", "optimizer": {"name": "adamw", "lr": 0.02},
+                               "training": {"prefix_cache_dtype": "float16"},
+                               "passes": [{"name": "sparse-update", "options": {"batch_size": 4, "strategy": "last-k", "layers": 3}}]})
+    assert recipe.prefix_cache_dtype == "float16" and recipe.to_dict()["training"] == {"prefix_cache_dtype": "float16"}
+    folder = tmp_path / "a"
+    edgeplug.rewrite(model, recipe, folder, calibration=data)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    shutil.copytree(folder, straight)
+    shutil.copytree(folder, resumed)
+    whole = Trainer(straight, progress=False, cache_prefix=True, cache_memory=2000).fit(data, epochs=4, batch_size=4)
+    stats = whole.prefix_cache
+    assert stats["dtype"] == "float16" and stats["disk_bytes"] > 0 and stats["memory_bytes"] <= 2000
+    assert stats["memory_bytes"] + stats["disk_bytes"] == stats["examples"] * stats["bytes_per_example"]
+    Trainer(resumed, progress=False, cache_prefix=True, cache_memory=2000).fit(data, epochs=2, batch_size=4)
+    again = Trainer(resumed, progress=False, cache_prefix=True, cache_memory=2000).fit(data, epochs=4, batch_size=4)
+    assert again.resumed_from_step == 8 and again.prefix_cache["dtype"] == "float16"
+    expected = _weights(straight)
+    for name, value in _weights(resumed).items():
+        assert np.array_equal(value, expected[name]), name
+    # float32 given explicitly overrides the recipe
+    exact = Trainer(straight, progress=False, cache_prefix=True, cache_dtype="float32").fit(data, epochs=2, batch_size=4, resume=False)
+    assert exact.prefix_cache["dtype"] == "float32"
+
+
+def test_bad_cache_dtypes_and_float16_overflow_give_clear_errors(tmp_path: Path) -> None:
+    import json
+
+    from edgeplug.cli import main
+    from edgeplug.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="prefix_cache_dtype"):
+        recipe_from_dict({"training": {"prefix_cache_dtype": "bfloat16"}})
+    model = mbconv(blocks=2, width=4, seed=4)
+    data = classification_data((3, IMAGE, IMAGE), 5, n=8, seed=4)
+    folder = _sparse(model, data, tmp_path / "a", strategy="last-k", layers=2)
+    with pytest.raises(edgeplug.EdgeplugError, match="cache_dtype \\(--cache-dtype\\) must be one of float32, float16, not 'int8'"):
+        Trainer(folder, progress=False, cache_dtype="int8")
+    np.savez(tmp_path / "train.npz", x=data["x"], y=data["y"])
+    assert main(["train", str(folder), "--data", str(tmp_path / "train.npz"), "--cache-dtype", "half"]) == 2
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    recipe_file = broken / "recipe.json"
+    document = json.loads(recipe_file.read_text())
+    document["training"] = {"prefix_cache_dtype": "float8"}
+    recipe_file.write_text(json.dumps(document))
+    with pytest.raises(edgeplug.EdgeplugError, match="training.prefix_cache_dtype must be one of float32, float16, not 'float8'"):
+        Trainer(broken, progress=False)
+    # frozen-prefix values beyond float16's largest (65504) are refused, not stored as infinity (a ReLU CNN: unbounded)
+    folder = tmp_path / "relu"
+    edgeplug.rewrite(cnn(channels=(4, 4), image=IMAGE, batch_norm=False, seed=2),
+                     recipe_from_dict({"passes": [{"name": "trainable", "options": {"layers": 2}}]}), folder)
+    data = classification_data((1, IMAGE, IMAGE), 10, n=8)
+    loud = {"x": (np.abs(data["x"]) * 1e6).astype(np.float32), "y": data["y"]}
+    with pytest.raises(edgeplug.EdgeplugError, match="beyond float16's range .*use prefix_cache_dtype float32"):
+        Trainer(folder, progress=False, cache_prefix=True, cache_dtype="float16").fit(loud, epochs=2, batch_size=4)
+    auto = Trainer(folder, progress=False, cache_dtype="float16").fit(loud, epochs=2, batch_size=4, resume=False)
+    assert "beyond float16's range" in auto.prefix_cache["reason"]
+    exact = Trainer(folder, progress=False, cache_prefix=True).fit(loud, epochs=2, batch_size=4, resume=False)
+    assert exact.prefix_cache["dtype"] == "float32"
