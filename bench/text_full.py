@@ -168,7 +168,8 @@ def main() -> None:
     p.add_argument("--against", type=Path, help=f"an earlier run's JSON (same split and seed) whose `{REFERENCE}` record the rows "
                    "are compared with when this run does not train it")
     p.add_argument("--also", default="", metavar="ROW,ROW", help="rows of the --against run compared with every row of this run "
-                   f"too (besides `{REFERENCE}`), e.g. the recipe a one-variable row changes")
+                   f"too (besides `{REFERENCE}`), e.g. the recipe a one-variable row changes; ROW@JSON takes the row from another "
+                   "earlier run of the same split, epochs, training seeds and schedule")
     p.add_argument("--schedule", type=json.loads, metavar="JSON",
                    help='learning-rate schedule for every row (edgeplug recipe optimizer.schedule, e.g. \'{"name": "linear", '
                    '"warmup_steps": 8}\'): recipe rows get it in their recipe, the hand-built row applies the same per-step lr; '
@@ -220,18 +221,15 @@ def main() -> None:
     reference, also = None, {}
     if args.also and args.against is None:
         raise SystemExit("--also takes rows from the --against run: give --against")
+    also_from: dict[str, Path] = {}
     if args.against is not None:  # checked before training: the same split and epochs, else the comparison means nothing
-        earlier = json.loads(args.against.read_text(encoding="utf-8"))
-        if earlier["meta"]["split"] != {**earlier["meta"]["split"], "seed": args.seed, "train": args.train, "validation": args.validation,
-                                         "epochs": args.epochs}:
-            raise SystemExit(f"{args.against}: another split or epoch count")
-        wanted = None if args.train_seeds is None else list(range(args.train_seeds))
-        if earlier["meta"]["split"].get("train_seeds") != wanted:
-            raise SystemExit(f"{args.against}: other training seeds ({earlier['meta']['split'].get('train_seeds')}, not {wanted})")
-        if earlier["meta"]["split"].get("schedule") != args.schedule:
-            raise SystemExit(f"{args.against}: another learning-rate schedule ({earlier['meta']['split'].get('schedule')})")
+        earlier = same_split(args.against, args)
         reference = next(r for r in earlier["records"] if r["row"] == REFERENCE)
-        also = {n: next(r for r in earlier["records"] if r["row"] == n) for n in args.also.split(",") if n}
+        for item in (n.strip() for n in args.also.split(",") if n.strip()):
+            name, _, source = item.partition("@")
+            also_from[name] = Path(source) if source else args.against
+            run = same_split(also_from[name], args) if source else earlier
+            also[name] = next(r for r in run["records"] if r["row"] == name)
     out = args.results / f"{args.name}.json"
     seeds = None if args.train_seeds is None else list(range(args.train_seeds))
     extended = None
@@ -254,7 +252,7 @@ def main() -> None:
         for name, record in also.items():
             if name not in records:
                 records[name] = record
-                result["records"].append({**record, "from": str(args.against)})
+                result["records"].append({**record, "from": str(also_from[name])})
         result["meta"].update(split={"train": len(episode.train), "validation": len(episode.validation), "test": len(episode.query),
                                      "seed": args.seed, "epochs": args.epochs, "chunk": args.chunk, "all_rest": args.test is None,
                                      "schedule": args.schedule, **({"train_seeds": seeds} if seeds is not None else {})},
@@ -334,6 +332,20 @@ def over_seeds(runs: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
                   "loadavg_start": run["meta"].get("loadavg_start"), "loadavg_end": run["meta"].get("loadavg_now"), "prepare": run["prepare"]}
                  for seed, run in runs]
     return {"meta": meta, "records": records, "prepare": [p for _, run in runs for p in run["prepare"]], "seed_runs": seed_runs}
+
+
+def same_split(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """An earlier run's result, checked to have this run's split, epochs, training seeds and schedule (else pairing means nothing)."""
+    earlier: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if earlier["meta"]["split"] != {**earlier["meta"]["split"], "seed": args.seed, "train": args.train, "validation": args.validation,
+                                     "epochs": args.epochs}:
+        raise SystemExit(f"{path}: another split or epoch count")
+    wanted = None if args.train_seeds is None else list(range(args.train_seeds))
+    if earlier["meta"]["split"].get("train_seeds") != wanted:
+        raise SystemExit(f"{path}: other training seeds ({earlier['meta']['split'].get('train_seeds')}, not {wanted})")
+    if earlier["meta"]["split"].get("schedule") != args.schedule:
+        raise SystemExit(f"{path}: another learning-rate schedule ({earlier['meta']['split'].get('schedule')})")
+    return earlier
 
 
 def markdown(result: dict[str, Any]) -> str:
