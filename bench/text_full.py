@@ -348,6 +348,15 @@ def same_split(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     return earlier
 
 
+def cache_cell(cache: dict[str, Any] | None) -> str:
+    """The frozen-prefix cache of a row: storage type and MiB in memory (records before the option: float32), or why not used."""
+    if not cache:
+        return "–"
+    if "reason" in cache:
+        return f"not used: {cache['reason'][:60]}"
+    return f"{cache.get('dtype', 'float32')}, {cache['memory_bytes'] / 2**20:.0f} MiB, fill {cache['seconds']:.0f} s"
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta, s = result["meta"], result["meta"]["split"]
     records = {r["row"]: r for r in result["records"]}
@@ -366,11 +375,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"Machine: {meta['machine']}, shared; 1 thread per process, one row process at a time; load average "
              f"{'/'.join(f'{x:.1f}' for x in meta['loadavg_start'])} at start, "
              f"{'/'.join(f'{x:.1f}' for x in meta['loadavg_end'])} at the end; wall {meta.get('wall_seconds')} s.", "",
-             "| row | test accuracy | chosen lr | validation accuracy (per lr) | trainable values | peak RSS (MiB) | RSS added by training (MiB) | median step (ms) | fit, one lr (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | test accuracy | chosen lr | validation accuracy (per lr) | trainable values | peak RSS (MiB) | RSS added by training (MiB) | median step (ms) | fit, one lr (s) | frozen-prefix cache |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
         if "error" in r:
-            lines.append(f"| {labels.get(name, name)} (`{name}`) | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {labels.get(name, name)} (`{name}`) | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         mem = r.get("memory") or {}
         digits = 4 if r.get("per_seed") else 3
@@ -383,7 +392,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {labels.get(name, name)} (`{name}`){earlier} | {r['accuracy']:.4f} | "
                      f"{r['lr'] if r.get('lr') is not None else '–'} | {vals} | {r.get('trainable_values', '–')} | "
                      f"{'–' if peak is None else f'{peak / 2**20:.0f}'} | {'–' if added is None else f'{added / 2**20:.0f}'} | "
-                     f"{'–' if step is None else f'{1000 * step:.0f}'} | {fit} |")
+                     f"{'–' if step is None else f'{1000 * step:.0f}'} | {fit} | {cache_cell(r.get('prefix_cache'))} |")
     seeded = [r for r in records.values() if r.get("per_seed")]
     if seeded:
         done = meta.get("train_seeds_done") or s.get("train_seeds")
