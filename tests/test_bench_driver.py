@@ -295,3 +295,24 @@ def test_extending_a_seeded_run_adds_lrs_per_seed_and_chooses_again_on_the_mean(
     assert merged["lr"] == 2e-2 and math.isclose(merged["accuracy"], 0.75) and merged["query_chunk_correct"] == [2.0, 2.5]
     assert merged["memory"]["peak_rss_bytes"] == earlier_row["memory"]["peak_rss_bytes"]
     assert [p["own_choice_lr"] for p in merged["per_seed"]] == [2e-2, 1e-2]
+def test_text_full_takes_compared_rows_only_from_runs_of_the_same_split(tmp_path: Path) -> None:
+    """bench/text_full.py --also ROW@JSON: an earlier run of another split, epoch count or schedule is refused; the
+    table names each row's prefix-cache storage (records from before the option stored float32)."""
+    import argparse
+    import json
+
+    from bench.text_full import cache_cell, same_split
+
+    args = argparse.Namespace(seed=0, train=600, validation=200, epochs=2, schedule={"name": "linear", "warmup_steps": 8}, train_seeds=None)
+    split = {"seed": 0, "train": 600, "validation": 200, "test": 1425, "epochs": 2, "schedule": args.schedule}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"meta": {"split": split}, "records": []}))
+    assert same_split(path, args)["meta"]["split"] == split
+    for change in ({"epochs": 1}, {"train": 1200}, {"schedule": None}, {"train_seeds": [0, 1]}):
+        path.write_text(json.dumps({"meta": {"split": {**split, **change}}, "records": []}))
+        with pytest.raises(SystemExit, match="another|other training seeds"):
+            same_split(path, args)
+    stats = {"memory_bytes": 113 * 2**20, "seconds": 90.6}
+    assert cache_cell({**stats, "dtype": "float16"}) == "float16, 113 MiB, fill 91 s"
+    assert cache_cell(stats).startswith("float32") and cache_cell(None) == "–"
+    assert cache_cell({"reason": "fewer than two epochs left to train"}).startswith("not used: fewer")
