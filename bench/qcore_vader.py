@@ -317,6 +317,14 @@ def differences(result: dict[str, Any], a: str, b: str, key: str, domain: str | 
     return paired_t(xs, ys, names=(a, b)).to_dict()
 
 
+def seed_differences(result: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any]:
+    """The paired t interval over seeds, each seed's items averaged first: a seed's chunks share its test sets and
+    the stream's state, so its items are not independent; the seeds are (an interval with seeds - 1 degrees of freedom)."""
+    xs = [float(np.mean([value(r, key) for r in run[a]["chunks"]])) for run in result["seeds"].values()]
+    ys = [float(np.mean([value(r, key) for r in run[b]["chunks"]])) for run in result["seeds"].values()]
+    return paired_t(xs, ys, names=(a, b)).to_dict()
+
+
 def summarise(result: dict[str, Any]) -> None:
     methods = result["methods"]
     table: dict[str, Any] = {}
@@ -330,7 +338,8 @@ def summarise(result: dict[str, Any]) -> None:
     result["summary"] = table
     def pair(row: str, other: str) -> dict[str, Any]:
         return {key: differences(result, row, other, key) for key in ("new", "original", "four")} | {
-            "per_domain": {d: differences(result, row, other, "new", d) for d in STREAM}}
+            "per_domain": {d: differences(result, row, other, "new", d) for d in STREAM},
+            "seeds": {key: seed_differences(result, row, other, key) for key in ("new", "original", "four")}}
 
     result["paired"] = {f"{row}-{other}": pair(row, other)
                         for row in methods if row.startswith("qcore") for other in ("none", "backprop") if other in methods}
@@ -411,12 +420,19 @@ def markdown(result: dict[str, Any]) -> str:
     for key, p in result["paired"].items():
         lines.append(f"| {key.replace('-', ' − ')} | {fmt(p['four']) if 'four' in p else '-'} | {fmt(p['new'])} | "
                      + " | ".join(fmt(p['per_domain'][d]) for d in STREAM) + f" | {fmt(p['original'])} |")
+    lines += ["", f"The same over the {len(result['seeds'])} seeds (each seed's items averaged first; the seeds are independent, "
+              "the items of one seed are not), mean [95% t interval]:", "",
+              "| difference | four domains | new domains | original (tweets) |", "|---|---|---|---|"]
+    for key, p in result["paired"].items():
+        lines.append(f"| {key.replace('-', ' − ')} | " + " | ".join(fmt(p["seeds"][k]) for k in ("four", "new", "original")) + " |")
     for key, p in ((k, p) for k, p in result["paired"].items() if k.endswith("-backprop")):
         for part, label in (("four", "four domains"), ("new", "new domains"), ("original", "tweets")):
             d = p[part]
             lines += ["", f"**{key.split('-')[0]} within 2 points of backprop calibration, {label}:** mean {d['mean'] * 100:+.1f} "
                       f"points ({'met' if d['mean'] >= -0.02 else 'not met'} on the mean); interval lower end {d['low'] * 100:+.1f} "
-                      f"({'inside: met by the interval' if d['low'] >= -0.02 else 'outside the 2-point band: not shown'})."]
+                      f"({'inside: met by the interval' if d['low'] >= -0.02 else 'outside the 2-point band: not shown'})"
+                      + (f"; over seeds {s['mean'] * 100:+.1f} [{s['low'] * 100:+.1f}, {s['high'] * 100:+.1f}] "
+                         f"({'inside' if s['low'] >= -0.02 else 'outside'})." if (s := p.get("seeds", {}).get(part)) else ".")]
     lines += ["", "Per chunk, accuracy on the chunk's domain (seed, chunk: " + ", ".join(result["methods"]) + "):", ""]
     lines += ["| seed | chunk | domain | " + " | ".join(result["methods"]) + " |", "|---" * (3 + len(result["methods"])) + "|"]
     for seed, run in result["seeds"].items():
