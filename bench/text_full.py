@@ -406,8 +406,9 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in seeded:
             for q in r["per_seed"]:
-                val = ", ".join(f"{c['lr']:g}: {c['validation_accuracy']:.4f}" for c in q["candidates"])
-                test = ", ".join(f"{c['lr']:g}: {c['query_accuracy']:.4f}" for c in q["candidates"] if c.get("query_accuracy") is not None)
+                tried = sorted(q["candidates"], key=lambda c: c["lr"])
+                val = ", ".join(f"{c['lr']:g}: {c['validation_accuracy']:.4f}" for c in tried)
+                test = ", ".join(f"{c['lr']:g}: {c['query_accuracy']:.4f}" for c in tried if c.get("query_accuracy") is not None)
                 peak, step, fit = q.get("peak_rss_bytes"), q.get("median_step_seconds"), q.get("fit_seconds")
                 lines.append(f"| `{r['row']}` | {q['seed']} | {val} | {q['own_choice_lr']:g} | {test or '–'} | {q['accuracy']:.4f} | "
                              f"{'–' if peak is None else f'{peak / 2**20:.0f}'} | {'–' if step is None else f'{1000 * step:.0f}'} | "
