@@ -136,7 +136,8 @@ def append(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         f"(`{b.get('command')}`, started {b.get('started')}, load {(b.get('loadavg_start') or [0])[0]:.1f} at start, "
         f"{(b.get('loadavg_now') or [0])[0]:.1f} at the end, wall {b.get('wall_seconds', 0):.0f} s), rows {', '.join(rows_b)}: none of "
         "its episodes is in the first part (checked by id), the protocol and each shared row's lr grid are the same (checked). "
-        "A row's time and memory medians pool both runs' episodes; ratios between rows are measured side by side only within a run.")]
+        "A row's time and memory medians pool both runs' episodes; ratios between rows are measured side by side only within a run. "
+        "The later run's own notes follow."), *[line for line in b.get("description", []) if line not in a.get("description", [])]]
     return merged
 
 
