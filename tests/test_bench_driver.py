@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,19 @@ def test_report_names_a_winner_only_outside_zero(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+def _npz_writer(x: np.ndarray) -> Callable[[Episode, Path], dict[str, Path]]:
+    """An episode writer of a family over the examples `x`: one .npz (x, y) per split."""
+    def write(episode: Episode, folder: Path) -> dict[str, Path]:
+        out = {}
+        for split, idx, lab in (("train", episode.train, episode.train_labels), ("validation", episode.validation, episode.validation_labels),
+                                ("query", episode.query, episode.query_labels)):
+            out[split] = folder / f"{split}.npz"
+            np.savez(out[split], x=x[idx], y=lab)
+        return out
+
+    return write
+
+
 def _family(tmp_path: Path) -> Family:
     model = cnn(channels=(4,), classes=10, image=8, batch_norm=False, seed=1)
     path = tmp_path / "cnn.onnx"
@@ -80,15 +94,7 @@ def _family(tmp_path: Path) -> Family:
     domain = Domain("blobs", labels)
     episodes = sample_episodes([domain], 2, EpisodeConfig(ways=(2, 3), shots=(4, 6), query=4), seed=0)
 
-    def write(episode: Episode, folder: Path) -> dict[str, Path]:
-        out = {}
-        for split, idx, lab in (("train", episode.train, episode.train_labels), ("validation", episode.validation, episode.validation_labels),
-                                ("query", episode.query, episode.query_labels)):
-            out[split] = folder / f"{split}.npz"
-            np.savez(out[split], x=images[idx], y=lab)
-        return out
-
-    return Family("tiny", "tiny", path, episodes, write, Settings(steps=3, batch_size=4, grid=(1e-3, 3e-2), threads=1))
+    return Family("tiny", "tiny", path, episodes, _npz_writer(images), Settings(steps=3, batch_size=4, grid=(1e-3, 3e-2), threads=1))
 
 
 @pytest.mark.slow
@@ -206,15 +212,7 @@ def _mlp_family(tmp_path: Path) -> Family:
     x = (rng.normal(0, 1, (3, 6))[labels] + 0.9 * rng.normal(0, 1, (len(labels), 6))).astype(np.float32)
     episode = sample_episodes([Domain("blobs", labels)], 1, EpisodeConfig(ways=(3, 3), shots=(8, 8), query=6), seed=0)[0]
 
-    def write(episode: Episode, folder: Path) -> dict[str, Path]:
-        out = {}
-        for split, idx, lab in (("train", episode.train, episode.train_labels), ("validation", episode.validation, episode.validation_labels),
-                                ("query", episode.query, episode.query_labels)):
-            out[split] = folder / f"{split}.npz"
-            np.savez(out[split], x=x[idx], y=lab)
-        return out
-
-    return Family("mlp", "mlp", path, [episode], write, Settings(steps=6, batch_size=4, grid=(1e-2, 3e-2), threads=1))
+    return Family("mlp", "mlp", path, [episode], _npz_writer(x), Settings(steps=6, batch_size=4, grid=(1e-2, 3e-2), threads=1))
 
 
 def test_training_seeds_change_every_rows_run_and_the_same_seed_repeats_it(tmp_path: Path) -> None:
