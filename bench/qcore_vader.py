@@ -357,6 +357,7 @@ def markdown(result: dict[str, Any]) -> str:
     n = len(result["seeds"]) * len(STREAM) * a["chunks_per_domain"]
     lines = ["# QCore: forward-only recalibration of a quantized MiniLM-L6 on the VADER domain-drift stream", "",
              f"Command: `{result['command']}` ({result['minutes']:.0f} min, load average {result['load']:.1f} on 2 shared cores).", "",
+             *([result["note"], ""] if result.get("note") else []),
              f"MiniLM-L6 (all-MiniLM-L6-v2) with a two-class head from `new-head` (class prototypes) on {a['train']} VADER tweets, "
              f"then `edgeplug quantize` ({a['epochs']} epochs of the recipe's trainable set, `trainable: {{layers: {a['train_layers']}}}`, "
              f"AdamW lr {a['lr']}; records at 8 and 4 bits) at **{a['bits']} bits**: {len(result['quantized_layers']) - 1} Linear layers + the "
