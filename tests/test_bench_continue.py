@@ -51,7 +51,7 @@ def test_text_fewshot_s4s_episodes_are_redrawn_as_they_ran() -> None:
 
     try:
         corpora = {name: data.load(name) for name in ("trec", "bbc")}
-    except Exception as error:  # the corpora are bench extras
+    except SystemExit as error:  # the corpora are bench extras; the bench's loader exits naming the package to install
         pytest.skip(f"text corpora not installed: {error}")
     run = json.loads(S4.read_text())
     c = run["meta"]["episode_config"]
