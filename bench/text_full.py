@@ -234,12 +234,11 @@ def main() -> None:
     seeds = None if args.train_seeds is None else list(range(args.train_seeds))
     extended = None
     if args.extend is not None:  # the earlier run's rows and lrs stay; this run adds lrs (or rows) with the same seeds
-        extended = json.loads(args.extend.read_text(encoding="utf-8"))
-        want = {"seed": args.seed, "train": args.train, "validation": args.validation, "epochs": args.epochs, "schedule": args.schedule,
-                "train_seeds": seeds, "chunk": args.chunk}
-        got = {k: extended["meta"]["split"].get(k) for k in want}
-        if seeds is None or got != want:
-            raise SystemExit(f"{args.extend}: --extend needs the same split, epochs, schedule, chunk and --train-seeds ({got} vs {want})")
+        if seeds is None:
+            raise SystemExit("--extend adds lrs to a --train-seeds run: give --train-seeds")
+        extended = same_split(args.extend, args)
+        if extended["meta"]["split"].get("chunk") != args.chunk:
+            raise SystemExit(f"{args.extend}: another chunk size ({extended['meta']['split'].get('chunk')}, not {args.chunk})")
 
     def finish(result: dict[str, Any]) -> dict[str, Any]:
         """Adds the --against/--also records, the split and the paired comparisons; writes the JSON and Markdown."""
