@@ -120,7 +120,7 @@ def append(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     meta["episodes"] = len(ids_a | ids_b)
     meta["domains"] = sorted(set(a.get("domains", [])) | set(b.get("domains", [])))
     # rows measured in another run than the others somewhere (docs_tables: times comparable within a run only)
-    meta["parts"] = [*_parts(base), *_parts(new)]  # which rows each part measured in a second run (report.measured_together)
+    meta["parts"] = [*report.parts(base), *report.parts(new)]  # which rows each part measured in a second run (report.measured_together)
     second = set(a.get("second_run_rows", [])) | set(b.get("second_run_rows", []))
     if second:
         meta["second_run_rows"] = sorted(second)
@@ -144,11 +144,6 @@ def append(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def _fields(value: Any, other: Any) -> Any:
     """A settings dict compared on the keys both runs record (a key added to the code later is absent from older runs)."""
     return {k: v for k, v in value.items() if k in other} if isinstance(value, dict) and isinstance(other, dict) else value
-
-
-def _parts(run: dict[str, Any]) -> list[dict[str, Any]]:
-    meta = run["meta"]
-    return meta.get("parts") or [{"episodes": sorted({r["episode"] for r in run["records"]}), "second_run_rows": meta.get("second_run_rows", [])}]
 
 
 def main() -> None:

@@ -55,14 +55,19 @@ def domains_of(result: Mapping[str, Any]) -> dict[int, str]:
     return {r["episode"]: r["domain"] for r in result["records"]}
 
 
+def parts(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The result's parts: its episodes and the rows measured in a second run on them (`bench/merge_runs.py`), one
+    part per appended run (`meta.parts`), or a single part over all its episodes."""
+    meta = result["meta"]
+    return meta.get("parts") or [{"episodes": sorted(domains_of(result)), "second_run_rows": meta.get("second_run_rows", [])}]
+
+
 def measured_together(result: Mapping[str, Any], a: str, b: str) -> set[int]:
     """Episodes in which rows a and b were measured in one run: `bench/merge_runs.py` pairs rows of a second run
     (`second_run_rows`) and appends runs of other episodes (`parts`, each with its own second-run rows). Time ratios
     mean most there: a shared machine's load changes between runs."""
-    meta = result["meta"]
-    parts = meta.get("parts") or [{"episodes": sorted(domains_of(result)), "second_run_rows": meta.get("second_run_rows", [])}]
     together: set[int] = set()
-    for part in parts:
+    for part in parts(result):
         second = set(part.get("second_run_rows", []))
         if (a in second) == (b in second):
             together |= set(part["episodes"])
