@@ -210,6 +210,8 @@ def variant(spec: str, folder: Path, data: dict[str, Any], settings: dict[str, A
     kind, *rest = spec.split(":")
     if kind == "none":
         return qv.make_method("none", folder, data["train"], 0, settings)
+    if kind == "float-none":  # the float model, never stepped
+        return FloatBackprop(folder, 0, 0.0, 0, 0.0)
     lr, epochs = float(rest[0]), int(rest[1])
     if kind == "float":
         return FloatBackprop(folder, 0, lr, epochs, float(settings.get("coreset_reserve", 0.0)))
@@ -223,8 +225,6 @@ def variant(spec: str, folder: Path, data: dict[str, Any], settings: dict[str, A
         method = qv.make_method("backprop", folder, data["train"], 0, {**settings, "backprop": lr})
         method.options["backprop_epochs"] = epochs
         return QuantizedScoredInFloat(method)
-    if kind == "float-none":
-        return FloatBackprop(folder, 0, lr, 0, 0.0)
     row = {"q": "backprop", "head": "backprop_head"}[kind]
     method = qv.make_method(row, folder, data["train"], 0, {**settings, row: lr})
     method.options["backprop_epochs"] = epochs
@@ -236,10 +236,7 @@ def logits_of(method: Any, x: Examples) -> np.ndarray:
 
 
 def run(spec: str, folder: Path, data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    if spec == "float-none":
-        method = variant("float-none:0:0", folder, data, settings)
-    else:
-        method = variant(spec, folder, data, settings)
+    method = variant(spec, folder, data, settings)
     start = {k: v.copy() for k, v in method.state.codes.items()} if hasattr(method, "state") else {}
     last = max((layer for layer in getattr(method, "runner", None).layers), key=lambda layer: layer.last).node if start else None
     rows = []
